@@ -1,0 +1,171 @@
+"""LoRA core benchmark: our LoRA train step vs PEFT's, and LoRA vs full fine-tuning, on the CPU.
+
+    .venv/bin/python -m benchmarks.bench_lora_core          # full size (several minutes on 2 cores)
+
+Full size: a T5 of ~35M parameters built from a config (d_model 512, 6+6 layers, 8 heads,
+d_ff 1024, vocab 8000), batch 8 x 256 source -> 64 target tokens, LoRA r=8 on q and v.
+A train step is forward + backward + AdamW step + zero_grad. Step times are medians of
+interleaved runs in one process (common.time_interleaved). Memory is reported two ways:
+- `train_state_bytes`: exact bytes of what training adds to the weights: gradients, AdamW state
+  and the activations autograd saves for backward (counted once per storage, parameters excluded);
+- `rss_delta_bytes` (full size only): growth of the peak resident set (ru_maxrss) during three
+  train steps, each contender in a fresh subprocess; includes allocator overhead, so it is noisier.
+Writes benchmarks/out/bench_lora_core.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from benchmarks.common import Figure, time_interleaved, write_results
+
+CONTENDERS = ("ours", "peft", "full")
+SETTINGS = {
+    "full": {"model": {"d_model": 512, "d_kv": 64, "num_heads": 8, "d_ff": 1024, "num_layers": 6,
+                       "num_decoder_layers": 6, "vocab_size": 8000},
+             "batch": 8, "source_len": 256, "target_len": 64, "repeats": 5, "warmup": 1},
+    "quick": {"model": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 2,
+                        "num_decoder_layers": 2, "vocab_size": 512},
+              "batch": 2, "source_len": 16, "target_len": 8, "repeats": 1, "warmup": 0},
+}
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q", "v"]}
+
+
+def build(contender: str, setting: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model for one contender (same base weights for all) and its AdamW over trainable params."""
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(**setting["model"], decoder_start_token_id=0))
+    if contender == "ours":
+        from lora_module import LoraConfig, LoraModel
+
+        model = LoraModel(model, LoraConfig(**LORA))
+    elif contender == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_2_SEQ_LM", **LORA))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, optimizer
+
+
+def make_batch(setting: dict) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    vocab = setting["model"]["vocab_size"]
+    return {
+        "input_ids": torch.randint(2, vocab, (setting["batch"], setting["source_len"]), generator=g),
+        "attention_mask": torch.ones(setting["batch"], setting["source_len"], dtype=torch.long),
+        "labels": torch.randint(2, vocab, (setting["batch"], setting["target_len"]), generator=g),
+    }
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> float:
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def train_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      batch: dict) -> dict[str, int]:
+    """Bytes of gradients, optimizer state and saved activations at the peak of one train step."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    optimizer.step()  # creates the AdamW state on the first step
+    states = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                 if torch.is_tensor(v))
+    optimizer.zero_grad(set_to_none=True)
+    activations = sum(saved.values())
+    return {"activations": activations, "gradients": grads, "optimizer_state": states,
+            "total": activations + grads + states}
+
+
+def rss_in_subprocess(contender: str) -> dict[str, int]:
+    """Peak-RSS growth over three train steps of one contender, in a fresh interpreter."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_lora_core", "--rss", contender],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_child(contender: str) -> None:
+    setting = SETTINGS["full"]
+    model, optimizer = build(contender, setting)
+    batch = make_batch(setting)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    for _ in range(3):
+        train_step(model, optimizer, batch)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"rss_before_bytes": before, "rss_peak_bytes": peak, "rss_delta_bytes": peak - before}))
+
+
+def run(quick: bool = False, out_dir: Path | None = None) -> Path:
+    """Measure and write JSON + Markdown; returns the JSON path."""
+    setting = SETTINGS["quick" if quick else "full"]
+    batch = make_batch(setting)
+    built = {c: build(c, setting) for c in CONTENDERS}
+    counts = {}
+    for name, (model, _) in built.items():
+        params = list(model.parameters())
+        counts[name] = {"trainable": sum(p.numel() for p in params if p.requires_grad),
+                        "total": sum(p.numel() for p in params)}
+    first_loss = {}
+    for name, (model, optimizer) in built.items():
+        torch.manual_seed(2)  # same dropout masks: ours and PEFT must start from the same loss
+        first_loss[name] = train_step(model, optimizer, batch)
+    steps = {name: (lambda m=m, o=o: train_step(m, o, batch)) for name, (m, o) in built.items()}
+    seconds = time_interleaved(steps, repeats=setting["repeats"], warmup=setting["warmup"])
+    memory = {}
+    for name in CONTENDERS:
+        memory[name] = train_state_bytes(*build(name, setting), batch)
+        if not quick:
+            memory[name] |= rss_in_subprocess(name)
+
+    figures = [
+        Figure("ours / PEFT train step time", seconds["ours"] / seconds["peft"], goal=1.00,
+               detail={"ours_s": seconds["ours"], "peft_s": seconds["peft"]}),
+        Figure("LoRA (ours) / full fine-tuning step time", seconds["ours"] / seconds["full"], goal=0.75,
+               detail={"ours_s": seconds["ours"], "full_s": seconds["full"]}),
+        Figure("ours / PEFT training memory (grads + AdamW + saved activations)",
+               memory["ours"]["total"] / memory["peft"]["total"]),
+        Figure("LoRA (ours) / full fine-tuning training memory",
+               memory["ours"]["total"] / memory["full"]["total"]),
+    ]
+    if not quick:
+        figures.append(Figure("LoRA (ours) / full fine-tuning peak-RSS growth",
+                              memory["ours"]["rss_delta_bytes"] / memory["full"]["rss_delta_bytes"]))
+    raw = {"setting": setting, "lora": LORA, "quick": quick, "step_seconds": seconds,
+           "memory_bytes": memory, "parameters": counts, "first_step_loss": first_loss,
+           "memory_note": "total = gradients + AdamW state + activations saved for backward "
+                          "(weights excluded); rss_delta = ru_maxrss growth over 3 steps in a new process"}
+    return write_results("bench_lora_core", figures, raw, out_dir)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny setting (seconds)")
+    parser.add_argument("--rss", choices=CONTENDERS, help=argparse.SUPPRESS)  # internal: one RSS measurement
+    args = parser.parse_args()
+    if args.rss:
+        _rss_child(args.rss)
+    else:
+        path = run(quick=args.quick)
+        print(path.with_suffix(".md").read_text())

@@ -1,0 +1,277 @@
+"""The data stage: load, validate, template, tokenize and save once; later calls reuse the folder.
+
+    from data import DataConfig, prepare, load_prepared, load_tokenizer
+    prepared = prepare(DataConfig(name="demo_summary"))  # PreparedData(path, fingerprint, manifest, reused)
+    dataset, manifest = load_prepared(prepared.path)
+    tokenizer = load_tokenizer(prepared.path)
+
+The folder `<output_root>/<name>-<fingerprint[:12]>/` holds `dataset/` (save_to_disk), `tokenizer/`
+and `manifest.json`. The fingerprint hashes the source data (file contents, Hub name+revision or demo
+parameters), every config field that changes the output, the tokenizer (its files' contents or its
+name) and this package's code. The folder is built under a temporary name and renamed when complete,
+so a crash never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import AutoTokenizer
+
+from data import encode, sources, validate
+from data import tokenizer as demo_tokenizer
+from data.config import DEFAULT_TEMPLATES, DEMO_TOKENIZER, DataConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+# Tokenizer files worth hashing in a local folder (model weights beside them are skipped on purpose).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "tokenizer.model",
+    "config.json",
+)
+
+
+@dataclass
+class PreparedData:
+    """A prepared folder: where it is, its fingerprint, its manifest, and whether it was reused."""
+
+    path: Path
+    fingerprint: str
+    manifest: dict
+    reused: bool
+
+    def load(self) -> datasets.DatasetDict:
+        return load_prepared(self.path)[0]
+
+    def tokenizer(self) -> Any:
+        return load_tokenizer(self.path)
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tokenizer_identity(cfg: DataConfig) -> dict[str, Any]:
+    """What identifies the tokenizer: the demo recipe, a local folder's file hashes, or a Hub name."""
+    style = cfg.model_type
+    if cfg.tokenizer == DEMO_TOKENIZER:
+        return {
+            "kind": "demo",
+            "vocab_size": cfg.tokenizer_vocab_size,
+            "style": style,
+            "code": sources.module_sha256(demo_tokenizer),
+        }
+    p = Path(cfg.tokenizer).expanduser()
+    if p.is_dir():
+        files = {f.name: sources.file_sha256(f) for f in sorted(p.iterdir()) if f.name in _TOKENIZER_FILES}
+        if not files:
+            raise FileNotFoundError(
+                f"tokenizer={cfg.tokenizer!r}: folder has none of {list(_TOKENIZER_FILES)}"
+            )
+        return {"kind": "local", "files": files}
+    return {"kind": "hub", "name": cfg.tokenizer}
+
+
+def fingerprint(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
+    """(hex fingerprint, source identity) for `cfg`; computing it loads no data."""
+    source = sources.source_identity(cfg)
+    key = {
+        "format": FORMAT_VERSION,
+        "code": sources.module_sha256(sources, validate, encode),
+        "source": source,
+        "config": cfg.hash_dict(),
+        "tokenizer": tokenizer_identity(cfg),
+    }
+    return _sha(key), source
+
+
+def _demo_tokenizer_texts(cfg: DataConfig, train: datasets.Dataset) -> list[str]:
+    """Train-split texts for the demo tokenizer: all text columns the tasks use, plus the templates."""
+    columns = {cfg.input_column, cfg.target_column, *cfg.reference_columns, *cfg.template_columns}
+    if cfg.source == "demo":  # one tokenizer for both demo tasks, so one base model serves both
+        columns |= {"summary", "topic"}
+    texts = []
+    for c in sorted(columns & set(train.column_names)):
+        texts.extend(v for v in train[c] if isinstance(v, str) and v.strip())
+    # The fixed template words should become whole tokens; repeating the literal gives them weight.
+    for template in sorted({cfg.prompt_template, *DEFAULT_TEMPLATES.values()}):
+        texts.extend([template.format_map(_Blank())] * 50)
+    return texts
+
+
+class _Blank(dict):
+    """format_map mapping that renders every placeholder as an empty string."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def _build_tokenizer(cfg: DataConfig, train: datasets.Dataset, root: Path) -> tuple[Any, str]:
+    """Load the configured tokenizer, or train (once, cached under root/tokenizers) the demo one."""
+    if cfg.tokenizer != DEMO_TOKENIZER:
+        try:
+            return AutoTokenizer.from_pretrained(cfg.tokenizer), cfg.tokenizer
+        except Exception as e:
+            raise ValueError(f"tokenizer={cfg.tokenizer!r}: cannot load it: {type(e).__name__}: {e}") from e
+    texts = _demo_tokenizer_texts(cfg, train)
+    key = _sha([cfg.tokenizer_vocab_size, cfg.model_type, sources.module_sha256(demo_tokenizer), texts])[:12]
+    cached = root / "tokenizers" / f"demo-{cfg.model_type}-{key}"
+    if not (cached / "tokenizer.json").is_file():
+        tmp = cached.with_name(f".tmp-{cached.name}-{uuid.uuid4().hex[:8]}")
+        demo_tokenizer.train_tokenizer(texts, tmp, cfg.tokenizer_vocab_size, cfg.model_type)
+        _publish(tmp, cached)
+    return AutoTokenizer.from_pretrained(cached), str(cached)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary folder into place; a complete copy made meanwhile wins."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp)
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    """The manifest of a complete prepared folder, else None."""
+    p = Path(path)
+    try:
+        manifest = json.loads((p / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    complete = (p / "dataset" / "dataset_dict.json").is_file() and (p / "tokenizer").is_dir()
+    return manifest if complete and manifest.get("complete") else None
+
+
+def _versions() -> dict[str, str | None]:
+    out = {}
+    for lib in ("datasets", "transformers", "tokenizers"):
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def prepare(config: DataConfig | dict | str | Path) -> PreparedData:
+    """Prepare `config`'s data (or reuse the folder with the same fingerprint) and describe it.
+
+    `config` may also be a dict of DataConfig fields or the path of a YAML file holding them.
+    """
+    if isinstance(config, dict):
+        config = DataConfig.from_dict(config)
+    elif isinstance(config, str | Path):
+        config = DataConfig.from_yaml(config)
+    root = config.output_dir_root
+    fp, source = fingerprint(config)
+    final = root / f"{config.name}-{fp[:12]}"
+    manifest = read_manifest(final)
+    if manifest is not None and manifest.get("fingerprint") == fp:
+        return PreparedData(final, fp, manifest, reused=True)
+    if final.exists():
+        # Not ours to delete (maybe someone's half copy): keep it aside and build a fresh one.
+        aside = final.with_name(f"{final.name}.incomplete-{int(time.time())}")
+        log.warning("prepared folder %s is incomplete; moving it to %s and rebuilding", final, aside)
+        os.rename(final, aside)
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(stage: str) -> None:
+        timings[stage] = round(time.perf_counter() - t0 - sum(timings.values()), 3)
+
+    root.mkdir(parents=True, exist_ok=True)
+    raw, origins = sources.load_splits(config, root)
+    lap("load")
+    clean = validate.validate_splits(raw, config)
+    lap("validate")
+    tok, tok_path = _build_tokenizer(config, raw["train"], root)
+    lap("tokenizer")
+    notes = []
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+        notes.append(f"tokenizer had no pad token; set pad_token = eos_token ({tok.eos_token!r})")
+    dd, truncation, lengths = encode.tokenize_splits(clean.rows, tok, config, fp)
+    lap("tokenize")
+
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        dd.save_to_disk(str(tmp / "dataset"))
+        tok.save_pretrained(tmp / "tokenizer")
+        lap("save")
+        manifest = {
+            "fingerprint": fp,
+            "name": config.name,
+            "model_type": config.model_type,
+            "tokenizer": config.tokenizer,
+            "tokenizer_source": tok_path,
+            "tokenizer_notes": notes,
+            "rows": {s: dd[s].num_rows for s in dd},
+            "drops": clean.drops,
+            "leakage": clean.leakage,
+            "truncation": truncation,
+            "lengths": lengths,
+            "config": config.to_dict(),
+            "sources": {
+                **source,
+                "origins": origins,
+                "rows_loaded": {s: d.num_rows for s, d in raw.items()},
+                "carved_from_train": clean.carved,
+            },
+            "columns": dd["train"].column_names,
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "timings": timings,
+            "complete": True,
+        }
+        # The manifest is written last: its presence (with "complete") marks a finished folder.
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest = read_manifest(final) or manifest
+    return PreparedData(final, fp, manifest, reused=False)
+
+
+def load_prepared(path: str | Path) -> tuple[datasets.DatasetDict, dict]:
+    """(DatasetDict, manifest) of a prepared folder; a clear error if it is not a complete one."""
+    p = Path(path)
+    manifest = read_manifest(p)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"{p} is not a complete prepared data folder (needs {MANIFEST} with complete=true, dataset/, "
+            "tokenizer/); run `python -m data prepare --config FILE` first"
+        )
+    return datasets.load_from_disk(str(p / "dataset")), manifest
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved in a prepared folder (`<path>/tokenizer`)."""
+    tok_dir = Path(path) / "tokenizer"
+    if not tok_dir.is_dir():
+        raise FileNotFoundError(f"no tokenizer/ folder in {path}: not a prepared data folder")
+    return AutoTokenizer.from_pretrained(tok_dir)

@@ -1,0 +1,174 @@
+"""Validation and cleaning of loaded splits: nothing is changed without being counted.
+
+    from data.validate import validate_splits
+    clean = validate_splits(raw_splits, cfg)
+    clean.rows["train"]    # {"input": [...], "prompt": [...], "target": [...], "references": [[...], ...]}
+    clean.drops["train"]   # {"empty:summary": 3, "duplicate": 2, "in_test": 1}
+
+Missing columns and empty splits are errors. Rows whose template or target columns hold null,
+non-string or empty/whitespace-only values are dropped and counted as "<reason>:<column>";
+exact duplicate (prompt, references) rows are dropped ("duplicate"); train rows whose input also
+occurs in test are removed ("in_test"). Missing validation/test splits are carved out of train.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+
+from data.config import SPLITS, DataConfig
+
+Rows = dict[str, list[Any]]  # columns "input", "prompt", "target", "references"
+
+
+class DataValidationError(ValueError):
+    """The data cannot be prepared as configured (missing column, empty split, bad split sizes)."""
+
+
+@dataclass
+class CleanSplits:
+    rows: dict[str, Rows]
+    drops: dict[str, dict[str, int]]
+    leakage: dict[str, Any]
+    carved: dict[str, int] = field(default_factory=dict)
+
+
+def _bad_reason(value: Any) -> str | None:
+    if value is None:
+        return "null"
+    if not isinstance(value, str):
+        return "non_string"
+    if not value.strip():
+        return "empty"
+    return None
+
+
+def _needed_columns(cfg: DataConfig, split: str) -> dict[str, str]:
+    """column -> role, in the order problems are reported."""
+    needed = {c: "prompt_template placeholder" for c in cfg.template_columns}
+    needed[cfg.input_column] = "input_column"
+    if split == "test":
+        needed.update({c: "reference_columns" for c in cfg.reference_columns})
+    else:
+        needed[cfg.target_column] = "target_column"
+    return needed
+
+
+def clean_split(ds: datasets.Dataset, split: str, cfg: DataConfig) -> tuple[Rows, Counter]:
+    """Check columns, drop bad and duplicate rows, render prompts; returns rows and drop counts."""
+    needed = _needed_columns(cfg, split)
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        roles = ", ".join(f"{c!r} ({needed[c]})" for c in missing)
+        raise DataValidationError(f"split {split!r} has no column {roles}; its columns are {ds.column_names}")
+    if ds.num_rows == 0:
+        raise DataValidationError(f"split {split!r} is empty (0 rows)")
+
+    cols = ds.select_columns(list(needed)).to_dict()
+    ref_cols = cfg.reference_columns if split == "test" else [cfg.target_column]
+    template_cols = cfg.template_columns
+    drops: Counter = Counter()
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    rows: Rows = {"input": [], "prompt": [], "target": [], "references": []}
+    for i in range(ds.num_rows):
+        reason = next(
+            (f"{r}:{c}" for c in needed if (r := _bad_reason(cols[c][i])) is not None),
+            None,
+        )
+        if reason:
+            drops[reason] += 1
+            continue
+        prompt = cfg.prompt_template.format_map({c: cols[c][i] for c in template_cols})
+        refs = tuple(cols[c][i] for c in ref_cols)
+        if (prompt, refs) in seen:
+            drops["duplicate"] += 1
+            continue
+        seen.add((prompt, refs))
+        rows["input"].append(cols[cfg.input_column][i])
+        rows["prompt"].append(prompt)
+        rows["target"].append(refs[0])
+        rows["references"].append(list(refs))
+    if split == "test" and cfg.group_test_references:
+        rows = _group_references(rows, drops)
+    if not rows["prompt"]:
+        raise DataValidationError(f"split {split!r} has no valid rows left after dropping {dict(drops)}")
+    return rows, drops
+
+
+def _group_references(rows: Rows, drops: Counter) -> Rows:
+    """Merge rows that share one prompt into one row whose references are all their targets."""
+    order: dict[str, int] = {}
+    out: Rows = {k: [] for k in rows}
+    for i, prompt in enumerate(rows["prompt"]):
+        if prompt in order:
+            out["references"][order[prompt]].extend(rows["references"][i])
+            drops["merged_into_references"] += 1
+            continue
+        order[prompt] = len(out["prompt"])
+        for k in rows:
+            out[k].append(list(rows[k][i]) if k == "references" else rows[k][i])
+    return out
+
+
+def _take(rows: Rows, idx: list[int]) -> Rows:
+    return {k: [v[i] for i in idx] for k, v in rows.items()}
+
+
+def _count(size: float, n: int) -> int:
+    return round(size * n) if size < 1 else int(size)
+
+
+def carve_splits(train: Rows, missing: list[str], cfg: DataConfig) -> tuple[Rows, dict[str, Rows]]:
+    """Take the missing validation/test splits out of train, seeded; train keeps its order."""
+    n = len(train["prompt"])
+    sizes = {s: max(1, _count(getattr(cfg, f"{s}_size"), n)) for s in missing}
+    if sum(sizes.values()) >= n:
+        asked = ", ".join(f"{s}_size={getattr(cfg, f'{s}_size')!r} -> {k} rows" for s, k in sizes.items())
+        raise DataValidationError(
+            f"cannot carve {asked} out of a train split of {n} valid rows: no training rows would be left"
+        )
+    perm = list(range(n))
+    random.Random(cfg.seed).shuffle(perm)
+    carved, start = {}, 0
+    for s in ("test", "validation"):  # fixed order so a given seed always gives the same carve
+        if s in sizes:
+            carved[s] = _take(train, sorted(perm[start : start + sizes[s]]))
+            start += sizes[s]
+    return _take(train, sorted(perm[start:])), carved
+
+
+def validate_splits(raw: dict[str, datasets.Dataset], cfg: DataConfig) -> CleanSplits:
+    """Clean every given split, carve missing ones from train, and remove test inputs from train."""
+    rows, drops = {}, {}
+    for split in SPLITS:
+        if split in raw:
+            rows[split], drops[split] = clean_split(raw[split], split, cfg)
+    missing = [s for s in ("validation", "test") if s not in rows]
+    carved: dict[str, int] = {}
+    if missing:
+        rows["train"], extra = carve_splits(rows["train"], missing, cfg)
+        for s, r in extra.items():
+            rows[s], drops[s] = r, Counter()
+            carved[s] = len(r["prompt"])
+
+    test_inputs = set(rows["test"]["input"])
+    keep = [i for i, x in enumerate(rows["train"]["input"]) if x not in test_inputs]
+    leaked = [x for x in rows["train"]["input"] if x in test_inputs]
+    if leaked:
+        drops["train"]["in_test"] += len(leaked)
+        rows["train"] = _take(rows["train"], keep)
+        if not keep:
+            raise DataValidationError("split 'train' has no rows left: every train input also occurs in test")
+    val_in_test = sum(x in test_inputs for x in rows["validation"]["input"])
+    leakage = {
+        "test_inputs_in_train": len(leaked),
+        "removed_from_train": len(leaked),
+        "validation_inputs_in_test": val_in_test,
+        "examples": [x[:80] for x in leaked[:3]],
+    }
+    drops_sorted = {s: dict(sorted(drops[s].items())) for s in SPLITS}
+    return CleanSplits({s: rows[s] for s in SPLITS}, drops_sorted, leakage, carved)

@@ -1,0 +1,85 @@
+"""What the flows show: ROUGE tables, Markdown artifacts and links into the MLflow UI.
+
+Presentation only: the numbers come from `lora_module.report` (report.json) and the registry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def rouge_rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Model name -> kind, mean ROUGE per type and trainable parameters, from a report.json."""
+    rows = {}
+    for m in report["models"]:
+        rows[m["name"]] = {"kind": m["kind"], **{t: m["rouge"][t]["mean"] for t in ROUGE_TYPES},
+                           "trainable": (m.get("params") or {}).get("trainable")}
+    return rows
+
+
+def rouge_table(rows: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of ROUGE means (x100) per model."""
+    lines = ["| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | trainable params |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in rows.items():
+        trainable = f"{r['trainable']:,}" if isinstance(r.get("trainable"), int) else "-"
+        cells = " | ".join(f"{100 * r[t]:.2f}" for t in ROUGE_TYPES)
+        lines.append(f"| {name} | {cells} | {trainable} |")
+    return "\n".join(lines)
+
+
+def mlflow_run_link(tracking_uri: str, run_id: str) -> str:
+    """A browser link to the MLflow run (for a local SQLite store: after `mlflow ui` starts on port 5000)."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    experiment = None
+    try:
+        from mlflow import MlflowClient
+
+        experiment = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # a link is a convenience: never fail a flow over it
+        pass
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}" if experiment else f"{base}/#/runs/{run_id}"
+
+
+def _ui_hint(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return ""
+    return f" (start the UI first: `mlflow ui --backend-store-uri {tracking_uri}`)"
+
+
+def task_markdown(task: str, report: dict[str, Any], reg: dict[str, Any], link: str, report_path: str) -> str:
+    """The per-task artifact: ROUGE table, registered version, gate decision and the MLflow run link."""
+    reason = (reg.get("decision") or {}).get("reason", "")
+    return "\n".join([
+        f"# Task `{task}`: ROUGE on {report.get('n')} test examples",
+        "",
+        rouge_table(rouge_rows(report)),
+        "",
+        f"Registered **{reg['model_name']} v{reg['version']}** as `{reg['alias']}`: {reason}",
+        "",
+        f"MLflow run: [{reg['run_id']}]({link}){_ui_hint(reg['tracking_uri'])}",
+        "",
+        f"Full report (paired comparisons, fingerprints): `{report_path}`",
+    ]) + "\n"
+
+
+def summary_markdown(results: dict[str, dict], failed: dict[str, str], seconds: float) -> str:
+    """The many-task artifact: one line per task (version or error) and each task's ROUGE-L."""
+    lines = [f"# Pipeline summary ({len(results)} succeeded, {len(failed)} failed, {seconds:.0f} s)", "",
+             "| task | status | registered | alias | ROUGE-L base | ROUGE-L full | ROUGE-L LoRA | seconds |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+
+    def cell(rows: dict, name: str) -> str:
+        return f"{100 * rows[name]['rougeL']:.2f}" if name in rows else "-"
+
+    for name, r in results.items():
+        rows = r["rouge"]
+        scores = " | ".join(cell(rows, m) for m in ("base", "full", "lora"))
+        lines.append(f"| {name} | ok | {r['model_name']} v{r['version']} | {r['alias']} | {scores} | "
+                     f"{r['seconds']:.0f} |")
+    for name, err in failed.items():
+        lines.append(f"| {name} | FAILED: {err[:200].replace('|', '/')} | - | - | - | - | - | - |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,203 @@
+"""Task specs: what one pipeline task is (data config, training configs, decoding, registry name).
+
+    from flows.specs import load_task_spec, known_tasks
+    spec = load_task_spec("summary")                 # deploy/tasks/summary.yaml
+    spec = load_task_spec("path/to/my_task.yaml")    # any spec file
+    problems = check_task_spec(spec)                 # [] when every file and config is valid
+
+A spec is a small YAML file; relative paths in it resolve against the spec's folder, then the
+repository root (so `deploy/configs/x.yaml` works from a spec in `deploy/tasks/`). Checking a spec
+parses every config it names (data, training, generation) without building anything, so a bad
+value fails a flow before any data is prepared or any model trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TASKS_DIR = PROJECT_ROOT / "deploy" / "tasks"
+DEMO_BASE = "demo"
+METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+class TaskSpecError(ValueError):
+    """A task spec (or a file or config it names) is missing or invalid."""
+
+
+@dataclass
+class TaskSpec:
+    """One task of the pipeline: where its data and configs are and how it is evaluated and registered."""
+
+    name: str
+    """Task name (registered model `<name>-lora` unless `registry_model` is given)."""
+    data_config: str
+    """Data-preparation YAML (data.DataConfig)."""
+    lora_config: str
+    """Training YAML of the adapter run (finetune: lora or qlora)."""
+    base_model: str
+    """Base model: a Hub name, a local `save_pretrained` folder, or "demo" (the built demo T5)."""
+    full_config: str | None = None
+    """Training YAML of the full fine-tuning baseline; None skips it."""
+    generation: dict[str, Any] = field(default_factory=dict)
+    """lora_module.generation.GenerationConfig fields used for every evaluation of the task."""
+    eval_limit: int | None = None
+    """Evaluate on the first N test rows only (None: the whole test split)."""
+    data_overrides: dict[str, Any] = field(default_factory=dict)
+    """DataConfig fields that replace the data YAML's values."""
+    train_overrides: list[str] = field(default_factory=list)
+    """Extra Lightning CLI arguments for both training runs, e.g. ["--trainer.max_steps", "100"]."""
+    registry_model: str | None = None
+    """Registered model name (default `<name>-lora`)."""
+    metric: str = "rougeL"
+    """ROUGE type the promotion gate compares."""
+    source: str | None = None
+    """The spec file it was read from (filled in by load_task_spec)."""
+
+    def __post_init__(self) -> None:
+        name = self.name
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-" for c in name):
+            raise TaskSpecError(f"task name must be letters, digits, '_' or '-', got {name!r}")
+
+        def bad(key: str, valid: str) -> TaskSpecError:
+            return TaskSpecError(f"task {name!r}: {key} must be {valid}, got {getattr(self, key)!r}")
+
+        for key in ("data_config", "lora_config", "base_model"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise bad(key, "a non-empty string")
+        if self.full_config is not None and not isinstance(self.full_config, str):
+            raise bad("full_config", "a path or null")
+        if not isinstance(self.generation, dict):
+            raise bad("generation", "a mapping of GenerationConfig fields")
+        if not isinstance(self.data_overrides, dict):
+            raise bad("data_overrides", "a mapping of DataConfig fields")
+        args = self.train_overrides
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise bad("train_overrides", "a list of CLI argument strings")
+        limit = self.eval_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise bad("eval_limit", "an integer >= 1 or null")
+        if self.metric not in METRICS:
+            raise bad("metric", f"one of {list(METRICS)}")
+
+    @property
+    def model_name(self) -> str:
+        """The registered model this task's adapters become versions of."""
+        return self.registry_model or f"{self.name}-lora"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskSpec:
+        """Build from a mapping; unknown keys are an error that lists the valid ones."""
+        if not isinstance(d, dict):
+            raise TaskSpecError(f"a task spec must be a mapping of field -> value, got {type(d).__name__}")
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise TaskSpecError(f"unknown task spec keys {unknown}; valid keys are {valid}")
+        missing = [k for k in ("name", "data_config", "lora_config", "base_model") if k not in d]
+        if missing:
+            raise TaskSpecError(f"task spec lacks required keys {missing}")
+        return cls(**d)
+
+
+def known_tasks(tasks_dir: Path = TASKS_DIR) -> list[str]:
+    """Names of the task specs shipped in deploy/tasks/."""
+    return sorted(p.stem for p in tasks_dir.glob("*.yaml"))
+
+
+def load_task_spec(task: str, tasks_dir: Path = TASKS_DIR) -> TaskSpec:
+    """Read a task by name (deploy/tasks/<name>.yaml) or by spec file path; resolves its paths."""
+    path = Path(task)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise TaskSpecError(f"task spec file {path} does not exist")
+    else:
+        path = tasks_dir / f"{task}.yaml"
+        if not path.is_file():
+            raise TaskSpecError(
+                f"unknown task {task!r}; known tasks are {known_tasks(tasks_dir)} "
+                f"(or pass the path of a task spec .yaml)"
+            )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TaskSpecError(f"{path}: not valid YAML: {e}") from e
+    try:
+        spec = TaskSpec.from_dict(raw)
+    except TaskSpecError as e:
+        raise TaskSpecError(f"{path}: {e}") from e
+    spec.source = str(path.resolve())
+    base = path.resolve().parent
+    spec.data_config = resolve_path(spec.data_config, base, f"task {spec.name!r}: data_config")
+    spec.lora_config = resolve_path(spec.lora_config, base, f"task {spec.name!r}: lora_config")
+    if spec.full_config:
+        spec.full_config = resolve_path(spec.full_config, base, f"task {spec.name!r}: full_config")
+    if spec.base_model != DEMO_BASE and _looks_local(spec.base_model):
+        what = f"task {spec.name!r}: base_model"
+        spec.base_model = resolve_path(spec.base_model, base, what, kind="folder")
+    return spec
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def resolve_path(value: str, base: Path, what: str, kind: str = "file") -> str:
+    """An existing path: absolute, or relative to `base`, the repository root or the working directory."""
+    p = Path(value).expanduser()
+    candidates = [p] if p.is_absolute() else [base / p, PROJECT_ROOT / p, Path.cwd() / p]
+    for c in candidates:
+        if (c.is_file() if kind == "file" else c.is_dir()):
+            return str(c.resolve())
+    tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    raise TaskSpecError(f"{what}: {kind} {value!r} not found (looked at {tried})")
+
+
+def check_task_spec(spec: TaskSpec, base_model: str | None = None) -> list[str]:
+    """Every problem with the spec's configs, as messages naming the file and key ([] when valid).
+
+    Parses the data config (with overrides), the generation settings and each training config (with
+    overrides, through the Lightning CLI parser) without loading any data or model.
+    """
+    from data import DataConfig, DataConfigError
+    from lora_module.cli import parse_config
+    from lora_module.generation import GenerationConfig
+
+    problems: list[str] = []
+    try:
+        DataConfig.from_yaml(spec.data_config, spec.data_overrides or None)
+    except (DataConfigError, FileNotFoundError, TypeError) as e:
+        problems.append(f"task {spec.name!r}: data config {spec.data_config}: {e}")
+    try:
+        GenerationConfig.from_dict(spec.generation)
+    except (ValueError, TypeError) as e:
+        problems.append(f"task {spec.name!r}: generation: {e}")
+    model = base_model or spec.base_model
+    for key, kinds in (("lora_config", ("lora", "qlora")), ("full_config", ("full",))):
+        path = getattr(spec, key)
+        if not path:
+            continue
+        overrides = list(spec.train_overrides)
+        if model != DEMO_BASE:
+            overrides += ["--model.model_name_or_path", model]
+        try:
+            config = parse_config(["--config", path, *overrides])
+        except SystemExit:
+            problems.append(
+                f"task {spec.name!r}: {key} {path} with overrides {overrides} does not parse "
+                "(the Lightning CLI's message is printed above)"
+            )
+            continue
+        if config.model.finetune not in kinds:
+            problems.append(
+                f"task {spec.name!r}: {key} {path} has model.finetune={config.model.finetune!r}; "
+                f"a {key} must use one of {list(kinds)}"
+            )
+    return problems

@@ -1,0 +1,290 @@
+"""Adapter files in PEFT's format, atomic validated loading, and the base-model fingerprint.
+
+An adapter folder holds `adapter_config.json` (PEFT keys + our `base_fingerprint` and
+`lora_pipeline` metadata, which PEFT ignores) and `adapter_model.safetensors` with keys
+`base_model.model.<module path>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r].
+
+Loading is split in two: `plan_adapter_load` reads and checks everything (files, tensors, module
+paths, shapes, fingerprint) without touching the model; only then does LoraModel install the
+weights. An old `adapter_model.bin` is read with `torch.load(weights_only=True)`, never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora_module.config import LoraConfig
+from lora_module.errors import AdapterLoadError, FingerprintMismatchError, LoraConfigError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+FINGERPRINT_ATTR = "lora_base_fingerprint"  # set on a model whose weights no longer show its base (NF4)
+QUANTIZATION_ATTR = "lora_quantization"
+FORMAT_VERSION = 1
+_SAMPLE = 1024  # values sampled per tensor for the fingerprint
+
+
+# ---- fingerprint -------------------------------------------------------------------------------
+def _logical_weight(name: str, p: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+    if getattr(p, "quant_state", None) is not None:
+        from lora_module.layers import dequantize_weight
+
+        return dequantize_weight(owner)
+    return p.detach()
+
+
+def compute_fingerprint(model: nn.Module) -> str:
+    """Hash of the base weights: names, shapes and a strided sample of values rounded to bfloat16.
+
+    LoRA tensors are skipped and `.base_layer` is dropped from names, so a wrapped model hashes like
+    the plain one; the bfloat16 rounding makes fp32 and bf16 copies of one base agree. A 4-bit layer
+    hashes its dequantized values (these differ from the fp32 originals: `load_base_model` therefore
+    records the fingerprint before quantizing). Meta tensors contribute names and shapes only.
+    """
+    digest = hashlib.sha256(f"lora-base-fingerprint-v{FORMAT_VERSION}".encode())
+    owners = {}
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            owners[f"{module_name}.{param_name}" if module_name else param_name] = module
+    entries = []
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if any(part.startswith("lora_") for part in parts):
+            continue
+        entries.append((".".join(part for part in parts if part != "base_layer"), name, p))
+    for clean, name, p in sorted(entries, key=lambda e: e[0]):
+        value = _logical_weight(name, p, owners[name])
+        digest.update(f"{clean}:{tuple(value.shape)};".encode())
+        if value.device.type == "meta":
+            continue
+        flat = value.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE]
+        digest.update(sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Stable hash of a base model's weights (the recorded one if the model carries it, e.g. NF4 bases)."""
+    from lora_module.model import LoraModel
+
+    inner = model.model if isinstance(model, LoraModel) else model
+    recorded = getattr(inner, FINGERPRINT_ATTR, None)
+    return recorded if recorded is not None else compute_fingerprint(inner)
+
+
+# ---- save -------------------------------------------------------------------------------------
+def _write_atomic(target: Path, write) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, target)  # a crash never leaves a half-written file under the real name
+
+
+def save_adapter(model: nn.Module, path: Path, config: LoraConfig, tensors: dict[str, torch.Tensor], *,
+                 fingerprint: str, adapter_name: str, base_model_name_or_path: str | None = None,
+                 metadata: dict | None = None) -> Path:
+    """Write one adapter folder; returns its path. `model` is the plain transformers model (for task type)."""
+    if not tensors:
+        raise LoraConfigError(f"adapter {adapter_name!r} has no LoRA layers to save")
+    extra = {"format_version": FORMAT_VERSION, "adapter_name": adapter_name, **(metadata or {})}
+    model_config = getattr(model, "config", None)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model_config, "_name_or_path", None) or None
+    payload = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_2_SEQ_LM" if getattr(model_config, "is_encoder_decoder", False) else "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": config.target_modules,
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "base_fingerprint": fingerprint,
+        "lora_pipeline": extra,
+    }
+    try:
+        text = json.dumps(payload, indent=2, sort_keys=True)
+    except TypeError as e:
+        raise TypeError(f"metadata must be JSON-serialisable, got {metadata!r}: {e}") from e
+    path.mkdir(parents=True, exist_ok=True)
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt"}))
+    _write_atomic(path / CONFIG_NAME, lambda tmp: tmp.write_text(text + "\n"))
+    return path
+
+
+# ---- load ---------------------------------------------------------------------------------------
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """The raw adapter_config.json of an adapter folder (or of the file itself)."""
+    path = Path(path)
+    file = path / CONFIG_NAME if path.is_dir() else path
+    if not path.exists():
+        raise AdapterLoadError(f"adapter folder {path} does not exist")
+    if not file.is_file():
+        present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        raise AdapterLoadError(
+            f"adapter folder {path} is missing {CONFIG_NAME} (found: {present}); an adapter folder holds "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterLoadError(f"cannot read {file}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise AdapterLoadError(f"{file} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def read_adapter_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """Tensors of an adapter folder: safetensors if present, else a legacy .bin via weights_only loading."""
+    path = Path(path)
+    safetensors_file, legacy_file = path / WEIGHTS_NAME, path / LEGACY_WEIGHTS_NAME
+    if safetensors_file.is_file():
+        try:
+            tensors = load_file(str(safetensors_file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterLoadError(
+                f"cannot read {safetensors_file}: the file is truncated or corrupt ({e}); "
+                "save the adapter again"
+            ) from e
+        return tensors, safetensors_file
+    if legacy_file.is_file():
+        try:
+            tensors = torch.load(legacy_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise AdapterLoadError(
+                f"refused to load {legacy_file}: it holds objects other than tensors, and adapters are only "
+                f"loaded with torch.load(weights_only=True) ({e})"
+            ) from e
+        except (RuntimeError, EOFError, OSError) as e:
+            raise AdapterLoadError(
+                f"cannot read {legacy_file}: the file is truncated or corrupt ({e})"
+            ) from e
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise AdapterLoadError(f"{legacy_file} must hold a dict of tensors, got {type(tensors).__name__}")
+        return tensors, legacy_file
+    present = sorted(p.name for p in path.iterdir())
+    raise AdapterLoadError(
+        f"adapter folder {path} is missing its weights: expected {WEIGHTS_NAME} (or a legacy "
+        f"{LEGACY_WEIGHTS_NAME}), found {present}"
+    )
+
+
+@dataclass
+class AdapterPlan:
+    """A fully validated adapter, ready to install: module path -> (lora_A [r, in], lora_B [out, r])."""
+
+    path: Path
+    config: LoraConfig
+    raw_config: dict[str, Any]
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    weights_file: Path
+
+
+def _group_by_module(tensors: dict[str, torch.Tensor], file: Path) -> dict[str, dict[str, torch.Tensor]]:
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if not key.startswith(KEY_PREFIX):
+            raise AdapterLoadError(
+                f"{file}: key {key!r} lacks the {KEY_PREFIX!r} prefix; expected keys like "
+                f"'{KEY_PREFIX}<module path>.lora_A.weight' "
+                "(PEFT would load such a file and silently ignore it)"
+            )
+        body = key[len(KEY_PREFIX):]
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if body.endswith(suffix):
+                grouped.setdefault(body[: -len(suffix)], {})[part] = value
+                break
+        else:
+            raise AdapterLoadError(
+                f"{file}: unsupported tensor {key!r}; only '<module>.lora_A.weight' and "
+                "'<module>.lora_B.weight' are supported (no DoRA, LoRA biases, embeddings or modules_to_save)"
+            )
+    return grouped
+
+
+def plan_adapter_load(model: nn.Module, path: str | Path, *, force: bool = False) -> AdapterPlan:
+    """Read and check an adapter folder against `model` (plain or LoRA-wrapped); changes nothing."""
+    from lora_module.layers import LoraLinear
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AdapterLoadError(
+            f"adapter path {path} is a file; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    raw = read_adapter_config(path)
+    config_file = path / CONFIG_NAME
+    tensors, weights_file = read_adapter_weights(path)
+    if not tensors:
+        raise AdapterLoadError(f"{weights_file} holds no tensors")
+    grouped = _group_by_module(tensors, weights_file)
+    if not raw.get("target_modules"):  # very old PEFT configs: recover the names from the keys
+        raw = {**raw, "target_modules": sorted({p.rsplit(".", 1)[-1] for p in grouped})}
+    try:
+        config = LoraConfig.from_dict(raw, strict=False)
+    except LoraConfigError as e:
+        raise AdapterLoadError(f"{config_file}: {e}") from e
+
+    modules = dict(model.named_modules())
+    problems, weights = [], {}
+    for module_path, parts in sorted(grouped.items()):
+        module = modules.get(module_path)
+        if module is None:
+            problems.append(f"module {module_path!r} does not exist in this {type(model).__name__}")
+            continue
+        if not isinstance(module, nn.Linear | LoraLinear):
+            problems.append(f"module {module_path!r} is a {type(module).__name__}, not a linear layer")
+            continue
+        missing = {"lora_A", "lora_B"} - parts.keys()
+        if missing:
+            problems.append(f"module {module_path!r} has no {' / '.join(sorted(missing))} tensor")
+            continue
+        expected = {"lora_A": (config.r, module.in_features), "lora_B": (module.out_features, config.r)}
+        for part, shape in expected.items():
+            got = tuple(parts[part].shape)
+            if got != shape:
+                problems.append(
+                    f"shape mismatch for module {module_path!r}: {part} is {got} in the file but this model "
+                    f"needs {shape} (r={config.r}, in_features={module.in_features}, "
+                    f"out_features={module.out_features})"
+                )
+            elif not parts[part].is_floating_point():
+                problems.append(
+                    f"module {module_path!r}: {part} has dtype {parts[part].dtype}, expected a float"
+                )
+        weights[module_path] = (parts["lora_A"], parts["lora_B"])
+    if problems:
+        shown = "\n  ".join(problems[:8])
+        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise AdapterLoadError(
+            f"adapter {path} does not fit this model ({len(problems)} problem(s); was it trained for another "
+            f"architecture?):\n  {shown}{more}"
+        )
+
+    saved = raw.get("base_fingerprint")
+    if saved is not None and not force:
+        current = base_fingerprint(model)
+        if saved != current:
+            raise FingerprintMismatchError(
+                f"adapter {path} was trained on a base with fingerprint {saved}, but this base model has "
+                f"fingerprint {current} (different weights); load the matching base, or pass force=True"
+            )
+    return AdapterPlan(path=path, config=config, raw_config=raw, weights=weights, weights_file=weights_file)

@@ -1,0 +1,334 @@
+"""The demo base model: a small T5 that first learns the demo corpus's language by span corruption.
+
+    python -m lora_module.demo_base runs/demo_base            # builds (or reuses) and prints the folder
+    from lora_module.demo_base import build_demo_base
+    base_dir = build_demo_base("runs/demo_base", corpus_size=2000, seed=0, steps=300)
+
+Why pretrain at all: a randomly initialised model has nothing for LoRA to adapt, so "base vs full vs
+LoRA" would only compare noise. A short T5-style span-corruption run (15% of tokens masked in spans
+of mean length 3, each span replaced by a sentinel `<extra_id_N>`) teaches the model the corpus's
+words and phrases without ever showing it a summary, the way FLAN-T5's pretraining precedes fine-tuning.
+
+The result is a standard `save_pretrained` folder (model + tokenizer) under
+`<out_dir>/demo-t5-<fingerprint[:12]>/`; the fingerprint covers every build parameter and the corpus
+text, so a second call with the same arguments returns the existing folder at once and a call with
+other arguments builds next to it (earlier builds are never deleted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
+
+from data.tokenizer import NUM_SENTINELS, train_tokenizer
+
+MANIFEST = "demo_base.json"
+# Bump when the build procedure changes in a way the parameters do not show.
+BUILD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DemoBaseConfig:
+    """Everything that determines the demo base model; its hash names the output folder."""
+
+    corpus_size: int = 2000
+    """Demo corpus examples (dialogue + summary texts) used for the tokenizer and pretraining."""
+    seed: int = 0
+    """Seed for the weight init, the batch order and the span masks."""
+    corpus_seed: int = 1
+    """Seed of the corpus rows; the demo tasks use seed 0, so the base never sees their test dialogues."""
+    steps: int = 300
+    """Optimizer steps of span-corruption pretraining."""
+    batch_size: int = 16
+    """Sequences per step."""
+    seq_len: int = 96
+    """Tokens per packed sequence before corruption."""
+    lr: float = 3e-3
+    """Peak learning rate (linear warmup over 5% of steps, then cosine decay to 10%)."""
+    vocab_size: int = 4000
+    """Byte-level BPE vocabulary size of the demo tokenizer."""
+    d_model: int = 128
+    """Hidden size."""
+    num_layers: int = 2
+    """Encoder layers (the decoder has as many)."""
+    num_heads: int = 4
+    """Attention heads; d_kv = d_model / num_heads."""
+    d_ff: int = 512
+    """Feed-forward inner size (gated GELU, as in T5 v1.1 / FLAN-T5)."""
+    noise_density: float = 0.15
+    """Share of tokens masked."""
+    mean_span: float = 3.0
+    """Mean masked span length in tokens."""
+
+    def __post_init__(self) -> None:
+        for name in ("seed", "corpus_seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"DemoBaseConfig.{name} must be an integer >= 0, got {value!r}")
+        sizes = ("corpus_size", "steps", "batch_size", "seq_len", "d_model", "num_layers", "num_heads",
+                 "d_ff")
+        for name in sizes:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DemoBaseConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"DemoBaseConfig.d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if not 0.0 < self.noise_density < 0.5:
+            raise ValueError(f"DemoBaseConfig.noise_density must be in (0, 0.5), got {self.noise_density!r}")
+        if self.mean_span < 1:
+            raise ValueError(f"DemoBaseConfig.mean_span must be >= 1, got {self.mean_span!r}")
+        if self.seq_len < 16:
+            raise ValueError(f"DemoBaseConfig.seq_len must be >= 16 tokens, got {self.seq_len!r}")
+        if self.lr <= 0:
+            raise ValueError(f"DemoBaseConfig.lr must be > 0, got {self.lr!r}")
+        spans = _num_spans(self.seq_len, self.noise_density, self.mean_span)
+        if spans > NUM_SENTINELS:
+            raise ValueError(
+                f"DemoBaseConfig: seq_len={self.seq_len} needs {spans} sentinels but the tokenizer has "
+                f"{NUM_SENTINELS}; lower seq_len or noise_density, or raise mean_span"
+            )
+
+
+def corpus_texts(corpus_size: int, seed: int) -> list[str]:
+    """Dialogues and summaries of the demo corpus as plain texts (no task framing, no topic labels)."""
+    from data.demo_corpus import generate
+
+    texts: list[str] = []
+    for row in generate(corpus_size, seed):
+        texts.append(row["dialogue"])
+        texts.append(row["summary"])
+    return texts
+
+
+def tokenizer_texts(corpus_size: int, seed: int, pretrain_texts: list[str]) -> list[str]:
+    """Pretraining texts plus the topic labels and prompt templates, so the task prompts of both demo
+    tasks tokenize into whole words (the data stage reuses this tokenizer for the prepared data)."""
+    from data.config import DEFAULT_TEMPLATES
+    from data.demo_corpus import generate
+
+    topics = [row["topic"] for row in generate(corpus_size, seed)]
+    templates = [t.replace("{dialogue}", "") for t in DEFAULT_TEMPLATES.values()]
+    return pretrain_texts + topics + templates * 50
+
+
+def fingerprint(config: DemoBaseConfig, texts: list[str]) -> str:
+    """Hash of the build parameters, the procedure version and the corpus text (tokenizer texts)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": BUILD_VERSION, **asdict(config)}, sort_keys=True).encode())
+    for text in texts:
+        h.update(text.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _num_spans(length: int, noise_density: float, mean_span: float) -> int:
+    num_noise = min(max(1, round(length * noise_density)), length - 1)
+    return max(1, round(num_noise / mean_span))
+
+
+def _segment(total: int, parts: int, rng: random.Random) -> list[int]:
+    """Split `total` into `parts` positive integers uniformly at random."""
+    cuts = sorted(rng.sample(range(1, total), parts - 1)) if parts > 1 else []
+    edges = [0, *cuts, total]
+    return [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def span_corrupt(
+    tokens: list[int], sentinel_ids: list[int], eos_id: int, noise_density: float, mean_span: float,
+    rng: random.Random,
+) -> tuple[list[int], list[int]]:
+    """T5 span corruption of one sequence: (inputs with sentinels, targets = sentinel + masked span, ...).
+
+    The number of masked tokens and spans depends only on the length, so every sequence of one length
+    yields inputs and targets of fixed lengths and a batch needs no padding.
+    """
+    length = len(tokens)
+    num_noise = min(max(1, round(length * noise_density)), length - 1)
+    num_spans = _num_spans(length, noise_density, mean_span)
+    noise_lens = _segment(num_noise, num_spans, rng)
+    keep_lens = _segment(length - num_noise, num_spans, rng)
+    inputs: list[int] = []
+    targets: list[int] = []
+    pos = 0
+    for i, (keep, noise) in enumerate(zip(keep_lens, noise_lens, strict=True)):
+        inputs.extend(tokens[pos : pos + keep])
+        pos += keep
+        inputs.append(sentinel_ids[i])
+        targets.append(sentinel_ids[i])
+        targets.extend(tokens[pos : pos + noise])
+        pos += noise
+    inputs.append(eos_id)
+    targets.append(eos_id)
+    return inputs, targets
+
+
+def pack(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> torch.Tensor:
+    """Tokenize texts (each ends with </s>), concatenate and cut into rows of `seq_len` tokens."""
+    ids = [i for row in tokenizer(texts, add_special_tokens=True)["input_ids"] for i in row]
+    rows = len(ids) // seq_len
+    if rows < 1:
+        raise ValueError(f"corpus has {len(ids)} tokens, fewer than one sequence of seq_len={seq_len}")
+    return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)  # [rows, seq_len]
+
+
+def make_model(config: DemoBaseConfig, vocab_size: int) -> T5ForConditionalGeneration:
+    """A FLAN-T5-shaped model (gated GELU, untied head, relative attention) at demo size."""
+    torch.manual_seed(config.seed)
+    t5 = T5Config(
+        vocab_size=vocab_size, d_model=config.d_model, d_kv=config.d_model // config.num_heads,
+        d_ff=config.d_ff, num_layers=config.num_layers, num_decoder_layers=config.num_layers,
+        num_heads=config.num_heads, relative_attention_num_buckets=32, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        tie_word_embeddings=False,
+    )
+    model = T5ForConditionalGeneration(t5)
+    # An untied head initialised at std 1 starts with logits of size ~sqrt(d_model) and a loss near 80;
+    # the tied-embedding scale d_model**-0.5 starts near log(vocab) and converges in fewer steps.
+    torch.nn.init.normal_(model.lm_head.weight, std=config.d_model**-0.5)
+    return model
+
+
+def pretrain(
+    model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+    config: DemoBaseConfig, log_every: int = 50,
+) -> list[float]:
+    """Span-corruption pretraining in a plain torch loop; returns the loss of every step."""
+    rows = pack(tokenizer, texts, config.seq_len)  # [n, seq_len]
+    sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])
+    if tokenizer.unk_token_id in sentinels:
+        raise ValueError("tokenizer lacks the <extra_id_N> sentinels needed for span corruption")
+    eos = tokenizer.eos_token_id
+    rng = random.Random(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    warmup = max(1, config.steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, config.steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    losses: list[float] = []
+    order = torch.randperm(len(rows), generator=gen)
+    cursor = 0
+    t0 = time.perf_counter()
+    for step in range(config.steps):
+        if cursor + config.batch_size > len(order):
+            order, cursor = torch.randperm(len(rows), generator=gen), 0
+        batch = rows[order[cursor : cursor + config.batch_size]].tolist()
+        cursor += config.batch_size
+        pairs = [span_corrupt(r, sentinels, eos, config.noise_density, config.mean_span, rng) for r in batch]
+        input_ids = torch.tensor([p[0] for p in pairs])  # [B, L_in]
+        labels = torch.tensor([p[1] for p in pairs])  # [B, L_tgt]
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            recent = sum(losses[-log_every:]) / log_every
+            elapsed = time.perf_counter() - t0
+            print(f"[demo_base] step {step + 1}/{config.steps} loss {recent:.3f} ({elapsed:.0f} s)",
+                  flush=True)
+    model.eval()
+    return losses
+
+
+def _complete(path: Path, fp: str) -> bool:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    has_weights = any((path / name).exists() for name in ("model.safetensors", "pytorch_model.bin"))
+    return manifest.get("fingerprint") == fp and has_weights and (path / "tokenizer.json").exists()
+
+
+def build_demo_base(
+    out_dir: str | Path,
+    corpus_size: int = 2000,
+    seed: int = 0,
+    steps: int = 300,
+    log_every: int = 50,
+    **overrides: object,
+) -> Path:
+    """Build (or reuse) the demo base model; returns its `save_pretrained` folder.
+
+    `overrides` sets any other `DemoBaseConfig` field (batch_size, d_model, ...).
+    """
+    config = DemoBaseConfig(corpus_size=corpus_size, seed=seed, steps=steps, **overrides)  # type: ignore[arg-type]
+    texts = corpus_texts(config.corpus_size, config.corpus_seed)
+    tok_texts = tokenizer_texts(config.corpus_size, config.corpus_seed, texts)
+    fp = fingerprint(config, tok_texts)
+    final = Path(out_dir) / f"demo-t5-{fp[:12]}"
+    if _complete(final, fp):
+        return final
+
+    # Build beside the final folder and rename at the end: a crash leaves no half-written model
+    # that a later call could mistake for a finished one.
+    tmp = Path(out_dir) / f".tmp-demo-t5-{fp[:12]}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    train_tokenizer(tok_texts, tmp, vocab_size=config.vocab_size, style="seq2seq")
+    tokenizer = AutoTokenizer.from_pretrained(tmp)
+    model = make_model(config, len(tokenizer))
+    t_tok = time.perf_counter() - t0
+    losses = pretrain(model, tokenizer, texts, config, log_every=log_every)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    window = max(1, min(50, len(losses) // 4))
+    manifest = {
+        "fingerprint": fp,
+        "config": asdict(config),
+        "build_version": BUILD_VERSION,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "loss_first": sum(losses[:window]) / window,
+        "loss_last": sum(losses[-window:]) / window,
+        "tokenizer_seconds": round(t_tok, 2),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if final.exists():
+        # An incomplete folder left by a crashed older build: keep it, under another name.
+        final.rename(final.with_name(f"{final.name}.incomplete-{int(time.time())}"))
+    tmp.rename(final)
+    return final
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The build record written next to the model (fingerprint, config, losses, seconds)."""
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build (or reuse) the demo base T5 model.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--corpus-size", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args(argv)
+    path = build_demo_base(args.out_dir, args.corpus_size, args.seed, args.steps)
+    print(path)
+    print(json.dumps(read_manifest(path), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""Evaluate models on a prepared test split with ROUGE and write a per-task comparison report.
+
+Each model (the base, a LoRA adapter, a fully fine-tuned folder) is evaluated on its own into
+`<out>/<name>.eval.json` (predictions, per-example ROUGE, means with bootstrap intervals,
+fingerprints); `build_report` then combines evaluations made on the same data into
+report.json / report.md / rouge.png / predictions.csv.
+
+Command line::
+
+    python -m lora_module.evaluate --prepared data/prepared/dialogsum-1a2b3c4d5e6f \
+        --model base=google/flan-t5-base --model full=runs/full/model --model lora=runs/lora/adapter \
+        --task dialogsum --out reports/dialogsum [--split test --limit 100 --batch-size 16 \
+        --num-beams 1 --max-new-tokens 128]
+
+`--model NAME=PATH` takes its kind from NAME when NAME is base, lora or full; otherwise write
+`NAME:KIND=PATH` (e.g. `lora_r8:lora=runs/r8/adapter`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from lora_module.generation import (
+    MODEL_KINDS,
+    GenerationConfig,
+    ModelLoadError,
+    ModelSpec,
+    generate,
+    load_model_with_info,
+)
+from lora_module.report import ReportInputError, build_report, write_json_atomic
+from lora_module.rouge import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    ROUGE_TYPES,
+    score_examples,
+    summarize,
+)
+
+__all__ = [
+    "EvalInputError",
+    "ReportInputError",
+    "GenerationConfig",
+    "ModelLoadError",
+    "ModelSpec",
+    "build_report",
+    "evaluate_model",
+    "evaluate_models",
+    "evaluate_predictions",
+    "main",
+    "parse_model_arg",
+]
+
+EVAL_SCHEMA_VERSION = 1
+# Keys of LoadedModel.info stored elsewhere in the eval JSON (identity, fingerprints).
+_INFO_NOT_IN_MODEL = ("name", "kind", "base_fingerprint", "model_fingerprint")
+
+
+class EvalInputError(ValueError):
+    """Prepared data that cannot be evaluated (missing split or column, empty references)."""
+
+
+def _read_split(
+    prepared_dir: Path, split: str, limit: int | None
+) -> tuple[list[int], list[str], list[list[str]], dict]:
+    """(row indices, prompts, references, manifest) of the split, checked for evaluation."""
+    from data import load_prepared
+
+    if not prepared_dir.exists():
+        raise EvalInputError(f"prepared data folder {prepared_dir} does not exist")
+    dataset, manifest = load_prepared(prepared_dir)
+    if split not in dataset:
+        raise EvalInputError(
+            f"split {split!r} not in prepared data {prepared_dir}; available: {list(dataset)}"
+        )
+    table = dataset[split]
+    missing = [c for c in ("prompt", "references") if c not in table.column_names]
+    if missing:
+        raise EvalInputError(
+            f"split {split!r} of {prepared_dir} lacks column(s) {missing} needed for evaluation; "
+            f"columns present: {table.column_names}"
+        )
+    if limit is not None:
+        if limit < 1:
+            raise EvalInputError(f"limit must be >= 1 (or None for the whole split), got {limit}")
+        table = table.select(range(min(limit, len(table))))
+    if len(table) == 0:
+        raise EvalInputError(f"split {split!r} of {prepared_dir} has no rows: nothing to evaluate")
+    prompts = list(table["prompt"])
+    references = [list(r) if not isinstance(r, str) else [r] for r in table["references"]]
+    for i, refs in enumerate(references):
+        if not any(isinstance(r, str) and r.strip() for r in refs):
+            raise EvalInputError(
+                f"row {i} of split {split!r} in {prepared_dir} has no non-empty reference "
+                f"(references={refs!r}); every evaluated example needs at least one"
+            )
+    return list(range(len(table))), prompts, references, manifest
+
+
+def _training_metrics(model_path: Path) -> dict | None:
+    """metrics.json written by training beside adapter/ or model/ (or inside the folder)."""
+    for candidate in (model_path / "metrics.json", model_path.parent / "metrics.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def _weights_bytes(folder: Path) -> int | None:
+    files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")] if folder.is_dir() else []
+    return sum(p.stat().st_size for p in files) if files else None
+
+
+def _versions() -> dict[str, str | None]:
+    out = {}
+    for lib in ("torch", "transformers", "rouge-score", "numpy"):
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def evaluate_predictions(
+    name: str,
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    out_dir: str | os.PathLike,
+    *,
+    prompts: Sequence[str] | None = None,
+    indices: Sequence[int] | None = None,
+    kind: str = "external",
+    data: dict[str, Any] | None = None,
+    split: str = "test",
+    model: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+    fingerprints: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> Path:
+    """Score given predictions and write `<out_dir>/<name>.eval.json` (no model involved).
+
+    `evaluate_model` uses it after generating; it also evaluates outputs produced elsewhere
+    (another system, a human annotator) so they can join a report. `data` should carry the data
+    `fingerprint`: the report refuses to mix evaluations on different data.
+    """
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"evaluation name must be a non-empty string without '/', got {name!r}")
+    if len(predictions) == 0:
+        raise EvalInputError(f"model {name!r} produced no predictions: nothing to evaluate")
+    scores = score_examples(predictions, references)
+    summary = summarize(scores, n_resamples=n_resamples, seed=seed)
+    params = dict(params or {})
+    trainable, total = params.get("trainable"), params.get("total")
+    params.setdefault("trainable_pct", 100.0 * trainable / total if trainable is not None and total else None)
+    n = len(predictions)
+    payload: dict[str, Any] = {
+        "schema_version": EVAL_SCHEMA_VERSION,
+        "model": {"name": name, "kind": kind} | (model or {}),
+        "split": split,
+        "n": n,
+        "empty_predictions": sum(1 for p in predictions if not p.strip()),
+        "data": dict(data or {}),
+        "fingerprints": {"data": (data or {}).get("fingerprint")} | (fingerprints or {}),
+        "params": params,
+        "rouge": summary,
+        "bootstrap": {"n_resamples": n_resamples, "confidence": DEFAULT_CONFIDENCE, "seed": seed},
+        "examples": {
+            "index": list(indices) if indices is not None else list(range(n)),
+            "prompt": list(prompts) if prompts is not None else [""] * n,
+            "references": [[r] if isinstance(r, str) else list(r) for r in references],
+            "prediction": list(predictions),
+            "scores": {t: scores[t] for t in ROUGE_TYPES},
+        },
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    } | (extra or {})
+    path = Path(out_dir) / f"{name}.eval.json"
+    write_json_atomic(path, payload)
+    return path
+
+
+def evaluate_model(
+    spec: ModelSpec,
+    prepared_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    gen: GenerationConfig | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> Path:
+    """Generate with `spec` on `split` of the prepared data, score it, write `<out_dir>/<name>.eval.json`."""
+    gen = gen or GenerationConfig()
+    prepared_dir = Path(prepared_dir)
+    indices, prompts, references, manifest = _read_split(prepared_dir, split, limit)
+
+    tokenizer_dir = prepared_dir / "tokenizer"
+    t0 = time.perf_counter()
+    loaded = load_model_with_info(spec, gen, tokenizer_dir if tokenizer_dir.is_dir() else None)
+    info = loaded.info
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    predictions = generate(loaded.model, loaded.tokenizer, prompts, gen)
+    generate_s = time.perf_counter() - t0
+    del loaded  # free the weights before scoring; only `info` is needed from here on
+
+    model_path = Path(info["path"])
+    metrics = _training_metrics(model_path) if spec.kind != "base" else None
+    trainable = info.get("trainable_params")
+    if spec.kind == "full" and metrics and metrics.get("trainable_params"):
+        trainable = int(metrics["trainable_params"])
+    if spec.kind == "lora":
+        disk_bytes = info.get("adapter_bytes")
+    elif spec.kind == "full":
+        disk_bytes = _weights_bytes(model_path)
+    else:
+        disk_bytes = None
+    return evaluate_predictions(
+        spec.name,
+        predictions,
+        references,
+        out_dir,
+        prompts=prompts,
+        indices=indices,
+        kind=spec.kind,
+        split=split,
+        data={
+            "prepared_dir": str(prepared_dir),
+            "fingerprint": manifest.get("fingerprint"),
+            "name": manifest.get("name"),
+            "model_type": manifest.get("model_type"),
+            "rows": manifest.get("rows"),
+        },
+        model={k: v for k, v in info.items() if k not in _INFO_NOT_IN_MODEL}
+        | {"spec_path": spec.path, "spec_base": spec.base},
+        params={"trainable": trainable, "total": info.get("total_params"), "disk_bytes": disk_bytes},
+        fingerprints={
+            "base": info.get("base_fingerprint"),
+            "model": info.get("model_fingerprint"),
+            "adapter_sha256": info.get("adapter_sha256"),
+        },
+        extra={
+            "limit": limit,
+            "generation": gen.to_dict(),
+            "training_metrics": metrics,
+            "timing": {
+                "load_s": load_s,
+                "generate_s": generate_s,
+                "examples_per_s": len(predictions) / generate_s if generate_s > 0 else None,
+            },
+        },
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+
+
+def evaluate_models(
+    prepared_dir: str | os.PathLike,
+    specs: Sequence[ModelSpec],
+    out_dir: str | os.PathLike,
+    task: str,
+    gen: GenerationConfig | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    baseline: str = "base",
+) -> Path:
+    """Evaluate every spec on the same split, then build the report; returns report.json's path."""
+    names = [s.name for s in specs]
+    if not specs:
+        raise ValueError("evaluate_models needs at least one ModelSpec")
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    paths = [evaluate_model(s, prepared_dir, out_dir, gen, split=split, limit=limit) for s in specs]
+    return build_report(task, paths, out_dir, baseline=baseline)
+
+
+def parse_model_arg(text: str) -> ModelSpec:
+    """`NAME=PATH` (NAME in base/lora/full gives the kind) or `NAME:KIND=PATH`."""
+    if "=" not in text:
+        raise ValueError(f"--model {text!r}: expected NAME=PATH or NAME:KIND=PATH")
+    left, path = text.split("=", 1)
+    name, _, kind = left.partition(":")
+    if not kind:
+        if name not in MODEL_KINDS:
+            raise ValueError(
+                f"--model {text!r}: cannot tell the kind of {name!r}; name it one of {list(MODEL_KINDS)} "
+                f"or write {name}:KIND={path} with KIND in {list(MODEL_KINDS)}"
+            )
+        kind = name
+    return ModelSpec(name=name, kind=kind, path=path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lora_module.evaluate",
+        description="Evaluate base / LoRA / fully fine-tuned models with ROUGE and write a report.",
+    )
+    p.add_argument("--prepared", required=True, help="prepared data folder (written by data.prepare)")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME[:KIND]=PATH",
+        help="model to evaluate; repeat for several (kinds: base, lora, full)",
+    )
+    p.add_argument("--task", required=True, help="task name shown in the report")
+    p.add_argument("--out", required=True, help="output folder for *.eval.json and the report")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--batch-size", type=int, default=GenerationConfig.batch_size)
+    p.add_argument("--num-beams", type=int, default=GenerationConfig.num_beams)
+    p.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
+    p.add_argument("--max-source-length", type=int, default=GenerationConfig.max_source_length)
+    p.add_argument("--device", default=GenerationConfig.device)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-merge", action="store_true", help="generate with the adapter unmerged (slower)")
+    p.add_argument("--lora-base", default=None, help="base model for LoRA specs (default: from the adapter)")
+    p.add_argument("--baseline", default="base", help="model name the report's changes are relative to")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 1 evaluation error, 2 usage error)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        specs = [parse_model_arg(m) for m in args.model]
+        if args.lora_base:
+            for s in specs:
+                if s.kind == "lora":
+                    s.base = args.lora_base
+        gen = GenerationConfig(
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams,
+            max_source_length=args.max_source_length,
+            device=args.device,
+            dtype=args.dtype,
+            merge_adapter=not args.no_merge,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        report = evaluate_models(
+            args.prepared,
+            specs,
+            args.out,
+            args.task,
+            gen,
+            split=args.split,
+            limit=args.limit,
+            baseline=args.baseline,
+        )
+    except (ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"report written: {report}")
+    print(report.with_name("report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""LoraLinear: a frozen nn.Linear (or bitsandbytes Linear4bit) plus named low-rank adapters.
+
+out = base(x) + lora_B(lora_A(dropout(x))) * scaling, computed in the adapter's dtype (fp32 by
+default) and cast back, with the same operation order as PEFT's `lora.Linear` so outputs agree
+bit-for-bit in fp32. Parameter names contain `lora_A` / `lora_B`, keyed by adapter name:
+`<path>.lora_A.<adapter>.weight`, exactly like PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_module.config import LoraConfig
+
+
+def is_linear4bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes Linear4bit. bitsandbytes is only consulted if something imported it:
+    without the import no such layer can exist, and importing it costs seconds."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def dequantize_weight(module: nn.Module) -> torch.Tensor:
+    """fp32 copy of a Linear4bit's weight, shape [out, in]."""
+    import bitsandbytes as bnb
+
+    weight = module.weight
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        # bnb repacks weights for AVX512-BF16 CPUs at inference; undo it on a copy before dequantizing.
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        data, state = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+    return bnb.functional.dequantize_4bit(data, state).float()
+
+
+def dequantized_linear(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+    """A plain nn.Linear with the dequantized weights of a Linear4bit (dtype: its compute dtype or fp32)."""
+    dtype = dtype or getattr(module, "compute_dtype", None) or torch.float32
+    weight = dequantize_weight(module)  # [out, in] fp32
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                       device="meta", dtype=dtype)
+    linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    return linear
+
+
+class LoraLinear(nn.Module):
+    """Wraps a frozen linear layer; holds one (A, B, dropout, scaling) per adapter name."""
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapter: str | None = None
+        # While a 4-bit base is merged, base_layer is a dequantized copy; the original is kept here
+        # (outside the module tree, so it is neither saved nor counted) to make unmerge exact.
+        self._quantized_base: list[nn.Module] = []
+
+    # Model code sometimes reads `layer.weight` (T5 checks wo.weight.dtype): answer with the base's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def add_adapter(self, name: str, config: LoraConfig, dtype: torch.dtype = torch.float32) -> None:
+        """Create A (Kaiming-uniform, as nn.Linear and PEFT) and B (zeros) for `name` on the base's device."""
+        device = self.base_layer.weight.device
+        lora_a = nn.Linear(self.in_features, config.r, bias=False, device=device, dtype=dtype)  # [r, in]
+        lora_b = nn.Linear(config.r, self.out_features, bias=False, device=device, dtype=dtype)  # [out, r]
+        nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(lora_b.weight)
+        self.lora_A[name] = lora_a
+        self.lora_B[name] = lora_b
+        p = config.lora_dropout
+        self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.scaling[name] = config.scaling
+
+    def delete_adapter(self, name: str) -> None:
+        if self.merged_adapter == name:
+            self.unmerge()
+        for container in (self.lora_A, self.lora_B, self.lora_dropout):
+            del container[name]
+        del self.scaling[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        name = self.active_adapter
+        if name is None or name == self.merged_adapter:
+            return result
+        # Same steps as PEFT's lora.Linear.forward, so fp32 logits match it exactly.
+        torch_result_dtype = result.dtype
+        lora_a = self.lora_A[name]
+        if x.dtype != lora_a.weight.dtype:
+            x = x.to(lora_a.weight.dtype)
+        result = result + self.lora_B[name](lora_a(self.lora_dropout[name](x))) * self.scaling[name]
+        return result.to(torch_result_dtype)
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B @ A in fp32, shape [out, in]."""
+        weight_a = self.lora_A[name].weight.float()  # [r, in]
+        weight_b = self.lora_B[name].weight.float()  # [out, r]
+        return (weight_b @ weight_a) * self.scaling[name]
+
+    def merge(self, name: str) -> None:
+        """Add adapter `name` into the base weight (fp32 math, cast back). Merging it again is a no-op."""
+        if self.merged_adapter == name:
+            return
+        if self.merged_adapter is not None:
+            self.unmerge()
+        delta = self.get_delta_weight(name)
+        with torch.no_grad():
+            if is_linear4bit(self.base_layer):
+                # A 4-bit weight cannot hold the sum without re-quantizing (which rounds it): keep a
+                # dequantized 16/32-bit copy for the merged state and the quantized original for unmerge.
+                merged = dequantized_linear(self.base_layer)
+                weight = merged.weight
+                weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+                self._quantized_base = [self.base_layer]
+                self.base_layer = merged
+            else:
+                weight = self.base_layer.weight
+                weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+        self.merged_adapter = name
+
+    def unmerge(self) -> None:
+        """Subtract the merged adapter again (exact restore for 4-bit bases). No-op when nothing is merged."""
+        if self.merged_adapter is None:
+            return
+        with torch.no_grad():
+            if self._quantized_base:
+                self.base_layer = self._quantized_base.pop()
+            else:
+                weight = self.base_layer.weight
+                delta = self.get_delta_weight(self.merged_adapter).to(weight.device)
+                weight.copy_((weight.float() - delta).to(weight.dtype))
+        self.merged_adapter = None
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapter}, merged={self.merged_adapter}"

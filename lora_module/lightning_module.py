@@ -1,0 +1,490 @@
+"""FineTuneModule: one LightningModule that trains LoRA, QLoRA (LoRA over an NF4 base) or the whole model.
+
+    python -m lora_module fit --config deploy/configs/demo_summary_lora.yaml      # through the CLI
+    module = FineTuneModule("path/to/t5", finetune="lora", lora=LoraConfig(r=8), output_dir="runs/x")
+    L.Trainer(max_steps=100).fit(module, datamodule=PreparedDataModule("prepared/dir"))
+
+What a fit leaves in `output_dir` (written by global rank 0 only):
+  adapter/        PEFT-format adapter (lora, qlora)   or   model/  save_pretrained model + tokenizer (full)
+  metrics.json    finetune, trainable/total params, train/val loss, steps, tokens/s, adapter bytes, ...
+  config.yaml     the resolved configuration (written by the CLI; the hyperparameters otherwise)
+  checkpoints/    last.ckpt (lora/qlora: trainable tensors + optimizer state only)
+
+A non-finite training loss raises `NonFiniteLossError` before the optimizer applies that update,
+so the checkpoints on disk are all from good steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from lora_module import LoraConfig, get_lora_model, load_base_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; training stopped before applying that update."""
+
+
+class WarmupDecay:
+    """LR factor: linear warmup for `warmup` steps, then linear/cosine decay to 0 at `total`, or constant.
+
+    A callable object (not a lambda) so LambdaLR saves it in checkpoints.
+    """
+
+    def __init__(self, warmup: int, total: int, kind: str = "linear"):
+        self.warmup, self.total, self.kind = warmup, max(total, 1), kind
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+
+def _local_path_or_name(name_or_path: str) -> str:
+    """Absolute path for a local folder (later stages may run elsewhere), else the Hub name unchanged."""
+    p = Path(name_or_path)
+    return str(p.resolve()) if p.exists() else name_or_path
+
+
+class FineTuneModule(L.LightningModule):
+    """Loss, optimizer, schedule, logging, adapter-only checkpoints and the final export."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        finetune: Literal["lora", "qlora", "full"] = "lora",
+        lora: LoraConfig | None = None,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        adam_epsilon: float = 1e-8,
+        warmup_steps: int = 0,
+        warmup_ratio: float = 0.0,
+        scheduler: Literal["linear", "cosine", "constant"] = "linear",
+        gradient_checkpointing: bool = False,
+        torch_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        double_quant: bool = True,
+        trust_remote_code: bool = False,
+        checkpoint_every_n_steps: int | None = None,
+        max_new_tokens: int = 64,
+        output_dir: str = ".lora_pipeline/runs/default",
+    ):
+        """
+        Args:
+            model_name_or_path: Base model: a Hub name or a local `save_pretrained` folder.
+            finetune: "lora" (frozen base + adapters), "qlora" (adapters over an NF4 base) or "full".
+            lora: Adapter settings: r, lora_alpha, lora_dropout, target_modules, use_rslora (not for "full").
+            learning_rate: Peak AdamW learning rate.
+            weight_decay: AdamW weight decay on matrices (biases and norms get none).
+            adam_epsilon: AdamW epsilon.
+            warmup_steps: Linear warmup steps; when 0, `warmup_ratio` of the total steps is used.
+            warmup_ratio: Fraction of the optimizer steps spent warming up (used when warmup_steps is 0).
+            scheduler: Decay after warmup: "linear" or "cosine" to 0, or "constant".
+            gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
+            torch_dtype: Dtype to load the base weights in; None keeps the checkpoint's (fp32 for T5).
+            double_quant: QLoRA: also quantize the NF4 scales (saves ~0.4 bit per weight).
+            trust_remote_code: Allow model code from the Hub repository (only for models you trust).
+            checkpoint_every_n_steps: Write checkpoints/last.ckpt every N optimizer steps (None: at each
+                validation and epoch end).
+            max_new_tokens: Generation length for the `predict` subcommand.
+            output_dir: This run's outputs: adapter/ or model/, metrics.json, config.yaml, checkpoints/.
+        """
+        super().__init__()
+        if finetune not in ("lora", "qlora", "full"):
+            raise ValueError(f"model.finetune must be one of 'lora', 'qlora', 'full', got {finetune!r}")
+        if isinstance(lora, dict):
+            lora = LoraConfig.from_dict(lora)
+        lora = lora if lora is not None else LoraConfig()
+        if not learning_rate > 0:
+            raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
+        if warmup_steps < 0 or not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(
+                "model.warmup_steps must be >= 0 and model.warmup_ratio in [0, 1),"
+                f" got {warmup_steps} and {warmup_ratio}"
+            )
+        if checkpoint_every_n_steps is not None and checkpoint_every_n_steps < 1:
+            raise ValueError(
+                f"model.checkpoint_every_n_steps must be >= 1 or null, got {checkpoint_every_n_steps}"
+            )
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams["lora"] = lora.to_dict()
+        self.finetune = finetune
+        self.lora_config = lora
+        # The trainable state is small for LoRA: checkpoints hold only it, so loading them is not strict.
+        self.strict_loading = finetune == "full"
+
+        base = load_base_model(
+            model_name_or_path,
+            quantize="nf4" if finetune == "qlora" else None,
+            double_quant=double_quant,
+            torch_dtype=DTYPES[torch_dtype] if torch_dtype else None,
+            trust_remote_code=trust_remote_code,
+        )
+        self.is_encoder_decoder = bool(base.config.is_encoder_decoder)
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing back-propagates into LoRA layers even though the
+            # (frozen) embeddings' outputs do not require grad.
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.config.use_cache = False
+        if finetune == "full":
+            for p in base.parameters():
+                p.requires_grad_(True)
+            self.model = base
+        else:
+            self.model = get_lora_model(base, lora)
+        # from_pretrained returns eval mode; Lightning keeps submodule modes, so switch explicitly.
+        self.model.train()
+        self._check_trainable()
+
+        self._base_fingerprint: str | None = None
+        self._nonfinite = torch.zeros((), dtype=torch.bool)
+        self._epoch_loss_sum = torch.zeros(())
+        self._epoch_loss_n = 0
+        self._tokens_total = 0
+        self._train_seconds = 0.0
+        self._last_tick: float | None = None
+        self._predictions: list[dict] = []
+
+    # ---- parameters -------------------------------------------------------------------------
+
+    def _check_trainable(self) -> None:
+        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise RuntimeError(f"finetune={self.finetune!r}: the model has no trainable parameters")
+        if self.finetune != "full":
+            stray = [n for n in trainable if "lora_" not in n]
+            if stray:
+                raise RuntimeError(
+                    f"finetune={self.finetune!r} must train only LoRA tensors, but {len(stray)} base"
+                    f" parameters require grad, e.g. {stray[:3]}"
+                )
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; for QLoRA the total counts unpacked 4-bit weights."""
+        if self.finetune != "full":
+            return self.model.trainable_parameters()
+        n = sum(p.numel() for p in self.model.parameters())
+        return n, n
+
+    def base_fingerprint(self) -> str | None:
+        """Fingerprint of the frozen base (lora/qlora), computed once: it cannot change while training."""
+        if self.finetune == "full":
+            return None
+        if self._base_fingerprint is None:
+            self._base_fingerprint = self.model.base_fingerprint()
+        return self._base_fingerprint
+
+    # ---- steps --------------------------------------------------------------------------------
+
+    def forward(self, **batch: Any) -> Any:
+        return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self(**batch).loss
+        detached = loss.detach()
+        # Checked once per optimizer step (on_before_optimizer_step): no GPU sync per micro-batch.
+        self._nonfinite = self._nonfinite.to(detached.device) | ~torch.isfinite(detached)
+        self._epoch_loss_sum = self._epoch_loss_sum.to(detached.device) + detached.float()
+        self._epoch_loss_n += 1
+        self.log(
+            "train/loss",
+            detached,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch["input_ids"].shape[0],
+        )
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        bad = self.trainer.strategy.reduce_boolean_decision(bool(self._nonfinite), all=False)
+        if bad:
+            last = Path(self.hparams.output_dir) / "checkpoints" / "last.ckpt"
+            raise NonFiniteLossError(
+                f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch});"
+                f" stopped before applying this update. Last good checkpoint: "
+                f"{last if last.exists() else 'none written yet'}. Try a lower model.learning_rate,"
+                " gradient clipping (trainer.gradient_clip_val) or precision 32-true / bf16-mixed."
+            )
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_loss_sum = torch.zeros((), device=self.device)
+        self._epoch_loss_n = 0
+        self._last_tick = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        now = time.perf_counter()
+        # Wall time since the previous batch ended: data loading + forward + backward + optimizer.
+        dt = now - (self._last_tick or now)
+        self._last_tick = now
+        tokens = int(batch.get("num_tokens", batch["attention_mask"].numel()))
+        self._tokens_total += tokens
+        self._train_seconds += dt
+        if dt > 0:
+            self.log("train/tokens_per_sec", tokens / dt, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def on_validation_end(self) -> None:
+        # Validation time is not training throughput: restart the clock after it.
+        self._last_tick = time.perf_counter()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self(**batch).loss
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self(**batch).loss
+        self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict]:
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        if tokenizer is None:
+            raise RuntimeError("predict needs the datamodule's tokenizer (run it through PreparedDataModule)")
+        generated = self.model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # [B, T_out]; causal outputs start with the prompt
+        if not self.is_encoder_decoder:
+            generated = generated[:, batch["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return [
+            {"prompt": p, "prediction": t.strip(), "references": r}
+            for p, t, r in zip(batch["prompt"], texts, batch["references"], strict=True)
+        ]
+
+    def on_predict_batch_end(
+        self, outputs: list[dict], batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._predictions.extend(outputs)
+
+    def on_predict_end(self) -> None:
+        out = Path(self.hparams.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        world = self.trainer.world_size
+        name = "predictions.jsonl" if world == 1 else f"predictions.rank{self.global_rank}.jsonl"
+        with open(out / name, "w") as f:
+            for row in self._predictions:
+                f.write(json.dumps(row) + "\n")
+        rank_zero_info(f"predictions written to {out / name}")
+
+    # ---- optimizer ----------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=hp.learning_rate, eps=hp.adam_epsilon
+        )
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "set trainer.max_steps or trainer.max_epochs: the LR schedule needs a finite length"
+            )
+        warmup = hp.warmup_steps or math.ceil(hp.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupDecay(warmup, int(total), hp.scheduler)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    def configure_callbacks(self) -> list:
+        # Checkpoints live with the run's outputs; this replaces any ModelCheckpoint given to the Trainer.
+        return [
+            ModelCheckpoint(
+                dirpath=Path(self.hparams.output_dir) / "checkpoints",
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=self.hparams.checkpoint_every_n_steps,
+            )
+        ]
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Full finetuning: everything. LoRA/QLoRA: only the trainable (adapter) tensors."""
+        state = super().state_dict(*args, **kwargs)
+        if self.finetune == "full":
+            return state
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        keep = {prefix + n for n, p in self.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k not in keep]:
+            del state[key]
+        return state
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lora_pipeline"] = {"finetune": self.finetune, "base_fingerprint": self.base_fingerprint()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("lora_pipeline", {})
+        if saved.get("finetune", self.finetune) != self.finetune:
+            raise ValueError(
+                f"checkpoint was written with finetune={saved['finetune']!r}, this run has {self.finetune!r}"
+            )
+        if self.finetune == "full":
+            return
+        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        got = set(checkpoint["state_dict"])
+        if got != expected:
+            raise ValueError(
+                "checkpoint does not match this model's LoRA layout (another r or target_modules?):"
+                f" missing {sorted(expected - got)[:3]}, unexpected {sorted(got - expected)[:3]}"
+            )
+        want = saved.get("base_fingerprint")
+        if want and want != self.base_fingerprint():
+            raise ValueError(
+                f"checkpoint was trained on another base model (fingerprint {want[:12]}, this base"
+                f" {self.base_fingerprint()[:12]}); check model.model_name_or_path"
+            )
+
+    # ---- end of fit -----------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        embeddings = self.model.get_input_embeddings().num_embeddings
+        if tokenizer is not None and len(tokenizer) > embeddings:
+            # Token ids past the embedding table would fail deep inside the model (or on a GPU, assert).
+            raise ValueError(
+                f"the prepared data's tokenizer has {len(tokenizer)} tokens but"
+                f" {self.hparams.model_name_or_path} has {embeddings} embeddings:"
+                " prepare the data with this model's tokenizer"
+            )
+
+    def on_fit_start(self) -> None:
+        trainable, total = self.parameter_counts()
+        rank_zero_info(
+            f"finetune={self.finetune}: trainable params {trainable:,} / {total:,}"
+            f" ({100 * trainable / total:.3f}%)"
+        )
+        for logger in self.loggers:
+            logger.log_hyperparams({"trainable_params": trainable, "total_params": total})
+
+    def on_train_end(self) -> None:
+        # Collectives first (every rank takes part), then rank 0 alone writes the outputs.
+        strategy = self.trainer.strategy
+        loss_sum = strategy.reduce(self._epoch_loss_sum.detach().float().clone(), reduce_op="sum")
+        n = strategy.reduce(torch.tensor(float(self._epoch_loss_n), device=self.device), reduce_op="sum")
+        tokens = strategy.reduce(torch.tensor(float(self._tokens_total), device=self.device), reduce_op="sum")
+        seconds = strategy.reduce(torch.tensor(self._train_seconds, device=self.device), reduce_op="max")
+        train_loss = float(loss_sum / n) if float(n) > 0 else None
+        tokens_per_sec = float(tokens / seconds) if float(seconds) > 0 else None
+        if self.trainer.is_global_zero:
+            self._export(train_loss, tokens_per_sec, float(seconds), int(tokens))
+        strategy.barrier("lora_pipeline_export")
+
+    def _export(
+        self, train_loss: float | None, tokens_per_sec: float | None, seconds: float, tokens: int
+    ) -> None:
+        out = Path(self.hparams.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        trainable, total = self.parameter_counts()
+        val = self.trainer.callback_metrics.get("val/loss")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        manifest = getattr(datamodule, "manifest", None) or {}
+        metrics: dict[str, Any] = {
+            "finetune": self.finetune,
+            "model_name_or_path": _local_path_or_name(self.hparams.model_name_or_path),
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_pct": 100.0 * trainable / total,
+            "train_loss": train_loss,  # mean over the last epoch's batches
+            "val_loss": float(val) if val is not None else None,  # last validation run
+            "steps": self.global_step,
+            "epochs": self.current_epoch,
+            "tokens": tokens,
+            "train_seconds": seconds,
+            "tokens_per_sec": tokens_per_sec,
+            "world_size": self.trainer.world_size,
+            "precision": str(self.trainer.precision),
+            "data_fingerprint": manifest.get("fingerprint"),
+            "base_fingerprint": self.base_fingerprint(),
+            "checkpoint": str(out / "checkpoints" / "last.ckpt"),
+        }
+        if self.finetune == "full":
+            target = out / "model"
+            metrics["model_bytes"] = self._save_atomically(target, self._save_full_model)
+        else:
+            target = out / "adapter"
+            metrics["adapter_bytes"] = self._save_atomically(target, self._save_adapter(metrics))
+            metrics["adapter_dir"] = str(target)
+        mlflow = next((lg for lg in self.loggers if isinstance(lg, MLFlowLogger)), None)
+        if mlflow is not None:
+            metrics["mlflow_run_id"] = mlflow.run_id
+            metrics["mlflow_tracking_uri"] = getattr(mlflow, "_tracking_uri", None)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if not (out / "config.yaml").exists():
+            # Without the CLI (plain Trainer) the hyperparameters are the resolved config.
+            (out / "config.yaml").write_text(yaml.safe_dump({"model": dict(self.hparams)}, sort_keys=False))
+        if mlflow is not None:
+            run = mlflow.experiment
+            run.log_artifact(mlflow.run_id, str(out / "metrics.json"))
+            run.log_artifact(mlflow.run_id, str(out / "config.yaml"))
+            if self.finetune != "full":
+                run.log_artifacts(mlflow.run_id, str(target), artifact_path="adapter")
+        rank_zero_info(f"training outputs written to {out}")
+
+    def _save_adapter(self, metrics: dict[str, Any]):
+        def save(path: Path) -> None:
+            meta = {
+                k: metrics[k] for k in ("finetune", "steps", "train_loss", "val_loss", "data_fingerprint")
+            }
+            self.model.save_pretrained(
+                path,
+                base_model_name_or_path=_local_path_or_name(self.hparams.model_name_or_path),
+                metadata=meta,
+            )
+
+        return save
+
+    def _save_full_model(self, path: Path) -> None:
+        self.model.save_pretrained(path)
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(
+                self.hparams.model_name_or_path, trust_remote_code=self.hparams.trust_remote_code
+            )
+        tokenizer.save_pretrained(path)
+
+    @staticmethod
+    def _save_atomically(target: Path, save) -> int:
+        """Write into a temp folder, then swap it in: a crash never leaves a half-written export."""
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save(tmp)
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return sum(f.stat().st_size for f in target.rglob("*") if f.is_file())

@@ -1,0 +1,280 @@
+"""Command line for the adapter registry: which adapter serves each task, how good it is, and
+manual promotion. Tracking URI: `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else the embedded
+SQLite store under `$LORA_PIPELINE_HOME` (see lora_module.registry).
+
+    python -m lora_module.registry_cli list                       # tasks, versions, aliases, ROUGE
+    python -m lora_module.registry_cli list summary               # versions of one task
+    python -m lora_module.registry_cli show summary @champion     # or a version number: show summary 3
+    python -m lora_module.registry_cli register summary runs/x/adapter --report runs/x/eval --train-dir runs/x
+    python -m lora_module.registry_cli promote summary 3 --reason "human review passed"
+    python -m lora_module.registry_cli demote summary --reason "regression reported"   # drops @champion
+    python -m lora_module.registry_cli predict summary --text "Summarize: ..." [--file prompts.txt]
+
+A task `T` means the registered model `T-lora`; `--model-name` names another one.
+Exit status: 0 on success, 1 with a one-line `error: ...` for bad input or an unreachable registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from lora_module.errors import AdapterLoadError
+from lora_module.registry import (
+    CHAMPION,
+    configure_tracking,
+    load_registered,
+    model_name_for,
+    register_adapter,
+)
+from lora_module.registry_gate import RegistryUnavailableError, RetryPolicy
+from lora_module.registry_inputs import RegistrationInputError
+
+
+def _name(args: argparse.Namespace) -> str:
+    return args.model_name or model_name_for(args.task)
+
+
+def _client(args: argparse.Namespace) -> tuple[MlflowClient, str, RetryPolicy]:
+    uri = configure_tracking(args.tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri, RetryPolicy(args.retries, args.backoff)
+
+
+def _version_ref(client: MlflowClient, name: str, ref: str) -> Any:
+    """`3` or `@champion` -> ModelVersion."""
+    if ref.startswith("@"):
+        return client.get_model_version_by_alias(name, ref[1:])
+    return client.get_model_version(name, ref)
+
+
+def _row(mv: Any, metric: str, aliases: list[str]) -> list[str]:
+    tags = mv.tags or {}
+    created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+    return [str(mv.version), ",".join(sorted(aliases)) or "-", tags.get(f"rouge.{metric}", "-")[:6],
+            tags.get(f"rouge.base.{metric}", "-")[:6], tags.get("gate.decision", "-"), tags.get("mode", "-"),
+            tags.get("eval_data_fingerprint", "-")[:12], created]
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    client, uri, policy = _client(args)
+    if args.task:
+        names = [_name(args)]
+    else:
+        models = policy.call(lambda: client.search_registered_models(max_results=1000), "list models", uri)
+        names = sorted(m.name for m in models)
+        if not names:
+            print(f"no registered models at {uri}")
+            return 0
+    header = ["version", "aliases", args.metric, "base", "gate", "mode", "test data", "created (UTC)"]
+    for name in names:
+        versions = policy.call(lambda n=name: client.search_model_versions(f"name='{n}'"),
+                               f"list {name}", uri)
+        versions = sorted(versions, key=lambda mv: int(mv.version))
+        # Search results do not carry aliases: read them from the registered model.
+        model = policy.call(lambda n=name: client.get_registered_model(n), f"read {name}", uri)
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        task = (model.tags or {}).get("task", "?")
+        print(f"{name} (task {task}): {len(versions)} version(s)")
+        if versions:
+            rows = [_row(mv, args.metric, aliases.get(str(mv.version), [])) for mv in versions]
+            print(_table(rows, header))
+        print()
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    client, uri, policy = _client(args)
+    name = _name(args)
+    mv = policy.call(lambda: _version_ref(client, name, args.version), f"look up {name} {args.version}", uri)
+    if args.json:
+        print(json.dumps({"name": name, "version": str(mv.version), "aliases": list(mv.aliases or []),
+                          "run_id": mv.run_id, "source": mv.source, "tags": dict(mv.tags or {}),
+                          "description": mv.description}, indent=2))
+        return 0
+    print(f"{name} v{mv.version}  aliases: {', '.join(mv.aliases or []) or '-'}")
+    print(f"run {mv.run_id}  source {mv.source}  status {mv.status}")
+    for k, v in sorted((mv.tags or {}).items()):
+        if k != "gate.json":
+            print(f"  {k}: {v}")
+    if mv.description:
+        print("\n" + mv.description)
+    return 0
+
+
+def _record_manual(client: MlflowClient, name: str, version: str, action: str, reason: str) -> None:
+    """Append the action to the version's `manual.history` tag (JSON list) and set `manual.last`."""
+    mv = client.get_model_version(name, version)
+    history = json.loads((mv.tags or {}).get("manual.history", "[]"))
+    entry = {"action": action, "reason": reason, "by": getpass.getuser(),
+             "at": datetime.now(UTC).isoformat(timespec="seconds")}
+    client.set_model_version_tag(name, version, "manual.history", json.dumps([*history, entry]))
+    client.set_model_version_tag(name, version, "manual.last", f"{action}: {reason}")
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    client, uri, policy = _client(args)
+    name = _name(args)
+    mv = policy.call(lambda: client.get_model_version(name, args.version),
+                     f"look up {name} v{args.version}", uri)
+    policy.call(lambda: client.set_registered_model_alias(name, args.alias, mv.version), "set alias", uri)
+    policy.call(lambda: _record_manual(client, name, mv.version, f"promoted to {args.alias}", args.reason),
+                "tag version", uri)
+    print(f"{name} v{mv.version} is now @{args.alias} (manual: {args.reason})")
+    return 0
+
+
+def cmd_demote(args: argparse.Namespace) -> int:
+    client, uri, policy = _client(args)
+    name = _name(args)
+    mv = policy.call(lambda: client.get_model_version_by_alias(name, args.alias),
+                     f"look up {name}@{args.alias}", uri)
+    if args.version is not None and str(args.version) != str(mv.version):
+        raise ValueError(f"@{args.alias} of {name} is v{mv.version}, not v{args.version}; nothing changed")
+    policy.call(lambda: client.delete_registered_model_alias(name, args.alias), "delete alias", uri)
+    policy.call(lambda: _record_manual(client, name, mv.version, f"demoted from {args.alias}", args.reason),
+                "tag version", uri)
+    print(f"{name} v{mv.version} is no longer @{args.alias} (manual: {args.reason})")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    res = register_adapter(
+        args.task, args.adapter_dir, report_path=args.report, train_dir=args.train_dir,
+        data_fingerprint=args.data_fingerprint, model_name=args.model_name, metric=args.metric,
+        tracking_uri=args.tracking_uri, retries=args.retries, backoff=args.backoff,
+        tokenizer_dir=args.tokenizer_dir, candidate=args.candidate,
+    )
+    print(json.dumps({"model_uri": res.model_uri, "alias": res.alias, "run_id": res.run_id,
+                      "decision": res.decision}, indent=2))
+    return 0
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    texts = list(args.text or [])
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise ValueError(f"--file {path} does not exist")
+        if path.suffix == ".jsonl":  # rows with a "text" (or the prepared data's "prompt") field
+            for i, line in enumerate(path.read_text().splitlines()):
+                if line.strip():
+                    row = json.loads(line)
+                    if "text" not in row and "prompt" not in row:
+                        raise ValueError(f"{path} line {i + 1} has neither a 'text' nor a 'prompt' field")
+                    texts.append(row.get("text", row.get("prompt")))
+        else:
+            texts += [line for line in path.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError("nothing to predict: give --text (repeatable) or --file")
+    return texts
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lora_module.generation import GenerationConfig, generate
+
+    texts = _read_texts(args)
+    ref = f"models:/{args.model_name}" if args.model_name else args.task
+    model, tokenizer = load_registered(
+        ref, version=args.version, alias=args.alias, base=args.base, force=args.force,
+        tracking_uri=args.tracking_uri, retries=args.retries, backoff=args.backoff,
+    )
+    outputs = generate(model, tokenizer, texts, GenerationConfig(
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size))
+    if args.json:
+        print(json.dumps([{"input": t, "output": o} for t, o in zip(texts, outputs, strict=True)], indent=2))
+    else:
+        print("\n".join(o.replace("\n", " ") for o in outputs))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lora_module.registry_cli",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracking-uri",
+                   help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else local SQLite)")
+    p.add_argument("--retries", type=int, default=3, help="retries of each registry call (default 3)")
+    p.add_argument("--backoff", type=float, default=1.0,
+                   help="first retry wait in seconds, doubled each time")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def task_cmd(name: str, help_: str, task_required: bool = True) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("task", nargs=None if task_required else "?",
+                       help="task name (registered model <task>-lora)")
+        s.add_argument("--model-name", help="registered model name, instead of <task>-lora")
+        return s
+
+    s = task_cmd("list", "tasks (registered models) with versions, aliases and metrics", task_required=False)
+    s.add_argument("--metric", default="rougeL")
+    s.set_defaults(func=cmd_list)
+    s = task_cmd("show", "one version: tags, lineage, gate decision, report table")
+    s.add_argument("version", help="version number or @alias (e.g. @champion)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_show)
+    s = task_cmd("register", "register an adapter folder (+ report, training output) as a new version")
+    s.add_argument("adapter_dir")
+    s.add_argument("--report", help="report.json of the evaluation (or its folder)")
+    s.add_argument("--train-dir", help="training output folder (config.yaml, metrics.json)")
+    s.add_argument("--data-fingerprint")
+    s.add_argument("--tokenizer-dir", help="tokenizer to ship with the model (default: the prepared data's)")
+    s.add_argument("--candidate",
+                   help="the report's model name for this adapter (default: found by checksum)")
+    s.add_argument("--metric", default="rougeL", help="metric of the promotion gate (default rougeL)")
+    s.set_defaults(func=cmd_register)
+    s = task_cmd("promote", "give a version an alias by hand (default @champion)")
+    s.add_argument("version")
+    s.add_argument("--alias", default=CHAMPION)
+    s.add_argument("--reason", required=True, help="why (stored in the version's manual.history tag)")
+    s.set_defaults(func=cmd_promote)
+    s = task_cmd("demote", "remove an alias (default @champion) by hand")
+    s.add_argument("version", nargs="?", help="only if the alias still points to this version")
+    s.add_argument("--alias", default=CHAMPION)
+    s.add_argument("--reason", required=True)
+    s.set_defaults(func=cmd_demote)
+    s = task_cmd("predict", "generate with a registered adapter")
+    s.add_argument("--version", help="version number (default: the alias)")
+    s.add_argument("--alias", default=CHAMPION)
+    s.add_argument("--text", action="append", help="input text (repeatable)")
+    s.add_argument("--file", help="inputs: one per line, or .jsonl rows with 'text' / 'prompt'")
+    s.add_argument("--base", help="base model folder / Hub id instead of the adapter's recorded base")
+    s.add_argument("--force", action="store_true", help="load even if the base fingerprint differs")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--num-beams", type=int, default=1)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--json", action="store_true", help="print [{input, output}] as JSON")
+    s.set_defaults(func=cmd_predict)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RegistryUnavailableError, RegistrationInputError, AdapterLoadError, LookupError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except MlflowException as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""The promotion gate and the retry policy of the MLflow registry (MLflow imported only to classify errors).
+
+The gate is a plain function of numbers so it can be read, tested and argued about on its own:
+
+    from lora_module.registry_gate import decide_promotion
+    d = decide_promotion({"rougeL": 0.31, "data_fingerprint": "abc"}, {"rougeL": 0.22},
+                         {"rougeL": 0.30, "data_fingerprint": "abc", "version": "3"}, "rougeL")
+    d.promote, d.alias, d.reason   # True, "champion", "... >= champion v3 ..."
+
+Rule: a candidate becomes `champion` only if its metric is strictly above the base model's and
+at least the current champion's, both measured on the same test data (same data fingerprint).
+A champion evaluated on other test data (or without the metric) is not comparable: the candidate
+is then promoted on the base comparison alone, and the reason says so. Anything else: `challenger`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+T = TypeVar("T")
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for missing / unparsable / NaN values (tags are strings)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Outcome of the promotion gate, with every number it was based on."""
+
+    promote: bool
+    """True: the new version takes the `champion` alias; False: it gets `challenger`."""
+    alias: str
+    """The alias given to the new version ('champion' or 'challenger')."""
+    reason: str
+    """One sentence with the numbers that decided."""
+    metric: str
+    """The compared metric (a ROUGE type such as 'rougeL')."""
+    candidate: float | None
+    """The new version's metric."""
+    base: float | None
+    """The untouched base model's metric on the same test data."""
+    champion: float | None = None
+    """The current champion's metric (None: no champion, or it has no such metric)."""
+    champion_version: str | None = None
+    """The current champion's version number, if there is one."""
+    champion_comparable: bool | None = None
+    """Whether the champion was evaluated on the same test data (None: no champion)."""
+    data_fingerprint: str | None = None
+    """Fingerprint of the test data the candidate was evaluated on."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def as_tags(self) -> dict[str, str]:
+        """Model-version tags (strings) recording the decision."""
+        def show(v: Any) -> str:
+            return "none" if v is None else (f"{v:.6f}" if isinstance(v, float) else str(v))
+
+        return {
+            "gate.decision": "promoted" if self.promote else "not_promoted",
+            "gate.alias": self.alias,
+            "gate.reason": self.reason,
+            "gate.metric": self.metric,
+            "gate.candidate": show(self.candidate),
+            "gate.base": show(self.base),
+            "gate.champion": show(self.champion),
+            "gate.champion_version": show(self.champion_version),
+            "gate.champion_comparable": show(self.champion_comparable),
+            "gate.json": json.dumps(self.to_dict(), sort_keys=True),
+        }
+
+    def summary(self) -> str:
+        verdict = "PROMOTED to champion" if self.promote else "kept as challenger"
+        return f"promotion gate ({self.metric}): {verdict}: {self.reason}"
+
+
+def decide_promotion(
+    candidate: dict[str, Any],
+    base: dict[str, Any] | None,
+    champion: dict[str, Any] | None,
+    metric: str = "rougeL",
+) -> Decision:
+    """Apply the gate. Each dict maps metric names to values; `candidate` and `champion` also carry
+    `data_fingerprint` (the test data they were scored on) and `champion` its `version`."""
+    cand = _number(candidate.get(metric))
+    base_v = _number((base or {}).get(metric))
+    fp = candidate.get("data_fingerprint")
+    common = {"metric": metric, "candidate": cand, "base": base_v, "data_fingerprint": fp}
+    champ_v = _number(champion.get(metric)) if champion else None
+    champ_ver = str(champion["version"]) if champion and champion.get("version") is not None else None
+    champ_fp = champion.get("data_fingerprint") if champion else None
+    comparable = None if champion is None else (champ_v is not None and fp is not None and champ_fp == fp)
+    common |= {"champion": champ_v, "champion_version": champ_ver, "champion_comparable": comparable}
+
+    def no(reason: str) -> Decision:
+        return Decision(promote=False, alias=CHALLENGER, reason=reason, **common)
+
+    def yes(reason: str) -> Decision:
+        return Decision(promote=True, alias=CHAMPION, reason=reason, **common)
+
+    if cand is None:
+        return no(f"the new version has no {metric} (no evaluation report), so it cannot earn promotion")
+    if base_v is None:
+        return no(f"no base-model {metric} to compare with, so the gate cannot show the adapter helps")
+    if not cand > base_v:
+        return no(f"{metric} {cand:.4f} does not beat the base model's {base_v:.4f}")
+    beats = f"{metric} {cand:.4f} beats the base model's {base_v:.4f}"
+    if champion is None:
+        return yes(f"{beats}; there is no current champion")
+    if not comparable:
+        why = (
+            f"has no {metric}" if champ_v is None
+            else f"was evaluated on other test data (data fingerprint {str(champ_fp)[:12]} vs {str(fp)[:12]})"
+        )
+        return yes(f"{beats}; the current champion v{champ_ver} {why}, so it is not comparable "
+                   "and the base comparison alone decides")
+    if cand >= champ_v:
+        return yes(f"{beats} and is >= the current champion v{champ_ver}'s {champ_v:.4f}")
+    return no(f"{beats} but is below the current champion v{champ_ver}'s {champ_v:.4f}")
+
+
+class RegistryUnavailableError(RuntimeError):
+    """The MLflow tracking server / registry could not be reached after all retries."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: the registry is down, overloaded or its database briefly locked."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, requests.HTTPError):
+        return exc.response is None or exc.response.status_code >= 500 or exc.response.status_code == 429
+    if isinstance(exc, MlflowException):
+        # Transport failures surface as INTERNAL_ERROR ("API request to ... failed with exception").
+        return exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+    return False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How registry calls are retried: exponential backoff between attempts."""
+
+    retries: int = 5
+    """Extra attempts after the first one (0: fail at once)."""
+    backoff: float = 1.0
+    """Seconds before the first retry; doubled for each further retry."""
+    max_backoff: float = 30.0
+    """Cap on one wait, in seconds."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"RetryPolicy.retries must be an integer >= 0, got {self.retries!r}")
+        for name in ("backoff", "max_backoff"):
+            value = getattr(self, name)
+            if _number(value) is None or value < 0:
+                raise ValueError(f"RetryPolicy.{name} must be a number >= 0 seconds, got {value!r}")
+
+    def wait(self, attempt: int) -> float:
+        """Seconds to sleep after failed attempt number `attempt` (0-based), with 10% jitter so
+        concurrent registrations do not retry in lockstep."""
+        base = min(self.max_backoff, self.backoff * (2**attempt))
+        return base * (1.0 + 0.1 * random.random())
+
+    def call(self, fn: Callable[[], T], what: str, uri: str) -> T:
+        """Run `fn`, retrying transient failures; then raise RegistryUnavailableError naming `uri`."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                if attempt == self.retries:
+                    raise RegistryUnavailableError(
+                        f"MLflow registry at {uri} unreachable: {what} failed {attempt + 1} time(s); "
+                        f"last error: {type(e).__name__}: {str(e)[:300]}"
+                    ) from e
+                delay = self.wait(attempt)
+                logger.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__,
+                               str(e)[:120], attempt + 1, self.retries, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # the loop returns or raises

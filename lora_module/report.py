@@ -1,0 +1,341 @@
+"""Combine per-model evaluations (`<name>.eval.json`) into one task report.
+
+`build_report(task, eval_paths, out_dir)` writes, under `out_dir`:
+
+- `report.json`: every number (means, intervals, changes vs the baseline, paired comparisons),
+  the generation config and the data / base / adapter fingerprints;
+- `report.md`: the comparison table (model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum, trainable
+  parameters, adapter size on disk), the change vs the baseline in ROUGE points, paired tests;
+- `rouge.png`: grouped bars with 95% interval whiskers;
+- `predictions.csv`: input, references and each model's output, one row per example.
+
+Evaluations made on different data (fingerprint, split or example set) are refused: their
+numbers are not comparable. Usually called through `lora_module.evaluate` (see its CLI).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lora_module.rouge import DEFAULT_RESAMPLES, DEFAULT_SEED, ROUGE_LABELS, ROUGE_TYPES, paired_bootstrap
+
+REPORT_FILES = ("report.json", "report.md", "rouge.png", "predictions.csv")
+
+
+class ReportInputError(ValueError):
+    """Evaluations that cannot be combined (missing, malformed, or computed on different data)."""
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON via a temporary file + rename, so readers never see half a file."""
+    _write_atomic(path, json.dumps(payload, indent=2, default=str).encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_eval(path: str | os.PathLike) -> dict:
+    """Read one `<name>.eval.json`, checking the fields the report needs."""
+    p = Path(path)
+    if not p.is_file():
+        raise ReportInputError(f"evaluation file {p} does not exist")
+    try:
+        ev = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ReportInputError(f"evaluation file {p} is not valid JSON: {e}") from e
+    required = ("model", "data", "split", "rouge", "examples", "params", "fingerprints")
+    missing = [k for k in required if k not in ev]
+    if missing:
+        raise ReportInputError(f"evaluation file {p} lacks keys {missing}; was it written by evaluate_model?")
+    ev["_path"] = str(p)
+    return ev
+
+
+def _check_comparable(evals: list[dict]) -> None:
+    first = evals[0]
+    for ev in evals[1:]:
+        for what, get in (
+            ("data fingerprint", lambda e: e["data"].get("fingerprint")),
+            ("split", lambda e: e["split"]),
+            ("example set", lambda e: e["examples"]["index"]),
+        ):
+            if get(ev) != get(first):
+                shown_a, shown_b = repr(get(first)), repr(get(ev))
+                if what == "example set":
+                    shown_a, shown_b = f"{len(get(first))} examples", f"{len(get(ev))} examples"
+                raise ReportInputError(
+                    f"cannot combine evaluations computed on different data: {what} of {first['_path']} is "
+                    f"{shown_a} but {ev['_path']} has {shown_b}; evaluate all models on the same "
+                    "prepared folder, split and limit"
+                )
+
+
+def _score_cell(s: dict) -> str:
+    return f"{s['mean']:.4f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+
+
+def _p_text(p: float, n_resamples: int) -> str:
+    # A bootstrap p-value cannot resolve below 2 / n_resamples; print a bound, not a false zero.
+    floor = 2.0 / n_resamples
+    return f"<{floor:.3g}" if p < floor else f"{p:.3f}"
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _params_text(params: dict) -> str:
+    trainable = params.get("trainable")
+    if trainable is None:
+        return "-"
+    if trainable == 0:
+        return "0 (frozen)"
+    pct = params.get("trainable_pct")
+    return f"{trainable:,}" + (f" ({pct:.2f}%)" if pct is not None else "")
+
+
+def _comparisons(evals: dict[str, dict], baseline: str | None, n_resamples: int, seed: int) -> list[dict]:
+    pairs: list[tuple[str, str]] = []
+    loras = [n for n, e in evals.items() if e["model"]["kind"] == "lora"]
+    fulls = [n for n, e in evals.items() if e["model"]["kind"] == "full"]
+    for a in loras:
+        pairs += [(a, b) for b in fulls]
+    if baseline is not None:
+        pairs += [(a, baseline) for a in evals if a != baseline and (a, baseline) not in pairs]
+    out = []
+    for a, b in pairs:
+        metrics = {}
+        for t in ROUGE_TYPES:
+            res = paired_bootstrap(
+                evals[a]["examples"]["scores"][t], evals[b]["examples"]["scores"][t], n_resamples, seed=seed
+            )
+            metrics[t] = res
+        out.append({"a": a, "b": b, "metrics": metrics})
+    return out
+
+
+def build_report(
+    task: str,
+    eval_paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    baseline: str | None = "base",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> Path:
+    """Write report.json, report.md, rouge.png and predictions.csv; returns report.json's path.
+
+    `baseline` names the model that changes are measured against (None or an absent name: no
+    changes). Paired comparisons: every LoRA model vs every full fine-tune, and every model vs
+    the baseline.
+    """
+    if not eval_paths:
+        raise ReportInputError("build_report needs at least one evaluation file")
+    loaded = [load_eval(p) for p in eval_paths]
+    names = [e["model"]["name"] for e in loaded]
+    if len(set(names)) != len(names):
+        raise ReportInputError(f"evaluations have duplicate model names {names}; names must be unique")
+    _check_comparable(loaded)
+    evals = dict(zip(names, loaded, strict=True))
+    if baseline is not None and baseline not in evals:
+        baseline = None
+    out_dir = Path(out_dir)
+    first = loaded[0]
+
+    models = []
+    for name, ev in evals.items():
+        row: dict[str, Any] = {
+            "name": name,
+            "kind": ev["model"]["kind"],
+            "path": ev["model"].get("path"),
+            "rouge": ev["rouge"],
+            "params": ev["params"],
+            "fingerprints": ev["fingerprints"],
+            "generation": ev.get("generation"),
+            "timing": ev.get("timing"),
+            "empty_predictions": ev.get("empty_predictions"),
+            "training_metrics": ev.get("training_metrics"),
+            "eval_file": ev["_path"],
+        }
+        if baseline is not None:
+            base_rouge = evals[baseline]["rouge"]
+            row["change_vs_baseline_points"] = {
+                t: 100.0 * (ev["rouge"][t]["mean"] - base_rouge[t]["mean"]) for t in ROUGE_TYPES
+            }
+        models.append(row)
+
+    notes = []
+    gens = {json.dumps(e.get("generation"), sort_keys=True) for e in loaded if e.get("generation")}
+    if len(gens) > 1:
+        notes.append("models were decoded with different generation settings (see report.json)")
+    if baseline is not None:
+        base_fp = evals[baseline]["fingerprints"].get("base")
+        for name, ev in evals.items():
+            fp = ev["fingerprints"].get("base")
+            if ev["model"]["kind"] == "lora" and base_fp and fp and fp != base_fp:
+                notes.append(
+                    f"adapter {name!r} sits on a base (fingerprint {fp[:12]}) other than the baseline "
+                    f"{baseline!r} ({base_fp[:12]}): its change vs the baseline mixes two bases"
+                )
+
+    report = {
+        "task": task,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": first["data"],
+        "split": first["split"],
+        "n": len(first["examples"]["index"]),
+        "baseline": baseline,
+        "rouge_types": list(ROUGE_TYPES),
+        "bootstrap": {"n_resamples": n_resamples, "confidence": 0.95, "seed": seed},
+        "models": models,
+        "comparisons": _comparisons(evals, baseline, n_resamples, seed),
+        "notes": notes,
+        "files": list(REPORT_FILES),
+    }
+    json_path = out_dir / "report.json"
+    write_json_atomic(json_path, report)
+    _write_atomic(out_dir / "report.md", _markdown(report).encode())
+    _write_chart(report, out_dir / "rouge.png")
+    _write_predictions(evals, out_dir / "predictions.csv")
+    return json_path
+
+
+def _markdown(report: dict) -> str:
+    data = report["data"]
+    fp = (data.get("fingerprint") or "?")[:12]
+    gen = next((m["generation"] for m in report["models"] if m.get("generation")), None)
+    if gen is None:
+        decoding = "outputs given, not generated"
+    else:
+        search = "greedy" if gen["num_beams"] == 1 else f"beam search ({gen['num_beams']} beams)"
+        decoding = f"{search} decoding, up to {gen['max_new_tokens']} new tokens"
+    lines = [
+        f"# ROUGE evaluation: {report['task']}",
+        "",
+        f"Data `{data.get('name')}` (fingerprint `{fp}`), split `{report['split']}`, {report['n']} examples; "
+        f"{decoding}. Scores are ROUGE F-measures (rouge_score, stemming, best of the references); "
+        f"brackets hold 95% bootstrap intervals ({report['bootstrap']['n_resamples']} resamples).",
+        "",
+        "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | trainable parameters | adapter size on disk |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m in report["models"]:
+        cells = [_score_cell(m["rouge"][t]) for t in ROUGE_TYPES]
+        disk = _human_bytes(m["params"].get("disk_bytes"))
+        if m["kind"] == "full" and m["params"].get("disk_bytes") is not None:
+            disk += " (whole model)"
+        lines.append(
+            f"| {m['name']} ({m['kind']}) | "
+            + " | ".join(cells)
+            + f" | {_params_text(m['params'])} | {disk} |"
+        )
+    if report["baseline"] is not None:
+        lines += [
+            "",
+            f"## Change vs {report['baseline']} (ROUGE points)",
+            "",
+            "| model | " + " | ".join(ROUGE_LABELS[t] for t in ROUGE_TYPES) + " |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for m in report["models"]:
+            if m["name"] == report["baseline"]:
+                continue
+            delta = m["change_vs_baseline_points"]
+            lines.append(f"| {m['name']} | " + " | ".join(f"{delta[t]:+.2f}" for t in ROUGE_TYPES) + " |")
+    if report["comparisons"]:
+        lines += [
+            "",
+            "## Paired comparisons (A - B in ROUGE points, 95% bootstrap interval, bootstrap p-value)",
+            "",
+            "| A vs B | " + " | ".join(ROUGE_LABELS[t] for t in ROUGE_TYPES) + " |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for c in report["comparisons"]:
+            cells = []
+            for t in ROUGE_TYPES:
+                r = c["metrics"][t]
+                cells.append(
+                    f"{100 * r['mean_diff']:+.2f} [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}] "
+                    f"p={_p_text(r['p_value'], report['bootstrap']['n_resamples'])}"
+                )
+            lines.append(f"| {c['a']} vs {c['b']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Fingerprints",
+        "",
+        "| model | data | base | model weights | adapter sha256 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for m in report["models"]:
+        f = m["fingerprints"]
+        shown = [f"`{(f.get(k) or '-')[:12]}`" for k in ("data", "base", "model", "adapter_sha256")]
+        lines.append(f"| {m['name']} | " + " | ".join(shown) + " |")
+    for note in report["notes"]:
+        lines += ["", f"Note: {note}"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_chart(report: dict, path: Path) -> None:
+    # Figure without pyplot: no global backend state, safe in worker threads and headless runs.
+    from matplotlib.figure import Figure
+
+    models = report["models"]
+    fig = Figure(figsize=(1.6 + 1.7 * len(ROUGE_TYPES), 4.2), dpi=110)
+    ax = fig.subplots()
+    width = 0.8 / len(models)
+    for j, m in enumerate(models):
+        means = [m["rouge"][t]["mean"] for t in ROUGE_TYPES]
+        low = [m["rouge"][t]["mean"] - m["rouge"][t]["ci_low"] for t in ROUGE_TYPES]
+        high = [m["rouge"][t]["ci_high"] - m["rouge"][t]["mean"] for t in ROUGE_TYPES]
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(ROUGE_TYPES))]
+        ax.bar(xs, means, width, yerr=[low, high], capsize=3, label=f"{m['name']} ({m['kind']})")
+    ax.set_xticks(range(len(ROUGE_TYPES)), [ROUGE_LABELS[t] for t in ROUGE_TYPES])
+    ax.set_ylabel("F-measure (95% bootstrap interval)")
+    top = max(m["rouge"][t]["ci_high"] for t in ROUGE_TYPES for m in models)
+    ax.set_ylim(0, min(1.0, top * 1.25 + 0.02))
+    ax.set_title(f"{report['task']}: ROUGE on {report['split']} (n={report['n']})")
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def _write_predictions(evals: dict[str, dict], path: Path) -> None:
+    first = next(iter(evals.values()))["examples"]
+    n_refs = max((len(r) for r in first["references"]), default=0)
+    header = ["index", "input"] + [f"reference_{k + 1}" for k in range(n_refs)]
+    header += [f"output_{name}" for name in evals]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i, idx in enumerate(first["index"]):
+            refs = list(first["references"][i]) + [""] * (n_refs - len(first["references"][i]))
+            outputs = [ev["examples"]["prediction"][i] for ev in evals.values()]
+            writer.writerow([idx, first["prompt"][i], *refs, *outputs])
+    os.replace(tmp, path)
