@@ -1,25 +1,31 @@
 """LoRA core benchmark: our LoRA train step vs PEFT's, and LoRA vs full fine-tuning, on the CPU.
 
-    .venv/bin/python -m benchmarks.bench_lora_core          # full size (several minutes on 2 cores)
+    .venv/bin/python -m benchmarks.bench_lora_core [--threads 1]   # full size (minutes on 2 cores)
 
 Full size: a T5 of ~35M parameters built from a config (d_model 512, 6+6 layers, 8 heads,
 d_ff 1024, vocab 8000), batch 8 x 256 source -> 64 target tokens, LoRA r=8 on q and v.
 A train step is forward + backward + AdamW step + zero_grad. Step times are medians of
-interleaved runs in one process (common.time_interleaved). Memory is reported two ways:
+interleaved runs in one process (common.time_interleaved); the process CPU time of the same calls
+is reported too, since on a shared machine wall time mostly measures the neighbours (pass
+--threads 1 there: idle OpenMP threads spin and inflate both). Memory is reported two ways:
 - `train_state_bytes`: exact bytes of what training adds to the weights: gradients, AdamW state
   and the activations autograd saves for backward (counted once per storage, parameters excluded);
-- `rss_delta_bytes` (full size only): growth of the peak resident set (ru_maxrss) during three
-  train steps, each contender in a fresh subprocess; includes allocator overhead, so it is noisier.
+- `rss_delta_bytes` (full size only): peak resident set during two train steps minus the resident
+  set just before them (Linux VmHWM, reset through /proc/self/clear_refs), each contender in a
+  fresh subprocess; it includes allocator overhead and the weights' copies, so it is noisier.
 Writes benchmarks/out/bench_lora_core.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import resource
+import re
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,7 +37,7 @@ CONTENDERS = ("ours", "peft", "full")
 SETTINGS = {
     "full": {"model": {"d_model": 512, "d_kv": 64, "num_heads": 8, "d_ff": 1024, "num_layers": 6,
                        "num_decoder_layers": 6, "vocab_size": 8000},
-             "batch": 8, "source_len": 256, "target_len": 64, "repeats": 5, "warmup": 1},
+             "batch": 8, "source_len": 256, "target_len": 64, "repeats": 3, "warmup": 1},
     "quick": {"model": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 2,
                         "num_decoder_layers": 2, "vocab_size": 512},
               "batch": 2, "source_len": 16, "target_len": 8, "repeats": 1, "warmup": 0},
@@ -99,26 +105,39 @@ def train_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             "total": activations + grads + states}
 
 
-def rss_in_subprocess(contender: str) -> dict[str, int]:
-    """Peak-RSS growth over three train steps of one contender, in a fresh interpreter."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_lora_core", "--rss", contender],
-                         check=True, capture_output=True, text=True)
+def rss_in_subprocess(contender: str) -> dict[str, int | None]:
+    """Peak-RSS growth over two train steps of one contender, in a fresh interpreter."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_lora_core", "--rss", contender,
+           "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _proc_status_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
 def _rss_child(contender: str) -> None:
     setting = SETTINGS["full"]
     model, optimizer = build(contender, setting)
     batch = make_batch(setting)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    for _ in range(3):
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    except OSError:
+        print(json.dumps({"rss_before_bytes": None, "rss_peak_bytes": None, "rss_delta_bytes": None}))
+        return
+    before = _proc_status_kib("VmRSS") * 1024
+    for _ in range(2):  # the first step allocates gradients and AdamW state, the second is steady
         train_step(model, optimizer, batch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _proc_status_kib("VmHWM") * 1024
     print(json.dumps({"rss_before_bytes": before, "rss_peak_bytes": peak, "rss_delta_bytes": peak - before}))
 
 
-def run(quick: bool = False, out_dir: Path | None = None) -> Path:
-    """Measure and write JSON + Markdown; returns the JSON path."""
+def run(quick: bool = False, out_dir: Path | None = None, threads: int | None = None) -> Path:
+    """Measure and write JSON + Markdown; returns the JSON path. `threads` fixes torch's thread count."""
+    if threads:
+        torch.set_num_threads(threads)
     setting = SETTINGS["quick" if quick else "full"]
     batch = make_batch(setting)
     built = {c: build(c, setting) for c in CONTENDERS}
@@ -131,12 +150,22 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Path:
     for name, (model, optimizer) in built.items():
         torch.manual_seed(2)  # same dropout masks: ours and PEFT must start from the same loss
         first_loss[name] = train_step(model, optimizer, batch)
-    steps = {name: (lambda m=m, o=o: train_step(m, o, batch)) for name, (m, o) in built.items()}
+    cpu_samples: dict[str, list[float]] = {name: [] for name in built}
+
+    def timed_step(name: str) -> None:
+        model, optimizer = built[name]
+        start = time.process_time()
+        train_step(model, optimizer, batch)
+        cpu_samples[name].append(time.process_time() - start)
+
+    steps = {name: (lambda name=name: timed_step(name)) for name in built}
     seconds = time_interleaved(steps, repeats=setting["repeats"], warmup=setting["warmup"])
-    memory = {}
-    for name in CONTENDERS:
-        memory[name] = train_state_bytes(*build(name, setting), batch)
-        if not quick:
+    cpu_seconds = {name: statistics.median(v[setting["warmup"]:]) for name, v in cpu_samples.items()}
+    memory = {name: train_state_bytes(model, optimizer, batch) for name, (model, optimizer) in built.items()}
+    built.clear()  # free the three models before the memory subprocesses
+    gc.collect()
+    if not quick:
+        for name in CONTENDERS:
             memory[name] |= rss_in_subprocess(name)
 
     figures = [
@@ -144,15 +173,20 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Path:
                detail={"ours_s": seconds["ours"], "peft_s": seconds["peft"]}),
         Figure("LoRA (ours) / full fine-tuning step time", seconds["ours"] / seconds["full"], goal=0.75,
                detail={"ours_s": seconds["ours"], "full_s": seconds["full"]}),
+        Figure("ours / PEFT train step CPU time", cpu_seconds["ours"] / cpu_seconds["peft"], goal=1.00),
+        Figure("LoRA (ours) / full fine-tuning step CPU time", cpu_seconds["ours"] / cpu_seconds["full"],
+               goal=0.75),
         Figure("ours / PEFT training memory (grads + AdamW + saved activations)",
                memory["ours"]["total"] / memory["peft"]["total"]),
         Figure("LoRA (ours) / full fine-tuning training memory",
                memory["ours"]["total"] / memory["full"]["total"]),
     ]
-    if not quick:
-        figures.append(Figure("LoRA (ours) / full fine-tuning peak-RSS growth",
-                              memory["ours"]["rss_delta_bytes"] / memory["full"]["rss_delta_bytes"]))
-    raw = {"setting": setting, "lora": LORA, "quick": quick, "step_seconds": seconds,
+    rss = {name: memory[name].get("rss_delta_bytes") for name in CONTENDERS}
+    if rss["ours"] and rss["peft"] and rss["full"]:
+        figures.append(Figure("ours / PEFT peak-RSS growth", rss["ours"] / rss["peft"]))
+        figures.append(Figure("LoRA (ours) / full fine-tuning peak-RSS growth", rss["ours"] / rss["full"]))
+    raw = {"setting": setting, "lora": LORA, "quick": quick, "torch_threads": torch.get_num_threads(),
+           "step_seconds": seconds, "step_cpu_seconds": cpu_seconds,
            "memory_bytes": memory, "parameters": counts, "first_step_loss": first_loss,
            "memory_note": "total = gradients + AdamW state + activations saved for backward "
                           "(weights excluded); rss_delta = ru_maxrss growth over 3 steps in a new process"}
@@ -162,10 +196,13 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Path:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny setting (seconds)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--rss", choices=CONTENDERS, help=argparse.SUPPRESS)  # internal: one RSS measurement
     args = parser.parse_args()
     if args.rss:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         _rss_child(args.rss)
     else:
-        path = run(quick=args.quick)
+        path = run(quick=args.quick, threads=args.threads)
         print(path.with_suffix(".md").read_text())

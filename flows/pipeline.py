@@ -100,7 +100,7 @@ def _run_dir(home: Path, task_name: str) -> Path:
 
 
 # ---- flows --------------------------------------------------------------------------------------
-@flow(name="lora-task", log_prints=True, retries=0)
+@flow(name="lora-task")
 def task_pipeline(
     task: str = "summary",
     base_model: str | None = None,
@@ -124,6 +124,8 @@ def task_pipeline(
     inner: dict[str, float] = {}
     cached: dict[str, bool] = {}
 
+    if not checked:  # run on its own (not from many_tasks, which did this already)
+        t.init_tracking()
     base, _ = _timed(timings, "base_model", t.build_base, spec.base_model, str(root), demo_base)
     inner["base_model"] = base["seconds"]
     base_path = base["path"]
@@ -217,7 +219,7 @@ def run_task_flow(task_ref: str, params: dict[str, Any]) -> dict[str, Any]:
     return task_pipeline(task=task_ref, **params)
 
 
-@flow(name="lora-tasks", log_prints=True)
+@flow(name="lora-tasks")
 def many_tasks(
     tasks: list[str] | None = None,
     base_model: str | None = None,
@@ -242,10 +244,14 @@ def many_tasks(
     specs = load_specs(tasks, base_model, data_overrides, train_overrides, eval_limit, train_full)
     validate_seconds = time.perf_counter() - t0
 
-    # One build per distinct base, before the tasks start, so concurrent tasks never race to build it.
+    # Shared state is created once, before the tasks start, so concurrent tasks never race for it:
+    # each distinct base model, and the MLflow store with the training experiment.
     t0 = time.perf_counter()
-    bases = {s.base_model: t.build_base(s.base_model, str(root), demo_base)["path"] for s in specs}
+    bases = {}
+    for name in dict.fromkeys(s.base_model for s in specs):
+        bases[name] = t.build_base(name, str(root), demo_base)["path"]
     base_seconds = time.perf_counter() - t0
+    t.init_tracking()
 
     workers = min(max_concurrency, len(specs))
     threads = max(1, (os.cpu_count() or 1) // workers)

@@ -155,6 +155,9 @@ class ConfigOnlyCLI(LoraCLI):
     def instantiate_classes(self) -> None:
         """Nothing is built: the parsed, checked config is in `self.config`."""
 
+    def _set_seed(self) -> None:
+        """Parsing must not seed the caller's RNGs nor set PL_GLOBAL_SEED in its environment."""
+
 
 def parse_config(args: Sequence[str]) -> Namespace:
     """The parsed, checked configuration for CLI `args` without subcommand, e.g. ["--config", "x.yaml"]."""

@@ -214,7 +214,7 @@ class PreparedDataModule(L.LightningDataModule):
 
     @property
     def model_type(self) -> str:
-        """ "seq2seq" or "causal", from the manifest."""
+        """The model type the data was prepared for, from the manifest: "seq2seq" or "causal"."""
         return self.manifest["model_type"]
 
     def setup(self, stage: str | None = None) -> None:

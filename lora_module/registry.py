@@ -304,10 +304,15 @@ class RegisteredAdapter:
     """A registered version downloaded to disk."""
 
     name: str
+    """Registered model name."""
     version: str
+    """Version number (resolved from the alias if one was asked for)."""
     adapter_dir: Path
+    """The downloaded PEFT-format adapter folder."""
     tokenizer_dir: Path | None
+    """The tokenizer shipped with the version, if any."""
     tags: dict[str, str]
+    """The version's tags (lineage, ROUGE figures, gate decision)."""
 
     @property
     def model_uri(self) -> str:
@@ -380,19 +385,21 @@ def load_registered(
     tracking_uri: str | None = None,
     retries: int = 3,
     backoff: float = 1.0,
+    quantize: str | None = None,
 ) -> tuple[Any, Any]:
     """`(LoraModel, tokenizer)` of a registered adapter, ready to generate.
 
     `task_or_uri`: a task (`<task>-lora@champion` by default) or a `models:/` URI; `base`: a
-    folder / Hub id / loaded model to use instead of the adapter's recorded base. A base with a
-    different weights fingerprint raises FingerprintMismatchError unless `force`.
+    folder / Hub id / loaded model to use instead of the adapter's recorded base (`quantize="nf4"`
+    loads it in 4 bit). A base with a different weights fingerprint raises
+    FingerprintMismatchError unless `force`.
     """
     from lora_module.registry_pyfunc import load_adapter_with_base
 
     with tempfile.TemporaryDirectory(prefix="lora-registry-") as tmp:
         reg = download_adapter(task_or_uri, tmp, version, alias, tracking_uri, retries, backoff)
         return load_adapter_with_base(reg.adapter_dir, base=base, force=force,
-                                      tokenizer_dir=reg.tokenizer_dir)
+                                      tokenizer_dir=reg.tokenizer_dir, quantize=quantize)
 
 
 class MultiTaskModel:

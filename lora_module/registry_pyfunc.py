@@ -3,17 +3,18 @@ texts in, generated texts out.
 
     import mlflow
     model = mlflow.pyfunc.load_model("models:/dialogsum-lora@champion")
-    model.predict(["Summarize: ..."])                       # -> ["...", ...]
+    model.predict({"text": ["Summarize: ..."]})             # -> ["...", ...]
     model.predict(pd.DataFrame({"text": [...]}), params={"max_new_tokens": 64})
-    # another base location (same weights) or a forced load onto a different base:
-    mlflow.pyfunc.load_model(uri, model_config={"base": "/models/flan-t5-base", "force": False})
+    # another base location (same weights), a 4-bit base, or a forced load onto another base:
+    mlflow.pyfunc.load_model(uri, model_config={"base": "/models/flan-t5-base", "quantize": "nf4"})
 
 The model's artifacts are the PEFT-format adapter folder (`adapter`) and, when the evaluation
 used one, the prepared data's tokenizer (`tokenizer`). The base model is read from the adapter's
 `base_model_name_or_path` (a Hub id or a folder) unless `model_config["base"]` is given, and its
-weights fingerprint must match the adapter's unless `model_config["force"]` is true. Inputs are the
-model prompts (the prepared data's `prompt` column); decoding is greedy by default, exactly as
-in evaluation (`lora_module.generation.generate`).
+weights fingerprint must match the adapter's unless `model_config["force"]` is true; it is loaded
+unquantized (as in evaluation) unless `model_config["quantize"]` is "nf4". Inputs are the model
+prompts (the prepared data's `prompt` column), a `text` column; MLflow's schema check refuses a
+bare list. Decoding is greedy by default, exactly as in evaluation (`lora_module.generation`).
 """
 
 from __future__ import annotations
@@ -97,12 +98,13 @@ def load_adapter_with_base(
     force: bool = False,
     tokenizer_dir: str | Path | None = None,
     adapter_name: str = "default",
+    quantize: str | None = None,
 ) -> tuple[Any, Any]:
     """`(LoraModel, tokenizer)`: base (`base` path/model, else the adapter's recorded base) + adapter.
 
     A base whose weights fingerprint differs from the adapter's is refused
-    (FingerprintMismatchError) unless `force`. The tokenizer comes from `tokenizer_dir`, else the
-    adapter folder if it holds one, else the base folder / Hub id.
+    (FingerprintMismatchError) unless `force`. `quantize="nf4"` loads a path base in 4 bit. The
+    tokenizer comes from `tokenizer_dir`, else the adapter folder if it holds one, else the base.
     """
     from transformers import AutoTokenizer
 
@@ -113,7 +115,7 @@ def load_adapter_with_base(
     if base is None:
         raise ValueError(
             f"adapter {adapter_dir} records no base_model_name_or_path; pass the base explicitly")
-    base_model = load_base_model(str(base)) if isinstance(base, str | Path) else base
+    base_model = load_base_model(str(base), quantize=quantize) if isinstance(base, str | Path) else base
     try:
         model = LoraModel.from_pretrained(base_model, adapter_dir, adapter_name=adapter_name, force=force)
     except FingerprintMismatchError as e:
@@ -205,7 +207,7 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
         tokenizer_dir = context.artifacts.get("tokenizer")
         self.model, self.tokenizer = load_adapter_with_base(
             context.artifacts["adapter"], base=config.get("base"), force=bool(config.get("force", False)),
-            tokenizer_dir=tokenizer_dir,
+            tokenizer_dir=tokenizer_dir, quantize=config.get("quantize"),
         )
         import torch
 

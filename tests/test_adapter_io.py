@@ -25,6 +25,7 @@ from lora_module import (
     base_fingerprint,
     read_adapter_config,
 )
+from lora_module.adapter_io import compute_fingerprint
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 1]])
 LABELS = torch.tensor([[20, 21, 22, 1]])
@@ -102,7 +103,9 @@ def test_fingerprint_is_stable_across_dtypes_and_wrapping_but_sees_weight_change
     fp = base_fingerprint(make_tiny_t5())
     assert len(fp) == 64 and fp == base_fingerprint(make_tiny_t5())
     assert base_fingerprint(make_tiny_t5().to(torch.bfloat16)) == fp
-    assert base_fingerprint(LoraModel(make_tiny_t5(), LoraConfig(r=2))) == fp
+    wrapped = LoraModel(make_tiny_t5(), LoraConfig(r=2))
+    assert base_fingerprint(wrapped) == fp
+    assert compute_fingerprint(wrapped.model) == fp  # hashed afresh: LoRA tensors and base_layer ignored
     assert base_fingerprint(make_tiny_t5(seed=1)) != fp
     changed = make_tiny_t5()
     with torch.no_grad():

@@ -157,7 +157,7 @@ def test_deployment_runs_on_worker_and_registers(stack):
 
     client = MlflowClient(tracking_uri=stack["mlflow"].uri)
     versions = client.search_model_versions("name='tiny_summary-lora'")
-    assert [v.version for v in versions] == ["1"]
+    assert [str(v.version) for v in versions] == ["1"]
     assert versions[0].tags["task"] == "tiny_summary"
     assert client.get_registered_model("tiny_summary-lora").aliases  # champion or challenger
 

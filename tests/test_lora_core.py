@@ -277,7 +277,17 @@ def test_merge_math_is_fp32_then_cast_back():
     w0 = layer.base_layer.weight.detach().clone()
     layer.merge("a")
     delta = layer.lora_B["a"].weight @ layer.lora_A["a"].weight
-    assert torch.equal(layer.base_layer.weight, (w0.float() + delta).to(torch.bfloat16))
+    merged = (w0.float() + delta).to(torch.bfloat16)
+    assert torch.equal(layer.base_layer.weight, merged)
+    layer.merge("a")  # merging twice changes nothing, also at the layer level
+    assert torch.equal(layer.base_layer.weight, merged)
+    # ... and at the model level, on a bf16 base
+    lm = LoraModel(make_tiny_t5().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8))
+    randomize(lm, "default", 5)
+    lm.merge_adapter()
+    once = _base_weights(lm)
+    lm.merge_adapter()
+    assert all(torch.equal(w, once[k]) for k, w in _base_weights(lm).items())
 
 
 def test_merge_and_unload_returns_plain_model_that_round_trips(tmp_path):

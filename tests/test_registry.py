@@ -304,23 +304,39 @@ def test_bad_inputs_fail_before_touching_the_registry(home, tiny_t5_dir, tmp_pat
     assert adapter.is_dir()
 
 
-def test_register_without_report_is_challenger_and_reads_training_outputs(home, tiny_t5_dir, tmp_path):
+def test_register_without_report_reads_training_outputs(home, tiny_t5_dir, tmp_path, capsys):
+    client = MlflowClient(configure_tracking())
+    # The training CLI logs its loss curves to MLflow and records that run in metrics.json.
+    train_run = client.create_run(client.create_experiment("training-test")).info.run_id
+    for step, loss in enumerate([2.5, 2.0, 1.6]):
+        client.log_metric(train_run, "train/loss", loss, step=step * 10)
     train = tmp_path / "run"
     make_adapter(tiny_t5_dir, train / "adapter", seed=9)
     (train / "config.yaml").write_text(
         "model:\n  finetune: lora\n  lora:\n    r: 4\ndata:\n  batch_size: 2\n")
-    (train / "metrics.json").write_text(json.dumps({"finetune": "lora", "train_loss": 1.5, "steps": 3,
-                                                    "loss_history": [2.0, 1.7, 1.5]}))
+    (train / "metrics.json").write_text(json.dumps({
+        "finetune": "lora", "train_loss": 1.5, "steps": 3, "loss_history": [2.0, 1.7, 1.5],
+        "mlflow_run_id": train_run, "mlflow_tracking_uri": configure_tracking()}))
     before = weights_sha(train / "adapter")
     res = register_adapter("notes", train, train_dir=train, data_fingerprint="fp-x", retries=0)
     assert res.alias == "challenger" and "no evaluation report" in res.decision["reason"]
-    client = MlflowClient(configure_tracking())
     run = client.get_run(res.run_id)
     assert run.data.params["model.lora.r"] == "4" and run.data.params["data.batch_size"] == "2"
+    assert run.data.metrics["training.train_loss"] == 1.5
     curve = client.get_metric_history(res.run_id, "training/loss_history")
     assert [(m.step, m.value) for m in curve] == [(0, 2.0), (1, 1.7), (2, 1.5)]
-    assert client.get_model_version("notes-lora", res.version).tags["data_fingerprint"] == "fp-x"
+    copied = client.get_metric_history(res.run_id, "training/train/loss")
+    assert [(m.step, m.value) for m in copied] == [(0, 2.5), (10, 2.0), (20, 1.6)]
+    tags = client.get_model_version("notes-lora", res.version).tags
+    assert tags["data_fingerprint"] == "fp-x" and tags["training_run_id"] == train_run
+    assert {a.path for a in client.list_artifacts(res.run_id, "training")} == {
+        "training/config.yaml", "training/metrics.json"}
     assert weights_sha(train / "adapter") == before
+    # The same from the command line: a second version.
+    capsys.readouterr()
+    assert cli_main(["register", "notes", str(train / "adapter"), "--train-dir", str(train)]) == 0
+    out = json.loads(capsys.readouterr().out.split("\n", 1)[1])  # after the gate's printed line
+    assert out["model_uri"] == "models:/notes-lora/2" and out["alias"] == "challenger"
     assert os.environ["LORA_PIPELINE_HOME"] == str(home)
 
 

@@ -373,5 +373,5 @@ def test_tokenizer_larger_than_model_vocab_is_refused(prepared, tmp_path):
     small = tmp_path / "small_t5"
     make_tiny_t5(vocab_size=300).save_pretrained(small)
     module = FineTuneModule(str(small), output_dir=str(tmp_path / "out"))
-    with pytest.raises(ValueError, match="tokenizer has 512 tokens but .* has 300 embeddings"):
+    with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but .* has 300 embeddings"):
         make_trainer(2).fit(module, PreparedDataModule(str(prepared["seq2seq"]), batch_size=4))

@@ -1,0 +1,87 @@
+"""Run every benchmark and write benchmarks/RESULTS.md + RESULTS.json.
+
+    .venv/bin/python -m benchmarks                 # full size, CPU here (tens of minutes on 2 cores)
+    .venv/bin/python -m benchmarks --quick         # tiny settings (a smoke run, not figures to quote)
+    .venv/bin/python -m benchmarks --only lora_core inference
+
+Each benchmark measures its contenders side by side in one process and reports ratios with
+their goals. A benchmark that crashes is recorded as failed with its error; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+import traceback
+from pathlib import Path
+
+from benchmarks.common import OUT_DIR, machine_info
+
+BENCHMARKS = ("lora_core", "training", "inference", "data", "eval", "pipeline", "gpu")
+HERE = Path(__file__).resolve().parent
+
+
+def run_all(names: tuple[str, ...] = BENCHMARKS, quick: bool = False, out_dir: Path | None = None,
+            results_dir: Path = HERE) -> Path:
+    """Run the named benchmarks, then write RESULTS.md and RESULTS.json in `results_dir`."""
+    out = Path(out_dir or OUT_DIR)
+    entries = []
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            json_path = importlib.import_module(f"benchmarks.bench_{name}").run(quick=quick, out_dir=out)
+            payload = json.loads(Path(json_path).read_text())
+            entries.append({"name": name, "ok": True, "seconds": time.perf_counter() - t0, "result": payload,
+                            "markdown": Path(json_path).with_suffix(".md").read_text()})
+        except Exception as exc:  # one broken benchmark must not hide the others' figures
+            entries.append({"name": name, "ok": False, "seconds": time.perf_counter() - t0,
+                            "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+    machine = machine_info()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "RESULTS.json").write_text(
+        json.dumps({"machine": machine, "quick": quick, "benchmarks": entries}, indent=2, default=str))
+    (results_dir / "RESULTS.md").write_text(_markdown(machine, quick, entries))
+    return results_dir / "RESULTS.md"
+
+
+def _markdown(machine: dict, quick: bool, entries: list[dict]) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `python -m benchmarks{' --quick' if quick else ''}`. Every figure is a ratio of two "
+        "contenders measured side by side in the same run; absolute timings are in RESULTS.json.",
+        "",
+        f"- CPU: {machine['cpu']} ({machine['cores']} threads used by torch)",
+        f"- GPU: {machine['gpu'] or 'none'}",
+        f"- Python {machine['python']}; {versions}",
+        "",
+        "| benchmark | figure | value | goal | met |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for e in entries:
+        if not e["ok"]:
+            lines.append(f"| {e['name']} | failed: {e['error'][:120]} | - | - | - |")
+            continue
+        figures = e["result"]["figures"]
+        if not figures:
+            reason = e["result"]["raw"].get("reason", "no figures")
+            lines.append(f"| {e['name']} | {reason} | - | - | - |")
+        for f in figures:
+            goal = f"{f['direction']} {f['goal']:g}" if f["goal"] is not None else "-"
+            met = {True: "yes", False: "no", None: "-"}[f["met"]]
+            lines.append(f"| {e['name']} | {f['name']} | {f['value']:.3f} {f['unit']} | {goal} | {met} |")
+    lines += ["", "## Details", ""]
+    for e in entries:
+        lines += [e.get("markdown") or f"## {e['name']}\n\nfailed: {e.get('error')}\n", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these")
+    args = parser.parse_args()
+    print(run_all(tuple(args.only or BENCHMARKS), quick=args.quick).read_text())

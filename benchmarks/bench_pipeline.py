@@ -1,0 +1,219 @@
+"""The demo pipeline's wall time, per stage, and the share taken by Prefect and MLflow themselves.
+
+    .venv/bin/python -m benchmarks.bench_pipeline      # the demo's sizes, both tasks (minutes)
+    from benchmarks.bench_pipeline import run; run(quick=True, out_dir=tmp)   # tiny model, one task
+
+Two contenders do the same work on the same prebuilt base model, each in a fresh process and a
+fresh pipeline home (so nothing is cached), one after the other:
+
+- orchestrated: `flows.pipeline.many_tasks` as the demo runs it: Prefect's temporary server,
+  task runs, artifacts, training logged to MLflow (SQLite) and each adapter registered;
+- plain: the same stage functions called directly (tasks in threads, as many at once), training
+  with `--trainer.logger false`, no registration.
+
+Share of Prefect + MLflow = (orchestrated - plain) / orchestrated wall time, goal <= 10%. The
+orchestrated run's per-stage wall times (flow side) and each task's own time (inside the task)
+are reported too; their difference is Prefect's bookkeeping per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import OUT_DIR, Figure, write_results
+
+NAME = "bench_pipeline"
+ROOT = Path(__file__).resolve().parents[1]
+QUICK_DATA = {"demo_train_size": 40, "demo_validation_size": 8, "demo_test_size": 8, "max_source_length": 128}
+QUICK_TRAIN = ["--trainer.max_steps", "2", "--data.batch_size", "8", "--trainer.enable_progress_bar", "false"]
+
+
+def _settings(quick: bool) -> dict[str, Any]:
+    from flows.demo import DEMO_DATA, DEMO_TRAIN
+
+    if quick:
+        return {"tasks": ["summary"], "data": QUICK_DATA, "train": QUICK_TRAIN, "train_full": False,
+                "eval_limit": 8}
+    return {"tasks": ["summary", "topic"], "data": DEMO_DATA, "train": DEMO_TRAIN, "train_full": True,
+            "eval_limit": None}
+
+
+def _tiny_base(folder: Path) -> Path:
+    """A 2-layer T5 (d_model 32) with a small tokenizer trained on the demo corpus: the quick base."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from data.demo_corpus import generate
+    from data.tokenizer import train_tokenizer
+
+    rows = generate(200, 7)
+    texts = [r[k] for r in rows for k in ("dialogue", "summary", "topic")]
+    tok = AutoTokenizer.from_pretrained(train_tokenizer(texts, folder / "tokenizer", 600, "seq2seq"))
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="relu",
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=False)
+    out = folder / "base"
+    T5ForConditionalGeneration(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# ---- the two contenders (each runs in a child process) -------------------------------------------
+def _orchestrated(home: Path, base: str, quick: bool) -> dict[str, Any]:
+    from flows.pipeline import many_tasks
+
+    s = _settings(quick)
+    summary = many_tasks(tasks=s["tasks"], base_model=base, home=str(home), data_overrides=s["data"],
+                         train_overrides=s["train"], eval_limit=s["eval_limit"], train_full=s["train_full"])
+    return {"seconds_in_flow": summary["seconds"],
+            "tasks": {n: {k: r[k] for k in ("timings", "inner", "rouge", "version")}
+                      for n, r in summary["results"].items()}}
+
+
+def _plain_task(spec: Any, home: Path, threads: int) -> dict[str, float]:
+    from data import DataConfig, prepare
+    from lora_module.evaluate import GenerationConfig, ModelSpec, evaluate_model
+    from lora_module.report import build_report
+    from lora_module.train import run_fit
+
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kw)
+        timings[stage] = time.perf_counter() - t0
+        return out
+
+    overrides = {**spec.data_overrides, "tokenizer": spec.base_model, "output_root": str(home / "data")}
+    data_dir = timed("prepare", prepare, DataConfig.from_yaml(spec.data_config, overrides)).path
+    gen = GenerationConfig.from_dict(spec.generation)
+    run = home / "runs" / spec.name
+    evals = [timed("evaluate_base", evaluate_model, ModelSpec("base", "base", spec.base_model), data_dir,
+                   run / "eval", gen, limit=spec.eval_limit)]
+    env = {"LORA_PIPELINE_HOME": str(home), "OMP_NUM_THREADS": str(threads)}
+    for kind, config in (("full", spec.full_config), ("lora", spec.lora_config)):
+        if not config:
+            continue
+        args = ["--model.model_name_or_path", spec.base_model, "--data.prepared_dir", str(data_dir),
+                *spec.train_overrides, "--model.output_dir", str(run / kind), "--trainer.logger", "false"]
+        timed(f"train_{kind}", run_fit, config, args, env=env)
+        model = ModelSpec(kind, kind, str(run / kind))
+        evals.append(timed(f"evaluate_{kind}", evaluate_model, model, data_dir, run / "eval", gen,
+                           limit=spec.eval_limit))
+    timed("report", build_report, spec.name, evals, run / "report")
+    return timings
+
+
+def _plain(home: Path, base: str, quick: bool) -> dict[str, Any]:
+    import torch
+
+    from flows.pipeline import load_specs
+
+    s = _settings(quick)
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["LORA_PIPELINE_HOME"] = str(home)
+    specs = load_specs(s["tasks"], base, s["data"], s["train"], s["eval_limit"], s["train_full"])
+    workers = min(2, len(specs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    if workers > 1:
+        torch.set_num_threads(threads)
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {spec.name: pool.submit(_plain_task, spec, home, threads) for spec in specs}
+        return {"tasks": {n: {"timings": f.result()} for n, f in futures.items()}}
+
+
+def _child(mode: str, home: Path, base: str, quick: bool, out: Path) -> None:
+    from flows.demo import configure_environment
+
+    configure_environment(home)
+    t0 = time.perf_counter()
+    result = (_orchestrated if mode == "orchestrated" else _plain)(home, base, quick)
+    result["seconds_in_process"] = time.perf_counter() - t0
+    out.write_text(json.dumps(result, default=str))
+
+
+def _run_child(mode: str, scratch: Path, base: str, quick: bool) -> dict[str, Any]:
+    out = scratch / f"{mode}.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench_pipeline", "--child", mode, "--home", str(scratch / mode),
+           "--base", base, "--out", str(out), *(["--quick"] if quick else [])]
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        tail = f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        raise RuntimeError(f"{mode} run failed ({res.returncode}):\n{tail}")
+    return {**json.loads(out.read_text()), "wall": wall}
+
+
+def run(quick: bool = False, out_dir: Path | None = None) -> Path:
+    """Time the pipeline with and without Prefect + MLflow; returns the JSON path."""
+    scratch = Path(tempfile.mkdtemp(prefix="bench_pipeline-"))
+    try:
+        t0 = time.perf_counter()
+        if quick:
+            base = str(_tiny_base(scratch))
+        else:
+            from flows.demo import DEMO_BASE
+            from lora_module.demo_base import build_demo_base
+
+            home = Path(os.environ.get("LORA_PIPELINE_HOME") or ROOT / ".lora_pipeline")
+            base = str(build_demo_base(home / "base", **DEMO_BASE))  # the demo's cached base
+        base_seconds = time.perf_counter() - t0
+        plain = _run_child("plain", scratch, base, quick)
+        orch = _run_child("orchestrated", scratch, base, quick)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    share = (orch["wall"] - plain["wall"]) / orch["wall"]
+    stages: dict[str, dict[str, float]] = {}
+    for name, r in orch["tasks"].items():
+        for stage, sec in r["timings"].items():
+            row = stages.setdefault(f"{name}/{stage}", {})
+            row["orchestrated"] = sec
+            row["task_own"] = r["inner"].get(stage, 0.0)
+            row["plain"] = plain["tasks"].get(name, {}).get("timings", {}).get(stage)
+    prefect_bookkeeping = sum(v["orchestrated"] - v["task_own"] for v in stages.values())
+    registration = sum(v["orchestrated"] for k, v in stages.items() if k.endswith("/register"))
+    startup = orch["wall"] - orch["seconds_in_flow"]
+    figures = [
+        Figure("Prefect + MLflow share of wall time", share, goal=0.10, unit="",
+               detail={"orchestrated_s": orch["wall"], "plain_s": plain["wall"]}),
+        Figure("orchestrated wall", orch["wall"], unit="s"),
+        Figure("plain wall", plain["wall"], unit="s"),
+        Figure("process start + Prefect server start-up/teardown", startup, unit="s"),
+        Figure("Prefect bookkeeping around tasks (sum over stages)", prefect_bookkeeping, unit="s"),
+        Figure("MLflow registration (sum over tasks)", registration, unit="s"),
+    ]
+    raw = {"quick": quick, "base_model_seconds": base_seconds, "stages": stages, "orchestrated": orch,
+           "plain": plain}
+    return write_results(NAME, figures, raw, out_dir or OUT_DIR)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child", choices=("orchestrated", "plain"))
+    parser.add_argument("--home", type=Path)
+    parser.add_argument("--base")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.home, args.base, args.quick, args.out)
+        return
+    path = run(quick=args.quick)
+    print(Path(path).with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
