@@ -39,13 +39,13 @@ QUICK_TRAIN = ["--trainer.max_steps", "2", "--data.batch_size", "8", "--trainer.
 
 
 def _settings(quick: bool) -> dict[str, Any]:
-    from flows.demo import DEMO_DATA, DEMO_TRAIN
+    from flows.demo import DEMO_DATA, DEMO_FULL, DEMO_LORA, DEMO_TRAIN
 
     if quick:
-        return {"tasks": ["summary"], "data": QUICK_DATA, "train": QUICK_TRAIN, "train_full": False,
-                "eval_limit": 8}
-    return {"tasks": ["summary", "topic"], "data": DEMO_DATA, "train": DEMO_TRAIN, "train_full": True,
-            "eval_limit": None}
+        return {"tasks": ["summary"], "data": QUICK_DATA, "train": QUICK_TRAIN, "lora": [], "full": [],
+                "train_full": False, "eval_limit": 8}
+    return {"tasks": ["summary", "topic"], "data": DEMO_DATA, "train": DEMO_TRAIN, "lora": DEMO_LORA,
+            "full": DEMO_FULL, "train_full": True, "eval_limit": None}
 
 
 def _tiny_base(folder: Path) -> Path:
@@ -73,7 +73,8 @@ def _orchestrated(home: Path, base: str, quick: bool) -> dict[str, Any]:
 
     s = _settings(quick)
     summary = many_tasks(tasks=s["tasks"], base_model=base, home=str(home), data_overrides=s["data"],
-                         train_overrides=s["train"], eval_limit=s["eval_limit"], train_full=s["train_full"])
+                         train_overrides=s["train"], lora_overrides=s["lora"], full_overrides=s["full"],
+                         eval_limit=s["eval_limit"], train_full=s["train_full"])
     return {"seconds_in_flow": summary["seconds"],
             "tasks": {n: {k: r[k] for k in ("timings", "inner", "rouge", "version")}
                       for n, r in summary["results"].items()}}
@@ -104,7 +105,8 @@ def _plain_task(spec: Any, home: Path, threads: int) -> dict[str, float]:
         if not config:
             continue
         args = ["--model.model_name_or_path", spec.base_model, "--data.prepared_dir", str(data_dir),
-                *spec.train_overrides, "--model.output_dir", str(run / kind), "--trainer.logger", "false"]
+                *spec.train_overrides, *spec.training_overrides(kind), "--model.output_dir", str(run / kind),
+                "--trainer.logger", "false"]
         timed(f"train_{kind}", run_fit, config, args, env=env)
         model = ModelSpec(kind, kind, str(run / kind))
         evals.append(timed(f"evaluate_{kind}", evaluate_model, model, data_dir, run / "eval", gen,
@@ -121,7 +123,8 @@ def _plain(home: Path, base: str, quick: bool) -> dict[str, Any]:
     s = _settings(quick)
     home.mkdir(parents=True, exist_ok=True)
     os.environ["LORA_PIPELINE_HOME"] = str(home)
-    specs = load_specs(s["tasks"], base, s["data"], s["train"], s["eval_limit"], s["train_full"])
+    specs = load_specs(s["tasks"], base, s["data"], s["train"], s["eval_limit"], s["train_full"],
+                       lora_overrides=s["lora"], full_overrides=s["full"])
     workers = min(2, len(specs))
     threads = max(1, (os.cpu_count() or 1) // workers)
     if workers > 1:

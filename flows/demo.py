@@ -32,6 +32,9 @@ DEMO_DATA = {"demo_train_size": 1200, "demo_validation_size": 48, "demo_test_siz
              "max_source_length": 192}
 DEMO_TRAIN = ["--trainer.max_steps", "150", "--trainer.log_every_n_steps", "25",
               "--trainer.enable_progress_bar", "false", "--data.batch_size", "16"]
+# 150 steps are few: learning rates above the configs' (tuned for longer runs) make the most of them.
+DEMO_FULL = ["--model.learning_rate", "1e-3"]
+DEMO_LORA = ["--model.learning_rate", "3e-3"]
 STAGES = ("base_model", "prepare", "evaluate_base", "train_full", "evaluate_full", "train_lora",
           "evaluate_lora", "report", "register")
 
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     summary = many_tasks(
         tasks=tasks, base_model="demo", home=str(home), data_overrides=DEMO_DATA,
-        train_overrides=DEMO_TRAIN, train_full=False if args.no_full else True,
+        train_overrides=DEMO_TRAIN, lora_overrides=DEMO_LORA, full_overrides=DEMO_FULL,
+        train_full=not args.no_full,
         max_concurrency=args.max_concurrency, allow_partial=True, demo_base=DEMO_BASE,
     )
     flow_wall = time.perf_counter() - t0

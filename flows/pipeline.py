@@ -49,7 +49,8 @@ def use_home(home: str | None) -> Path:
 
 def load_specs(tasks: list[str], base_model: str | None, data_overrides: dict | None,
                train_overrides: list[str] | None, eval_limit: int | None, train_full: bool | None,
-               check: bool = True) -> list[TaskSpec]:
+               check: bool = True, lora_overrides: list[str] | None = None,
+               full_overrides: list[str] | None = None) -> list[TaskSpec]:
     """Read every task spec and apply the flow's overrides; raise one error naming every problem."""
     if not tasks:
         raise TaskSpecError("no tasks given; pass at least one task name or spec file")
@@ -65,6 +66,8 @@ def load_specs(tasks: list[str], base_model: str | None, data_overrides: dict | 
         spec.base_model = base_model or spec.base_model
         spec.data_overrides = {**spec.data_overrides, **(data_overrides or {})}
         spec.train_overrides = [*spec.train_overrides, *(train_overrides or [])]
+        spec.lora_overrides = [*spec.lora_overrides, *(lora_overrides or [])]
+        spec.full_overrides = [*spec.full_overrides, *(full_overrides or [])]
         spec.eval_limit = eval_limit if eval_limit is not None else spec.eval_limit
         if train_full is False:
             spec.full_config = None
@@ -107,6 +110,8 @@ def task_pipeline(
     home: str | None = None,
     data_overrides: dict[str, Any] | None = None,
     train_overrides: list[str] | None = None,
+    lora_overrides: list[str] | None = None,
+    full_overrides: list[str] | None = None,
     eval_limit: int | None = None,
     train_full: bool | None = None,
     threads: int | None = None,
@@ -119,7 +124,7 @@ def task_pipeline(
     t_start = time.perf_counter()
     root = use_home(home)
     spec = load_specs([task], base_model, data_overrides, train_overrides, eval_limit, train_full,
-                      check=not checked)[0]
+                      check=not checked, lora_overrides=lora_overrides, full_overrides=full_overrides)[0]
     timings: dict[str, float] = {}
     inner: dict[str, float] = {}
     cached: dict[str, bool] = {}
@@ -163,7 +168,8 @@ def task_pipeline(
             continue
         out = str(run_dir / kind)
         runs[kind], _ = _timed(timings, f"train_{kind}", t.train, config,
-                               [*common, *spec.train_overrides, "--model.output_dir", out], env)
+                               [*common, *spec.train_overrides, *spec.training_overrides(kind),
+                                "--model.output_dir", out], env)
         inner[f"train_{kind}"] = runs[kind]["seconds"]
         ev, _ = _timed(timings, f"evaluate_{kind}", t.evaluate, kind, kind, out, data_dir,
                        str(run_dir / "eval"), spec.generation, spec.eval_limit)
@@ -226,6 +232,8 @@ def many_tasks(
     home: str | None = None,
     data_overrides: dict[str, Any] | None = None,
     train_overrides: list[str] | None = None,
+    lora_overrides: list[str] | None = None,
+    full_overrides: list[str] | None = None,
     eval_limit: int | None = None,
     train_full: bool | None = None,
     max_concurrency: int = 2,
@@ -241,7 +249,8 @@ def many_tasks(
         raise TaskSpecError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
     root = use_home(home)
     t0 = time.perf_counter()
-    specs = load_specs(tasks, base_model, data_overrides, train_overrides, eval_limit, train_full)
+    specs = load_specs(tasks, base_model, data_overrides, train_overrides, eval_limit, train_full,
+                       lora_overrides=lora_overrides, full_overrides=full_overrides)
     validate_seconds = time.perf_counter() - t0
 
     # Shared state is created once, before the tasks start, so concurrent tasks never race for it:
@@ -265,7 +274,8 @@ def many_tasks(
         for ref, spec in zip(tasks, specs, strict=True):
             params = {
                 "base_model": bases[spec.base_model], "home": str(root), "data_overrides": data_overrides,
-                "train_overrides": train_overrides, "eval_limit": eval_limit, "train_full": train_full,
+                "train_overrides": train_overrides, "lora_overrides": lora_overrides,
+                "full_overrides": full_overrides, "eval_limit": eval_limit, "train_full": train_full,
                 "threads": threads, "registry_retries": registry_retries, "checked": True,
             }
             futures[spec.name] = runner.submit(run_task_flow, {"task_ref": ref, "params": params})

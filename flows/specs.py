@@ -51,6 +51,10 @@ class TaskSpec:
     """DataConfig fields that replace the data YAML's values."""
     train_overrides: list[str] = field(default_factory=list)
     """Extra Lightning CLI arguments for both training runs, e.g. ["--trainer.max_steps", "100"]."""
+    lora_overrides: list[str] = field(default_factory=list)
+    """Extra Lightning CLI arguments for the adapter run only (after train_overrides)."""
+    full_overrides: list[str] = field(default_factory=list)
+    """Extra Lightning CLI arguments for the full fine-tuning run only (after train_overrides)."""
     registry_model: str | None = None
     """Registered model name (default `<name>-lora`)."""
     metric: str = "rougeL"
@@ -75,9 +79,10 @@ class TaskSpec:
             raise bad("generation", "a mapping of GenerationConfig fields")
         if not isinstance(self.data_overrides, dict):
             raise bad("data_overrides", "a mapping of DataConfig fields")
-        args = self.train_overrides
-        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            raise bad("train_overrides", "a list of CLI argument strings")
+        for key in ("train_overrides", "lora_overrides", "full_overrides"):
+            args = getattr(self, key)
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                raise bad(key, "a list of CLI argument strings")
         limit = self.eval_limit
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise bad("eval_limit", "an integer >= 1 or null")
@@ -88,6 +93,10 @@ class TaskSpec:
     def model_name(self) -> str:
         """The registered model this task's adapters become versions of."""
         return self.registry_model or f"{self.name}-lora"
+
+    def training_overrides(self, kind: str) -> list[str]:
+        """The run-specific overrides of `kind` ("lora" or "full")."""
+        return self.lora_overrides if kind == "lora" else self.full_overrides
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,7 +193,7 @@ def check_task_spec(spec: TaskSpec, base_model: str | None = None) -> list[str]:
         path = getattr(spec, key)
         if not path:
             continue
-        overrides = list(spec.train_overrides)
+        overrides = [*spec.train_overrides, *spec.training_overrides(key.removesuffix("_config"))]
         if model != DEMO_BASE:
             overrides += ["--model.model_name_or_path", model]
         try:
