@@ -30,9 +30,9 @@ from typing import Any
 DEMO_BASE = {"corpus_size": 2000, "steps": 300}
 DEMO_DATA = {"demo_train_size": 1200, "demo_validation_size": 48, "demo_test_size": 100,
              "max_source_length": 192}
-DEMO_TRAIN = ["--trainer.max_steps", "150", "--trainer.log_every_n_steps", "25",
+DEMO_TRAIN = ["--trainer.max_steps", "200", "--trainer.log_every_n_steps", "25",
               "--trainer.enable_progress_bar", "false", "--data.batch_size", "16"]
-# 150 steps are few: learning rates above the configs' (tuned for longer runs) make the most of them.
+# 200 steps are few: learning rates above the configs' (set for longer runs) make the most of them.
 DEMO_FULL = ["--model.learning_rate", "1e-3"]
 DEMO_LORA = ["--model.learning_rate", "3e-3"]
 STAGES = ("base_model", "prepare", "evaluate_base", "train_full", "evaluate_full", "train_lora",
