@@ -58,6 +58,7 @@ def configure_environment(home: Path) -> None:
         # The temporary server's database and the persisted task results (the caches) live with the
         # rest of the demo's outputs: deleting the home starts from scratch.
         defaults["PREFECT_HOME"] = str(home / "prefect")
+        (home / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect does not create it for its database
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     os.environ["LORA_PIPELINE_HOME"] = str(home)

@@ -58,13 +58,15 @@ def harness(tmp_path_factory):
 
 
 def read_artifacts(key: str) -> list:
+    """Artifacts with this key, newest first (several runs publish under one key)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     async def go():
         async with get_client() as client:
             keys = ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
-            return await client.read_artifacts(artifact_filter=keys)
+            return await client.read_artifacts(artifact_filter=keys, sort=ArtifactSort.CREATED_DESC)
 
     return asyncio.run(go())
 
