@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks                 # full size, CPU here (tens of minutes on 2 cores)
     .venv/bin/python -m benchmarks --quick         # tiny settings (a smoke run, not figures to quote)
-    .venv/bin/python -m benchmarks --only lora_core inference
+    .venv/bin/python -m benchmarks --only lora_core inference   # re-measure these, keep the others' entries
 
 Each benchmark measures its contenders side by side in one process and reports ratios with
 their goals. A benchmark that crashes is recorded as failed with its error; the others still run.
@@ -39,11 +39,29 @@ def run_all(names: tuple[str, ...] = BENCHMARKS, quick: bool = False, out_dir: P
             entries.append({"name": name, "ok": False, "seconds": time.perf_counter() - t0,
                             "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
     machine = machine_info()
+    for e in entries:
+        e["measured_on"] = machine
+    entries = _keep_earlier(results_dir / "RESULTS.json", entries, quick)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "RESULTS.json").write_text(
         json.dumps({"machine": machine, "quick": quick, "benchmarks": entries}, indent=2, default=str))
     (results_dir / "RESULTS.md").write_text(_markdown(machine, quick, entries))
     return results_dir / "RESULTS.md"
+
+
+def _keep_earlier(path: Path, entries: list[dict], quick: bool) -> list[dict]:
+    """The new entries plus the earlier file's entries for benchmarks not run now (same --quick only).
+
+    So `--only inference` re-measures one benchmark without dropping the others' figures, and a GPU
+    machine can add its section to results measured elsewhere.
+    """
+    if not path.exists():
+        return entries
+    earlier = json.loads(path.read_text())
+    if earlier.get("quick") != quick:
+        return entries
+    by_name = {e["name"]: e for e in earlier.get("benchmarks", [])} | {e["name"]: e for e in entries}
+    return [by_name[n] for n in BENCHMARKS if n in by_name]
 
 
 def _markdown(machine: dict, quick: bool, entries: list[dict]) -> str:
@@ -57,6 +75,14 @@ def _markdown(machine: dict, quick: bool, entries: list[dict]) -> str:
         f"- CPU: {machine['cpu']} ({machine['cores']} threads used by torch)",
         f"- GPU: {machine['gpu'] or 'none'}",
         f"- Python {machine['python']}; {versions}",
+    ]
+    here = (machine["cpu"], machine["gpu"])
+    for e in entries:
+        other = e.get("measured_on") or machine
+        if (other["cpu"], other["gpu"]) != here:
+            lines.append(f"- `{e['name']}` was measured in an earlier run on another machine: "
+                         f"{other['cpu']}, GPU {other['gpu'] or 'none'}")
+    lines += [
         "",
         "| benchmark | figure | value | goal | met |",
         "| --- | --- | --- | --- | --- |",

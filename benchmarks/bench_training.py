@@ -17,6 +17,8 @@ the same adapter over an NF4 base (bitsandbytes' CPU kernels here). The model is
   and the end-of-fit export, via `common.time_interleaved`. Because a 35M step takes seconds and a
   busy machine makes few samples noisy, the absolute per-step overhead is also measured on a tiny
   model over many steps and expressed relative to the 35M bare step (second figure).
+- Bytes: AdamW state after the fit, the Lightning checkpoint (`last.ckpt`: adapter-only for LoRA and
+  QLoRA, with its optimizer state) and the exported weights (`adapter/` vs `model/`).
 - Peak memory: each contender in a fresh subprocess. On the CPU the footprint is the exact bytes of
   the weights (4-bit packed for QLoRA) plus the peak growth of the resident set during a 3-step fit
   (sampled from /proc every 5 ms: gradients, AdamW state, activations, allocator slack); on a GPU,
@@ -211,8 +213,15 @@ def _rss() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def measure_memory(finetune: str, setting: dict) -> dict:
-    """Exact weight bytes + RSS growth during a 3-step fit (meaningful in a fresh process only)."""
+    """Weight, optimizer-state, checkpoint and export bytes, and RSS growth during a 3-step fit.
+
+    The RSS figures are meaningful in a fresh process only.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         base = save_base(setting, Path(tmp) / "base")
         module = build_module(finetune, base, Path(tmp) / "out")
@@ -235,7 +244,13 @@ def measure_memory(finetune: str, setting: dict) -> dict:
         lightning_fit(module, loader, 3)
         done.set()
         sampler.join()
+        optimizer = module.trainer.optimizers[0]
+        out = Path(tmp) / "out"
         result = {
+            "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                                         for t in state.values() if torch.is_tensor(t)),
+            "checkpoint_bytes": (out / "checkpoints" / "last.ckpt").stat().st_size,
+            "export_bytes": _folder_bytes(out / ("model" if finetune == "full" else "adapter")),
             "weight_bytes": weights,
             "rss_fit_start_bytes": start,
             "rss_fit_peak_bytes": peak[0],
@@ -300,11 +315,23 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Path:
             whole["lightning"] / whole["bare"],
             detail=whole,
         ),
-        Figure("LoRA / full step time", seconds["lora"] / seconds["full"], detail=seconds),
+        Figure("LoRA / full step time", seconds["lora"] / seconds["full"], goal=0.75, detail=seconds),
         Figure("QLoRA / full step time", seconds["qlora"] / seconds["full"], detail=seconds),
         Figure(f"LoRA / full peak memory ({mem_key})", memory["lora"][mem_key] / memory["full"][mem_key]),
         Figure(f"QLoRA / full peak memory ({mem_key})", memory["qlora"][mem_key] / memory["full"][mem_key]),
     ]
+    byte_figures = {
+        "optimizer_state_bytes": "AdamW state bytes",
+        "checkpoint_bytes": "checkpoint bytes",
+        "export_bytes": "exported weights bytes (adapter/ vs model/)",
+    }
+    for key, label in byte_figures.items():
+        detail = {c: memory[c][key] for c in CONTENDERS}
+        for f, name in (("lora", "LoRA"), ("qlora", "QLoRA")):
+            figures.append(Figure(f"{name} / full {label}", detail[f] / detail["full"], detail=detail))
+    trainable = {f: c["trainable"] for f, c in counts.items()}
+    ratio = trainable["lora"] / trainable["full"]
+    figures.append(Figure("LoRA / full trainable parameters", ratio, detail=counts))
     raw = {
         "setting": setting,
         "lora": LORA,

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import the project's flows
 
 from prefect import serve  # noqa: E402
+from prefect.schedules import Cron  # noqa: E402
 
 from flows.pipeline import many_tasks, task_pipeline  # noqa: E402
 
@@ -38,10 +39,11 @@ def deployments(names: list[str] | None = None, prefect_yaml: Path = PREFECT_YAM
     for d in spec["deployments"]:
         if names and d["name"] not in names:
             continue
-        crons = [s["cron"] for s in d.get("schedules") or [] if s.get("active", True)]
+        schedules = [Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
+                     for s in d.get("schedules") or []]
         out.append(FLOWS[d["entrypoint"]].to_deployment(
             name=d["name"], description=d.get("description"), tags=d.get("tags"),
-            parameters=d.get("parameters") or {}, cron=crons or None,
+            parameters=d.get("parameters") or {}, schedules=schedules or None,
         ))
     return out
 

@@ -3,8 +3,8 @@
     ./run.sh demo                      # = .venv/bin/python -m flows.demo
     python -m flows.demo --home /tmp/lp --no-full
 
-What it does, with nothing downloaded: builds the demo base model (a small T5 pretrained by span
-corruption on the generated demo corpus; cached), then runs the many-task flow for both tasks
+What it does, with nothing downloaded: builds the demo base model (a small T5 pretrained by
+denoising on the generated demo corpus; cached), then runs the many-task flow for both tasks
 against the embedded Prefect (a temporary local server, its database under the pipeline home) and
 the embedded MLflow (SQLite under the pipeline home): prepare the data, evaluate the base, fully
 fine-tune, train LoRA, evaluate, report, register each adapter through the promotion gate. It then

@@ -16,7 +16,6 @@ and wrong types/literals (e.g. `finetune: wrong`), and `check_config` runs the L
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,24 +28,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lora_module.config import LoraConfig
 from lora_module.datamodule import PreparedDataModule
 from lora_module.errors import LoraConfigError
+from lora_module.home import tracking_uri as default_tracking_uri
 from lora_module.lightning_module import FineTuneModule
 
 DEFAULT_EXPERIMENT = "lora_pipeline"
-
-
-def pipeline_home() -> Path:
-    """`$LORA_PIPELINE_HOME`, else `.lora_pipeline` under the working directory."""
-    return Path(os.environ.get("LORA_PIPELINE_HOME") or ".lora_pipeline").resolve()
-
-
-def default_tracking_uri() -> str:
-    """`$MLFLOW_TRACKING_URI` if set, else an embedded SQLite store under the pipeline home."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    home = pipeline_home()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}"
 
 
 class PipelineMLFlowLogger(MLFlowLogger):

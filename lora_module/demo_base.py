@@ -1,16 +1,21 @@
-"""The demo base model: a small T5 that first learns the demo corpus's language by span corruption.
+"""The demo base model: a small T5 that first learns the demo corpus's language by denoising.
 
     python -m lora_module.demo_base runs/demo_base            # builds (or reuses) and prints the folder
     from lora_module.demo_base import build_demo_base
     base_dir = build_demo_base("runs/demo_base", corpus_size=2000, seed=0, steps=300)
 
-Why pretrain at all: a randomly initialised model has nothing for LoRA to adapt, so "base vs full vs
-LoRA" would only compare noise. A short T5-style span-corruption run (15% of tokens masked in spans
-of mean length 3, each span replaced by a sentinel `<extra_id_N>`) teaches the model the corpus's
-words and phrases without ever showing it a summary, the way FLAN-T5's pretraining precedes fine-tuning.
+Why pretrain: the comparison should follow the real recipe, a base that has learned the language
+and is then adapted (LoRA only adds to frozen weights). The base learns the corpus's words and
+phrases without ever seeing a summary or a topic label. Each step corrupts packed text T5-style
+(15% of tokens masked in spans of mean length 3, each span replaced by a sentinel `<extra_id_N>`);
+every other step the target is the masked spans (T5 span corruption), in between it is the whole
+original sequence (BART-style denoising).
 
-Half of the steps instead reconstruct the whole original sequence from the corrupted one (BART's
-denoising), which teaches the decoder to read the encoder: see `pretrain`.
+What we measured on the demo tasks (topic, ROUGE-L): after span corruption alone (300 steps) the
+decoder ignored its input (same loss with another text's input) and full fine-tuning reached only
+28 after 400 steps, against 92 from random weights; from the mixture, full fine-tuning reached 81
+after 150 steps. At this scale the pretraining does not make LoRA better than LoRA on random
+weights (47 vs 50 after 300 steps): a 1.4M-parameter model pretrained for 90 seconds knows little.
 
 The result is a standard `save_pretrained` folder (model + tokenizer) under
 `<out_dir>/demo-t5-<fingerprint[:12]>/`; the fingerprint covers every build parameter and the corpus
@@ -218,9 +223,9 @@ def pretrain(
     """Denoising pretraining in a plain torch loop; returns the loss of every step.
 
     Why not span corruption alone: in a run this short the decoder settles on predicting likely
-    span tokens without reading the encoder at all (its loss is the same with another text's
-    input), and fine-tuning from such a base learns slower than from random weights. Steps that
-    reconstruct the whole sequence make the decoder copy through cross-attention from the start.
+    span tokens without reading the encoder (its loss was the same with another text's input), and
+    fine-tuning from such a base learned slower than from random weights. Reconstruction steps give
+    the decoder targets that depend on the whole input.
     """
     rows = pack(tokenizer, texts, config.seq_len)  # [n, seq_len]
     sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])

@@ -39,6 +39,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
+from lora_module.home import pipeline_home, tracking_uri
 from lora_module.registry_gate import (
     CHAMPION,
     Decision,
@@ -61,16 +62,6 @@ _DESCRIPTION_LIMIT = 5000  # the registry's description column is String(5000)
 
 
 # ---- tracking -----------------------------------------------------------------------------------
-def pipeline_home() -> Path:
-    """`$LORA_PIPELINE_HOME`, else `.lora_pipeline` under the working directory (as the training CLI)."""
-    return Path(os.environ.get("LORA_PIPELINE_HOME") or ".lora_pipeline").resolve()
-
-
-def tracking_uri() -> str:
-    """`$MLFLOW_TRACKING_URI` if set, else the embedded SQLite store `sqlite:///<home>/mlflow.db`."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{pipeline_home() / 'mlflow.db'}"
-
-
 def configure_tracking(uri: str | None = None) -> str:
     """Point MLflow's tracking and registry at `uri` (default: `tracking_uri()`); returns it."""
     uri = uri or tracking_uri()

@@ -17,6 +17,7 @@ def test_run_all_writes_results(tmp_path):
     inference = payload["benchmarks"][0]["result"]
     names = {f["name"] for f in inference["figures"]}
     assert "merged adapter / bare base per-token latency" in names
+    assert set(inference["raw"]["per_token_seconds"]) == {"base", "merged_unloaded", "merged", "unmerged"}
     assert all(f["value"] > 0 for f in inference["figures"])
     assert inference["raw"]["bytes"]["adapter"] < inference["raw"]["bytes"]["full_model"]
     text = md.read_text()
@@ -36,3 +37,28 @@ def test_a_crashing_benchmark_is_recorded_not_raised(tmp_path, monkeypatch):
     entry = json.loads((tmp_path / "RESULTS.json").read_text())["benchmarks"][0]
     assert entry["ok"] is False and "planted failure" in entry["error"]
     assert "failed: RuntimeError: planted failure" in (tmp_path / "RESULTS.md").read_text()
+
+
+def _failing(message: str):
+    def run(quick, out_dir):
+        raise RuntimeError(message)
+
+    return run
+
+
+def test_only_keeps_the_other_benchmarks_entries(tmp_path, monkeypatch):
+    """`--only X` re-measures X and keeps the earlier entries of the others, marked with their machine."""
+    import benchmarks.bench_gpu as gpu
+
+    run_all(("inference", "gpu"), quick=True, out_dir=tmp_path / "out", results_dir=tmp_path)
+    before = json.loads((tmp_path / "RESULTS.json").read_text())["benchmarks"]
+    monkeypatch.setattr(gpu, "run", _failing("second run"))
+    run_all(("gpu",), quick=True, out_dir=tmp_path / "out", results_dir=tmp_path)
+    after = json.loads((tmp_path / "RESULTS.json").read_text())["benchmarks"]
+    assert [e["name"] for e in after] == ["inference", "gpu"]
+    assert after[0] == before[0]
+    assert after[1]["ok"] is False and "second run" in after[1]["error"]
+    # A full-size run does not mix with quick results.
+    monkeypatch.setattr(gpu, "run", _failing("full"))
+    run_all(("gpu",), quick=False, out_dir=tmp_path / "out", results_dir=tmp_path)
+    assert [e["name"] for e in json.loads((tmp_path / "RESULTS.json").read_text())["benchmarks"]] == ["gpu"]

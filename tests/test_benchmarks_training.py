@@ -24,5 +24,18 @@ def test_bench_training_quick_writes_json_and_markdown(tmp_path):
     assert raw["parameters"]["lora"]["trainable"] < raw["parameters"]["lora"]["total"]
     # The NF4 base stores 4-bit weights: fewer bytes than the fp32 LoRA base.
     assert raw["memory_bytes"]["qlora"]["weight_bytes"] < raw["memory_bytes"]["lora"]["weight_bytes"]
+    # AdamW keeps two fp32 moments per trainable parameter, plus a step counter per tensor.
+    mem, params = raw["memory_bytes"], raw["parameters"]
+    for f in ("full", "lora", "qlora"):
+        moments = 8 * params[f]["trainable"]
+        assert moments <= mem[f]["optimizer_state_bytes"] < moments + 4096, f
+    # Adapter-only checkpoints and exports: smaller than the full model's by about the parameter ratio.
+    for key in ("checkpoint_bytes", "export_bytes"):
+        assert mem["lora"][key] < mem["full"][key] / 3, key
+    assert mem["lora"]["export_bytes"] >= 4 * params["lora"]["trainable"]
+    figures = {f["name"]: f for f in data["figures"]}
+    assert figures["LoRA / full step time"]["goal"] == 0.75
+    assert figures["LoRA / full trainable parameters"]["value"] == (
+        params["lora"]["trainable"] / params["full"]["trainable"])
     assert len(raw["lightning_vs_bare_step_seconds"]) == 2
     assert "| Lightning / bare loop step time (LoRA) |" in path.with_suffix(".md").read_text()

@@ -45,8 +45,8 @@ def test_serve_builds_the_same_deployments():
     assert set(built) == {d["name"] for d in config["deployments"]}
     for d in config["deployments"]:
         assert built[d["name"]].parameters == d["parameters"]
-        crons = [s.schedule.cron for s in built[d["name"]].schedules or []]
-        assert crons == [s["cron"] for s in d.get("schedules") or []]
+        got = [(s.schedule.cron, s.schedule.timezone, s.active) for s in built[d["name"]].schedules or []]
+        assert got == [(s["cron"], s["timezone"], s["active"]) for s in d.get("schedules") or []]
     assert [d.name for d in serve.deployments(["lora-topic"])] == ["lora-topic"]
     with pytest.raises(SystemExit, match="unknown deployments"):
         serve.deployments(["nope"])
