@@ -7,7 +7,8 @@ a fixed batch with a fixed number of new tokens (no early stop, so every contend
 number of tokens). Contenders measured side by side in one process:
 - per-token latency of the bare base, of the adapter merged and unloaded (`merge_and_unload`: what
   evaluation and serving run), merged in place (`merge_adapter`: our LoRA layers stay, skipping
-  their adapter branch), and unmerged;
+  their adapter branch), and unmerged; plus the bare base timed twice per round, an A/A control
+  whose distance from 1 is the noise floor of these ratios on the machine;
 - switching between two adapters on one base (`set_adapter`) vs loading a second base from disk;
 - adapter load time and bytes on disk vs a full `save_pretrained` of the model.
 Writes benchmarks/out/bench_inference.{json,md}.
@@ -28,7 +29,7 @@ from lora_module import LoraConfig, LoraModel
 SETTINGS = {
     "full": {"model": {"d_model": 512, "d_kv": 64, "num_heads": 8, "d_ff": 1024, "num_layers": 6,
                        "num_decoder_layers": 6, "vocab_size": 8000},
-             "batch": 4, "source_len": 128, "new_tokens": 32, "repeats": 5},
+             "batch": 4, "source_len": 128, "new_tokens": 32, "repeats": 7},
     "quick": {"model": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 2,
                         "num_decoder_layers": 2, "vocab_size": 512},
               "batch": 2, "source_len": 16, "new_tokens": 4, "repeats": 1},
@@ -82,7 +83,8 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Path:
             model.generate(input_ids=inputs, **gen_kwargs)
 
     seconds = time_interleaved(
-        {"base": lambda: generate(bare), "merged_unloaded": lambda: generate(unloaded),
+        {"base": lambda: generate(bare), "base_again": lambda: generate(bare),
+         "merged_unloaded": lambda: generate(unloaded),
          "merged": lambda: generate(merged), "unmerged": lambda: generate(lora)},
         repeats=setting["repeats"],
     )
@@ -120,6 +122,8 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Path:
                per_token["merged_unloaded"] / per_token["base"], goal=1.02),
         Figure("merged in place (LoRA layers kept) / bare base per-token latency",
                per_token["merged"] / per_token["base"]),
+        Figure("bare base / bare base, A/A control: the noise floor of these latency ratios",
+               per_token["base_again"] / per_token["base"]),
         Figure("unmerged adapter / bare base per-token latency", per_token["unmerged"] / per_token["base"]),
         Figure("switch adapter on one base / load a second base", switch_s / load_s["base_load"]),
         Figure("adapter load / full model load time", load_s["adapter_load"] / load_s["base_load"]),

@@ -7,7 +7,9 @@ d_ff 1024, vocab 8000), batch 8 x 256 source -> 64 target tokens, LoRA r=8 on q 
 A train step is forward + backward + AdamW step + zero_grad. Step times are medians of
 interleaved runs in one process (common.time_interleaved); the process CPU time of the same calls
 is reported too, since on a shared machine wall time mostly measures the neighbours (pass
---threads 1 there: idle OpenMP threads spin and inflate both). Memory is reported two ways:
+--threads 1 there: idle OpenMP threads spin and inflate both). PEFT's step is timed twice per
+round, an A/A control: its distance from 1 says how far apart two identical contenders land.
+Memory is reported two ways:
 - `train_state_bytes`: exact bytes of what training adds to the weights: gradients, AdamW state
   and the activations autograd saves for backward (counted once per storage, parameters excluded);
 - `rss_delta_bytes` (full size only): peak resident set during two train steps minus the resident
@@ -37,7 +39,7 @@ CONTENDERS = ("ours", "peft", "full")
 SETTINGS = {
     "full": {"model": {"d_model": 512, "d_kv": 64, "num_heads": 8, "d_ff": 1024, "num_layers": 6,
                        "num_decoder_layers": 6, "vocab_size": 8000},
-             "batch": 8, "source_len": 256, "target_len": 64, "repeats": 3, "warmup": 1},
+             "batch": 8, "source_len": 256, "target_len": 64, "repeats": 7, "warmup": 1},
     "quick": {"model": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 2,
                         "num_decoder_layers": 2, "vocab_size": 512},
               "batch": 2, "source_len": 16, "target_len": 8, "repeats": 1, "warmup": 0},
@@ -150,15 +152,17 @@ def run(quick: bool = False, out_dir: Path | None = None, threads: int | None = 
     for name, (model, optimizer) in built.items():
         torch.manual_seed(2)  # same dropout masks: ours and PEFT must start from the same loss
         first_loss[name] = train_step(model, optimizer, batch)
-    cpu_samples: dict[str, list[float]] = {name: [] for name in built}
+    # PEFT is timed twice per round: an A/A control whose distance from 1 is the noise floor.
+    timed = {**{name: name for name in built}, "peft_again": "peft"}
+    cpu_samples: dict[str, list[float]] = {key: [] for key in timed}
 
-    def timed_step(name: str) -> None:
-        model, optimizer = built[name]
+    def timed_step(key: str) -> None:
+        model, optimizer = built[timed[key]]
         start = time.process_time()
         train_step(model, optimizer, batch)
-        cpu_samples[name].append(time.process_time() - start)
+        cpu_samples[key].append(time.process_time() - start)
 
-    steps = {name: (lambda name=name: timed_step(name)) for name in built}
+    steps = {key: (lambda key=key: timed_step(key)) for key in timed}
     seconds = time_interleaved(steps, repeats=setting["repeats"], warmup=setting["warmup"])
     cpu_seconds = {name: statistics.median(v[setting["warmup"]:]) for name, v in cpu_samples.items()}
     memory = {name: train_state_bytes(model, optimizer, batch) for name, (model, optimizer) in built.items()}
@@ -171,6 +175,8 @@ def run(quick: bool = False, out_dir: Path | None = None, threads: int | None = 
     figures = [
         Figure("ours / PEFT train step time", seconds["ours"] / seconds["peft"], goal=1.00,
                detail={"ours_s": seconds["ours"], "peft_s": seconds["peft"]}),
+        Figure("PEFT / PEFT train step time, A/A control: the noise floor of these step ratios",
+               seconds["peft_again"] / seconds["peft"]),
         Figure("LoRA (ours) / full fine-tuning step time", seconds["ours"] / seconds["full"], goal=0.75,
                detail={"ours_s": seconds["ours"], "full_s": seconds["full"]}),
         Figure("ours / PEFT train step CPU time", cpu_seconds["ours"] / cpu_seconds["peft"], goal=1.00),

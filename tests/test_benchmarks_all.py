@@ -17,7 +17,8 @@ def test_run_all_writes_results(tmp_path):
     inference = payload["benchmarks"][0]["result"]
     names = {f["name"] for f in inference["figures"]}
     assert "merged adapter / bare base per-token latency" in names
-    assert set(inference["raw"]["per_token_seconds"]) == {"base", "merged_unloaded", "merged", "unmerged"}
+    assert set(inference["raw"]["per_token_seconds"]) == {"base", "base_again", "merged_unloaded", "merged",
+                                                             "unmerged"}
     assert all(f["value"] > 0 for f in inference["figures"])
     assert inference["raw"]["bytes"]["adapter"] < inference["raw"]["bytes"]["full_model"]
     text = md.read_text()
