@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,9 +83,6 @@ def _orchestrated(home: Path, base: str, quick: bool) -> dict[str, Any]:
                       for n, r in summary["results"].items()}}
 
 
-_EVAL_LOCK = threading.Lock()  # as in flows.tasks: transformers cannot load models in two threads at once
-
-
 def _plain_task(spec: Any, home: Path, threads: int) -> dict[str, float]:
     from data import DataConfig, prepare
     from lora_module.evaluate import GenerationConfig, ModelSpec, evaluate_model
@@ -101,16 +97,12 @@ def _plain_task(spec: Any, home: Path, threads: int) -> dict[str, float]:
         timings[stage] = time.perf_counter() - t0
         return out
 
-    def evaluate(stage: str, *args: Any, **kw: Any) -> Any:
-        with _EVAL_LOCK:
-            return timed(stage, evaluate_model, *args, **kw)
-
     overrides = {**spec.data_overrides, "tokenizer": spec.base_model, "output_root": str(home / "data")}
     data_dir = timed("prepare", prepare, DataConfig.from_yaml(spec.data_config, overrides)).path
     gen = GenerationConfig.from_dict(spec.generation)
     run = home / "runs" / spec.name
     base = ModelSpec("base", "base", spec.base_model)
-    evals = [evaluate("evaluate_base", base, data_dir, run / "eval", gen, limit=spec.eval_limit)]
+    evals = [timed("evaluate_base", evaluate_model, base, data_dir, run / "eval", gen, limit=spec.eval_limit)]
     env = {"LORA_PIPELINE_HOME": str(home), "OMP_NUM_THREADS": str(threads)}
     for kind, config in (("full", spec.full_config), ("lora", spec.lora_config)):
         if not config:
@@ -120,7 +112,8 @@ def _plain_task(spec: Any, home: Path, threads: int) -> dict[str, float]:
                 "--trainer.logger", "false"]
         timed(f"train_{kind}", run_fit, config, args, env=env)
         model = ModelSpec(kind, kind, str(run / kind))
-        evals.append(evaluate(f"evaluate_{kind}", model, data_dir, run / "eval", gen, limit=spec.eval_limit))
+        evals.append(timed(f"evaluate_{kind}", evaluate_model, model, data_dir, run / "eval", gen,
+                           limit=spec.eval_limit))
     timed("report", build_report, spec.name, evals, run / "report")
     return timings
 

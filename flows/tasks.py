@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -94,21 +93,14 @@ def prepare_data(data_config: str, overrides: dict[str, Any], fingerprint: str) 
     }
 
 
-# One evaluation at a time per process: loading models with transformers in two threads at once
-# fails ("Cannot copy out of meta tensor": its meta-device initialisation is process-wide state),
-# and evaluations are short next to training, which runs in subprocesses and stays concurrent.
-_EVAL_LOCK = threading.Lock()
-
-
 def _evaluate(name: str, kind: str, path: str, prepared_dir: str, out_dir: str, generation: dict,
               limit: int | None) -> dict[str, Any]:
     from lora_module.evaluate import GenerationConfig, ModelSpec, evaluate_model
 
-    with _EVAL_LOCK:
-        t0 = time.perf_counter()
-        gen = GenerationConfig.from_dict(generation)
-        out = evaluate_model(ModelSpec(name, kind, path), prepared_dir, out_dir, gen, limit=limit)
-        return {"path": str(out), "seconds": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    gen = GenerationConfig.from_dict(generation)
+    out = evaluate_model(ModelSpec(name, kind, path), prepared_dir, out_dir, gen, limit=limit)
+    return {"path": str(out), "seconds": time.perf_counter() - t0}
 
 
 @task(name="evaluate-base", cache_policy=CACHED, persist_result=True)

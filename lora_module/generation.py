@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -189,14 +190,27 @@ def _load_tokenizer(candidates: Sequence[Path | str | None], name: str) -> PreTr
     raise ModelLoadError(f"model {name!r}: no tokenizer could be loaded; tried {errors}")
 
 
+# Loading is serialised within a process: transformers builds models under a process-wide
+# meta-device patch, so modules another thread creates meanwhile (a LoRA layer, a second model)
+# come out empty ("Cannot copy out of meta tensor"). Generation itself runs concurrently.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_model_with_info(
     spec: ModelSpec, gen: GenerationConfig | None = None, tokenizer_path: Path | str | None = None
 ) -> LoadedModel:
     """Load `spec` for generation; `info` holds fingerprints, parameter counts and sources.
 
     The tokenizer comes from `tokenizer_path` if given (the prepared data's tokenizer), else
-    from the model (for lora: the adapter folder, then the base).
+    from the model (for lora: the adapter folder, then the base). Safe to call from several threads.
     """
+    with _LOAD_LOCK:
+        return _load_model_with_info(spec, gen, tokenizer_path)
+
+
+def _load_model_with_info(
+    spec: ModelSpec, gen: GenerationConfig | None, tokenizer_path: Path | str | None
+) -> LoadedModel:
     from lora_module import (
         AdapterLoadError,
         FingerprintMismatchError,

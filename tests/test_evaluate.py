@@ -312,3 +312,22 @@ def test_cli_and_config_errors(setup, tmp_path, capsys):
     with pytest.raises(ValueError, match="dtype"):
         GenerationConfig(dtype="fp8")
     assert GenerationConfig.from_dict({"num_beams": 4}).num_beams == 4
+
+
+def test_models_load_concurrently_from_threads(setup):
+    """Two tasks evaluate in one process at once (the many-task flow): loads from threads are correct."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    specs = [ModelSpec("lora", "lora", str(setup["lora"])), ModelSpec("base", "base", str(setup["base"]))] * 3
+    x = torch.tensor([[5, 6, 7, 8, 1]])
+
+    def logits(spec: ModelSpec) -> torch.Tensor:
+        model, _ = load_model_for_spec(spec, GEN)
+        with torch.no_grad():
+            return model(input_ids=x, decoder_input_ids=torch.zeros_like(x[:, :1])).logits
+
+    alone = [logits(s) for s in specs[:2]]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(logits, specs))
+    for i, out in enumerate(together):
+        assert torch.equal(out, alone[i % 2]), specs[i].name
