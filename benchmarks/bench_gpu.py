@@ -12,13 +12,12 @@ Writes benchmarks/out/bench_gpu.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from benchmarks.common import Figure, time_interleaved, write_results
+from benchmarks.common import Figure, main, time_interleaved, write_results
 
 FLAN_T5_BASE = {"d_model": 768, "d_kv": 64, "num_heads": 12, "d_ff": 2048, "num_layers": 12,
                 "num_decoder_layers": 12, "vocab_size": 32128, "feed_forward_proj": "gated-gelu",
@@ -84,7 +83,4 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small batch (seconds)")
-    path = run(quick=parser.parse_args().quick)
-    print(path.with_suffix(".md").read_text())
+    main(run, __doc__, "small batch (seconds)")

@@ -16,14 +16,13 @@ Writes benchmarks/out/bench_inference.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from benchmarks.common import Figure, time_interleaved, write_results
+from benchmarks.common import Figure, main, time_interleaved, write_results
 from lora_module import LoraConfig, LoraModel
 
 SETTINGS = {
@@ -133,7 +132,4 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny setting (seconds)")
-    path = run(quick=parser.parse_args().quick)
-    print(path.with_suffix(".md").read_text())
+    main(run, __doc__, "tiny setting (seconds)")

@@ -6,6 +6,7 @@ absolute timings on shared machines are noisy, ratios are what we compare.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -103,3 +104,11 @@ def write_results(name: str, figures: list[Figure], raw: dict, out_dir: Path | N
         lines.append(f"| {f.name} | {f.value:.3f} {f.unit} | {goal} | {met} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     return json_path
+
+
+def main(run: Callable[..., Path], doc: str, quick_help: str) -> None:
+    """`python -m benchmarks.bench_X [--quick]`: run the benchmark, then print its Markdown."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    path = run(quick=parser.parse_args().quick)
+    print(path.with_suffix(".md").read_text())

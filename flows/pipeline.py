@@ -130,7 +130,9 @@ def task_pipeline(
     cached: dict[str, bool] = {}
 
     if not checked:  # run on its own (not from many_tasks, which did this already)
-        t.init_tracking()
+        from lora_module.cli import create_training_experiment
+
+        create_training_experiment()
     base, _ = _timed(timings, "base_model", t.build_base, spec.base_model, str(root), demo_base)
     inner["base_model"] = base["seconds"]
     base_path = base["path"]
@@ -260,7 +262,9 @@ def many_tasks(
     for name in dict.fromkeys(s.base_model for s in specs):
         bases[name] = t.build_base(name, str(root), demo_base)["path"]
     base_seconds = time.perf_counter() - t0
-    t.init_tracking()
+    from lora_module.cli import create_training_experiment  # Lightning: imported only when a flow runs
+
+    create_training_experiment()
 
     workers = min(max_concurrency, len(specs))
     threads = max(1, (os.cpu_count() or 1) // workers)

@@ -162,34 +162,6 @@ def register(task_name: str, adapter_dir: str, report_path: str, train_dir: str,
     }
 
 
-def init_tracking() -> str:
-    """Create the MLflow store and the training experiment once, before tasks run concurrently.
-
-    Two processes opening a fresh SQLite store at once both run its schema migrations (one fails),
-    and two training runs creating the same experiment at once collide too; doing both up front in
-    one place avoids the race. Returns the tracking URI.
-    """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from lora_module.cli import DEFAULT_EXPERIMENT
-    from lora_module.registry import configure_tracking
-
-    uri = configure_tracking()
-    client = MlflowClient(tracking_uri=uri)
-    if client.get_experiment_by_name(DEFAULT_EXPERIMENT) is None:
-        # The artifact root the training CLI's logger would choose: mlartifacts/ beside the SQLite file.
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
-        try:
-            client.create_experiment(DEFAULT_EXPERIMENT, artifact_location=location)
-        except MlflowException:
-            if client.get_experiment_by_name(DEFAULT_EXPERIMENT) is None:
-                raise
-    return uri
-
-
 def training_env(home: str, threads: int) -> dict[str, str]:
     """Environment of a training subprocess: the pipeline home and its share of the CPU threads."""
     env = {"LORA_PIPELINE_HOME": home, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}

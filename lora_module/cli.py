@@ -34,6 +34,30 @@ from lora_module.lightning_module import FineTuneModule
 DEFAULT_EXPERIMENT = "lora_pipeline"
 
 
+def training_artifact_location(uri: str) -> str | None:
+    """Artifact root of the training experiment: `mlartifacts/` beside a SQLite store; None (the
+    server's own default) for a tracking server."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+    return None
+
+
+def create_training_experiment(experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """Create the MLflow store and the training experiment up front; returns the tracking URI.
+
+    For callers that then start training runs concurrently: two processes opening a fresh SQLite
+    store at once both run its schema migrations (one fails), and two runs creating the same
+    experiment at once collide too.
+    """
+    from mlflow import MlflowClient
+
+    from lora_module.registry import configure_tracking, ensure_experiment
+
+    uri = configure_tracking()
+    ensure_experiment(MlflowClient(tracking_uri=uri), uri, experiment, training_artifact_location(uri))
+    return uri
+
+
 class PipelineMLFlowLogger(MLFlowLogger):
     """MLFlowLogger with the pipeline's tracking URI default (never the refused `./mlruns` file store)."""
 
@@ -55,8 +79,8 @@ class PipelineMLFlowLogger(MLFlowLogger):
                 SQLite file when the store is that file, else the server's default.
         """
         uri = tracking_uri or default_tracking_uri()
-        if artifact_location is None and uri.startswith("sqlite:///"):
-            artifact_location = str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+        if artifact_location is None:
+            artifact_location = training_artifact_location(uri)
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,

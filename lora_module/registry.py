@@ -53,7 +53,8 @@ from lora_module.registry_pyfunc import log_adapter_model
 __all__ = [
     "CHAMPION", "Decision", "MultiTaskModel", "RegisteredAdapter", "RegistrationResult",
     "RegistryUnavailableError", "RetryPolicy", "champion_info", "configure_tracking", "decide_promotion",
-    "download_adapter", "experiment_name_for", "load_registered", "model_name_for", "parse_model_ref",
+    "download_adapter", "ensure_experiment", "experiment_name_for", "load_registered", "model_name_for",
+    "parse_model_ref",
     "pipeline_home", "register_adapter", "tracking_uri",
 ]
 
@@ -94,12 +95,16 @@ def experiment_name_for(task: str) -> str:
     return f"lora-{task}"
 
 
-def _ensure_experiment(client: MlflowClient, uri: str, name: str) -> str:
+def ensure_experiment(
+    client: MlflowClient, uri: str, name: str, artifact_location: str | None = None
+) -> str:
+    """The id of experiment `name`, created if missing; artifact root `artifact_location_for` unless given."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location_for(uri, name))
+        location = artifact_location or artifact_location_for(uri, name)
+        return client.create_experiment(name, artifact_location=location)
     except MlflowException as e:
         if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
@@ -258,7 +263,7 @@ def _register(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs
               call: Callable[..., Any]) -> RegistrationResult:
     task = inp.task
     experiment = experiment_name_for(task)
-    experiment_id = call(lambda: _ensure_experiment(client, uri, experiment),
+    experiment_id = call(lambda: ensure_experiment(client, uri, experiment),
                          f"create experiment {experiment}")
     inp.copy_training_curves(client, uri, call)
     run = call(lambda: client.create_run(experiment_id, run_name=f"register-{task}", tags=inp.run_tags),
