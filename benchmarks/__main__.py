@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks.common import OUT_DIR, machine_info
+from lora_pipeline.benchmarks.common import OUT_DIR, machine_info
 
 BENCHMARKS = ("lora_core", "training", "inference", "data", "eval", "pipeline", "gpu")
 HERE = Path(__file__).resolve().parent
@@ -31,7 +31,7 @@ def run_all(names: tuple[str, ...] = BENCHMARKS, quick: bool = False, out_dir: P
     for name in names:
         t0 = time.perf_counter()
         try:
-            json_path = importlib.import_module(f"benchmarks.bench_{name}").run(quick=quick, out_dir=out)
+            json_path = importlib.import_module(f"lora_pipeline.benchmarks.bench_{name}").run(quick=quick, out_dir=out)
             payload = json.loads(Path(json_path).read_text())
             entries.append({"name": name, "ok": True, "seconds": time.perf_counter() - t0, "result": payload,
                             "markdown": Path(json_path).with_suffix(".md").read_text()})

@@ -1,7 +1,7 @@
 """Data preparation throughput: rows per second cold (nothing cached) vs cached (folder reused).
 
     .venv/bin/python -m benchmarks.bench_data          # 20,000 demo rows, writes benchmarks/out/bench_data.*
-    from benchmarks.bench_data import run; run(quick=True, out_dir=tmp)
+    from lora_pipeline.benchmarks.bench_data import run; run(quick=True, out_dir=tmp)
 
 Cold = a fresh output root: generate the demo corpus, load it with `datasets`, validate, train the
 demo tokenizer, tokenize and save. Cached = the same config again: the fingerprint matches and the
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import datasets
 
-from benchmarks.common import OUT_DIR, Figure, time_interleaved, write_results
-from data import DataConfig, prepare
+from lora_pipeline.benchmarks.common import OUT_DIR, Figure, time_interleaved, write_results
+from lora_pipeline.data import DataConfig, prepare
 
 NAME = "bench_data"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from benchmarks.common import Figure, main, time_interleaved, write_results
+from lora_pipeline.benchmarks.common import Figure, main, time_interleaved, write_results
 
 FLAN_T5_BASE = {"d_model": 768, "d_kv": 64, "num_heads": 12, "d_ff": 2048, "num_layers": 12,
                 "num_decoder_layers": 12, "vocab_size": 32128, "feed_forward_proj": "gated-gelu",

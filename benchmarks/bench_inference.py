@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from benchmarks.common import Figure, main, time_interleaved, write_results
+from lora_pipeline.benchmarks.common import Figure, main, time_interleaved, write_results
 from lora_module import LoraConfig, LoraModel
 
 SETTINGS = {

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from benchmarks.common import Figure, time_interleaved, write_results
+from lora_pipeline.benchmarks.common import Figure, time_interleaved, write_results
 
 CONTENDERS = ("ours", "peft", "full")
 SETTINGS = {
@@ -109,7 +109,7 @@ def train_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def rss_in_subprocess(contender: str) -> dict[str, int | None]:
     """Peak-RSS growth over two train steps of one contender, in a fresh interpreter."""
-    cmd = [sys.executable, "-m", "benchmarks.bench_lora_core", "--rss", contender,
+    cmd = [sys.executable, "-m", "lora_pipeline.benchmarks.bench_lora_core", "--rss", contender,
            "--threads", str(torch.get_num_threads())]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 """The demo pipeline's wall time, per stage, and the share taken by Prefect and MLflow themselves.
 
     .venv/bin/python -m benchmarks.bench_pipeline      # the demo's sizes, both tasks (minutes)
-    from benchmarks.bench_pipeline import run; run(quick=True, out_dir=tmp)   # tiny model, one task
+    from lora_pipeline.benchmarks.bench_pipeline import run; run(quick=True, out_dir=tmp)   # tiny model, one task
 
 Two contenders do the same work on the same prebuilt base model, each in a fresh process and a
 fresh pipeline home (so nothing is cached), one after the other:
@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import OUT_DIR, Figure, write_results
+from lora_pipeline.benchmarks.common import OUT_DIR, Figure, write_results
 
 NAME = "bench_pipeline"
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ QUICK_TRAIN = ["--trainer.max_steps", "2", "--data.batch_size", "8", "--trainer.
 
 
 def _settings(quick: bool) -> dict[str, Any]:
-    from flows.demo import DEMO_DATA, DEMO_FULL, DEMO_LORA, DEMO_TRAIN
+    from lora_pipeline.flows.demo import DEMO_DATA, DEMO_FULL, DEMO_LORA, DEMO_TRAIN
 
     if quick:
         return {"tasks": ["summary"], "data": QUICK_DATA, "train": QUICK_TRAIN, "lora": [], "full": [],
@@ -55,8 +55,8 @@ def _tiny_base(folder: Path) -> Path:
     """A 2-layer T5 (d_model 32) with a small tokenizer trained on the demo corpus: the quick base."""
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-    from data.demo_corpus import generate
-    from data.tokenizer import train_tokenizer
+    from lora_pipeline.data.demo_corpus import generate
+    from lora_pipeline.data.tokenizer import train_tokenizer
 
     rows = generate(200, 7)
     texts = [r[k] for r in rows for k in ("dialogue", "summary", "topic")]
@@ -72,7 +72,7 @@ def _tiny_base(folder: Path) -> Path:
 
 # ---- the two contenders (each runs in a child process) -------------------------------------------
 def _orchestrated(home: Path, base: str, quick: bool) -> dict[str, Any]:
-    from flows.pipeline import many_tasks
+    from lora_pipeline.flows.pipeline import many_tasks
 
     s = _settings(quick)
     summary = many_tasks(tasks=s["tasks"], base_model=base, home=str(home), data_overrides=s["data"],
@@ -84,10 +84,10 @@ def _orchestrated(home: Path, base: str, quick: bool) -> dict[str, Any]:
 
 
 def _plain_task(spec: Any, home: Path, threads: int) -> dict[str, float]:
-    from data import DataConfig, prepare
-    from lora_module.evaluate import GenerationConfig, ModelSpec, evaluate_model
-    from lora_module.report import build_report
-    from lora_module.train import run_fit
+    from lora_pipeline.data import DataConfig, prepare
+    from lora_module.evaluation.evaluate import GenerationConfig, ModelSpec, evaluate_model
+    from lora_module.evaluation.report import build_report
+    from lora_module.training.launcher import run_fit
 
     timings: dict[str, float] = {}
 
@@ -121,7 +121,7 @@ def _plain_task(spec: Any, home: Path, threads: int) -> dict[str, float]:
 def _plain(home: Path, base: str, quick: bool) -> dict[str, Any]:
     import torch
 
-    from flows.pipeline import load_specs
+    from lora_pipeline.flows.pipeline import load_specs
 
     s = _settings(quick)
     home.mkdir(parents=True, exist_ok=True)
@@ -152,7 +152,7 @@ CHILDREN = {"orchestrated": _orchestrated, "plain": _plain, "server": _server_st
 
 
 def _child(mode: str, home: Path, base: str, quick: bool, out: Path) -> None:
-    from flows.demo import configure_environment
+    from lora_pipeline.flows.demo import configure_environment
 
     configure_environment(home)
     t0 = time.perf_counter()
@@ -163,7 +163,7 @@ def _child(mode: str, home: Path, base: str, quick: bool, out: Path) -> None:
 
 def _run_child(mode: str, scratch: Path, base: str, quick: bool) -> dict[str, Any]:
     out = scratch / f"{mode}.json"
-    cmd = [sys.executable, "-m", "benchmarks.bench_pipeline", "--child", mode, "--home", str(scratch / mode),
+    cmd = [sys.executable, "-m", "lora_pipeline.benchmarks.bench_pipeline", "--child", mode, "--home", str(scratch / mode),
            "--base", base, "--out", str(out), *(["--quick"] if quick else [])]
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
@@ -184,8 +184,8 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Path:
         if quick:
             base = str(_tiny_base(scratch))
         else:
-            from flows.demo import DEMO_BASE
-            from lora_module.demo_base import build_demo_base
+            from lora_pipeline.flows.demo import DEMO_BASE
+            from lora_module.training.demo_base import build_demo_base
 
             home = Path(os.environ.get("LORA_PIPELINE_HOME") or ROOT / ".lora_pipeline")
             base = str(build_demo_base(home / "base", **DEMO_BASE))  # the demo's cached base

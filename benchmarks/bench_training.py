@@ -46,7 +46,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 from transformers import T5Config, T5ForConditionalGeneration
 
-from benchmarks.common import Figure, time_interleaved, write_results
+from lora_pipeline.benchmarks.common import Figure, time_interleaved, write_results
 
 CONTENDERS = ("full", "lora", "qlora")
 SETTINGS = {
@@ -99,7 +99,7 @@ def save_base(setting: dict, path: Path) -> Path:
 
 def make_loader(setting: dict, steps: int) -> DataLoader:
     """`steps` batches of fixed-length random rows, collated like the real data module."""
-    from lora_module.datamodule import PaddingCollator
+    from lora_module.training.datamodule import PaddingCollator
 
     g = torch.Generator().manual_seed(1)
     vocab = setting["model"]["vocab_size"]
@@ -116,7 +116,7 @@ def make_loader(setting: dict, steps: int) -> DataLoader:
 
 def build_module(finetune: str, base: Path, out: Path):
     from lora_module import LoraConfig
-    from lora_module.lightning_module import FineTuneModule
+    from lora_module.training.module import FineTuneModule
 
     torch.manual_seed(0)
     return FineTuneModule(
@@ -163,7 +163,7 @@ def lightning_fit(module, loader: DataLoader, steps: int) -> list[float]:
 
 def bare_loop(model: torch.nn.Module, loader: DataLoader, steps: int) -> list[float]:
     """The same training work without Lightning: forward, backward, AdamW, LambdaLR, zero_grad."""
-    from lora_module.lightning_module import WarmupDecay
+    from lora_module.training.module import WarmupDecay
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).train()
@@ -201,7 +201,7 @@ def lightning_vs_bare(setting: dict, base: Path, tmp: Path, steps: int, warmup: 
 
 
 def memory_in_subprocess(finetune: str, quick: bool) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.bench_training", "--memory", finetune] + (
+    cmd = [sys.executable, "-m", "lora_pipeline.benchmarks.bench_training", "--memory", finetune] + (
         ["--quick"] if quick else []
     )
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)

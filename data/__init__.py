@@ -1,16 +1,16 @@
 """Dataset preparation: sources (Hub, files, demo corpus), validation, templating, tokenization, caching.
 
-from data import DataConfig, prepare, load_prepared, load_tokenizer
+from lora_pipeline.data import DataConfig, prepare, load_prepared, load_tokenizer
 prepared = prepare(DataConfig.from_yaml("deploy/configs/data_demo_summary.yaml"))
 dataset, manifest = load_prepared(prepared.path)
 
-python -m data prepare --config deploy/configs/data_demo_summary.yaml
+lora-pipeline prepare --config deploy/configs/data_demo_summary.yaml     # the command line: lora_pipeline.data.cli
 """
 
-from data.config import DataConfig, DataConfigError
-from data.prepare import PreparedData, load_prepared, load_tokenizer, prepare
-from data.sources import DataSourceError
-from data.validate import DataValidationError
+from lora_pipeline.data.config import DataConfig, DataConfigError
+from lora_pipeline.data.prepare import PreparedData, load_prepared, load_tokenizer, prepare
+from lora_pipeline.data.sources import DataSourceError
+from lora_pipeline.data.validate import DataValidationError
 
 __all__ = [
     "DataConfig",

@@ -1,6 +1,6 @@
 """The typed, validated configuration of one data-preparation task.
 
-    from data import DataConfig
+    from lora_pipeline.data import DataConfig
     cfg = DataConfig.from_yaml("deploy/configs/data_demo_summary.yaml")
     cfg = DataConfig(name="dialogsum", source="files", files={"train": "dev.jsonl", "test": "test.jsonl"},
                      reference_columns=["summary1", "summary2", "summary3"], tokenizer="google/flan-t5-base")

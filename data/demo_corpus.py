@@ -1,8 +1,8 @@
 """The offline demo corpus: seeded, generated everyday two-person dialogues with a summary and a topic.
 
-    from data.demo_corpus import generate
+    from lora_pipeline.data.demo_corpus import generate
     rows = generate(3000, seed=0)   # [{"dialogue": "#Person1#: ...", "summary": "...", "topic": "..."}, ...]
-    python -m data demo-corpus --out runs/demo --n 200 --seed 0
+    lora-pipeline demo-corpus --out runs/demo --n 200 --seed 0
 
 All text is written here (nothing copied from any data set). Each row is built from its own
 random stream (`Random(f"{seed}:{i}")`), so `generate(n, s)[:k] == generate(k, s)`. Summaries carry

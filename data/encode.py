@@ -1,6 +1,6 @@
 """Tokenization of cleaned splits with `Dataset.map(batched=True)`, counting truncation.
 
-    from data.encode import tokenize_splits
+    from lora_pipeline.data.encode import tokenize_splits
     dd, truncation, lengths = tokenize_splits(clean.rows, tokenizer, cfg, fingerprint)
 
 seq2seq: `input_ids`/`attention_mask` = the templated prompt (right-truncated to max_source_length),
@@ -21,8 +21,8 @@ from typing import Any
 import datasets
 import numpy as np
 
-from data.config import SPLITS, DataConfig
-from data.validate import Rows
+from lora_pipeline.data.config import SPLITS, DataConfig
+from lora_pipeline.data.validate import Rows
 
 IGNORE_INDEX = -100
 _STATS = ("_src_len", "_tgt_len", "_src_cut", "_tgt_cut")

@@ -1,6 +1,6 @@
 """The data stage: load, validate, template, tokenize and save once; later calls reuse the folder.
 
-    from data import DataConfig, prepare, load_prepared, load_tokenizer
+    from lora_pipeline.data import DataConfig, prepare, load_prepared, load_tokenizer
     prepared = prepare(DataConfig(name="demo_summary"))  # PreparedData(path, fingerprint, manifest, reused)
     dataset, manifest = load_prepared(prepared.path)
     tokenizer = load_tokenizer(prepared.path)
@@ -29,9 +29,9 @@ from typing import Any
 import datasets
 from transformers import AutoTokenizer
 
-from data import encode, sources, validate
-from data import tokenizer as demo_tokenizer
-from data.config import DEFAULT_TEMPLATES, DEMO_TOKENIZER, DataConfig
+from lora_pipeline.data import encode, sources, validate
+from lora_pipeline.data import tokenizer as demo_tokenizer
+from lora_pipeline.data.config import DEFAULT_TEMPLATES, DEMO_TOKENIZER, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def load_prepared(path: str | Path) -> tuple[datasets.DatasetDict, dict]:
     if manifest is None:
         raise FileNotFoundError(
             f"{p} is not a complete prepared data folder (needs {MANIFEST} with complete=true, dataset/, "
-            "tokenizer/); run `python -m data prepare --config FILE` first"
+            "tokenizer/); run `lora-pipeline prepare --config FILE` first"
         )
     return datasets.load_from_disk(str(p / "dataset")), manifest
 

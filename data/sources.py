@@ -1,6 +1,6 @@
 """Where rows come from: local files, the Hugging Face Hub, or the generated demo corpus.
 
-    from data.sources import source_identity, load_splits
+    from lora_pipeline.data.sources import source_identity, load_splits
     ident = source_identity(cfg)            # cheap: what the cache key needs, loads nothing
     splits = load_splits(cfg, cache_root)   # {"train": Dataset, ...} exactly as given (no cleaning)
 
@@ -22,8 +22,8 @@ from typing import Any
 
 import datasets
 
-from data import demo_corpus
-from data.config import FILE_FORMATS, SPLITS, DataConfig
+from lora_pipeline.data import demo_corpus
+from lora_pipeline.data.config import FILE_FORMATS, SPLITS, DataConfig
 
 
 class DataSourceError(ValueError):

@@ -1,6 +1,6 @@
 """A tokenizer that needs no download: byte-level BPE trained locally with `tokenizers`.
 
-    from data.tokenizer import train_tokenizer
+    from lora_pipeline.data.tokenizer import train_tokenizer
     path = train_tokenizer(texts, "runs/tokenizer", vocab_size=4000, style="seq2seq")
     tok = transformers.AutoTokenizer.from_pretrained(path)
 

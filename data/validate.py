@@ -1,6 +1,6 @@
 """Validation and cleaning of loaded splits: nothing is changed without being counted.
 
-    from data.validate import validate_splits
+    from lora_pipeline.data.validate import validate_splits
     clean = validate_splits(raw_splits, cfg)
     clean.rows["train"]    # {"input": [...], "prompt": [...], "target": [...], "references": [[...], ...]}
     clean.drops["train"]   # {"empty:summary": 3, "duplicate": 2, "in_test": 1}
@@ -20,7 +20,7 @@ from typing import Any
 
 import datasets
 
-from data.config import SPLITS, DataConfig
+from lora_pipeline.data.config import SPLITS, DataConfig
 
 Rows = dict[str, list[Any]]  # columns "input", "prompt", "target", "references"
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import the proje
 from prefect import serve  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
 
-from flows.pipeline import many_tasks, task_pipeline  # noqa: E402
+from lora_pipeline.flows.pipeline import many_tasks, task_pipeline  # noqa: E402
 
 PREFECT_YAML = ROOT / "deploy" / "prefect.yaml"
 FLOWS = {"flows/pipeline.py:task_pipeline": task_pipeline, "flows/pipeline.py:many_tasks": many_tasks}

@@ -111,7 +111,7 @@ def render(summary: dict[str, Any], wall: float, flow_wall: float, home: Path) -
         "               then http://127.0.0.1:5000 -> Models (summary-lora, topic-lora) and Experiments",
         f"  Prefect UI:  PREFECT_HOME={prefect_home} .venv/bin/prefect server start",
         "               then http://127.0.0.1:4200 -> Runs (lora-tasks, lora-task) and Artifacts (rouge-*)",
-        "  registry:    .venv/bin/python -m lora_module.registry_cli list",
+        "  registry:    .venv/bin/python -m lora_module.registry.cli list",
         "",
     ]
     return "\n".join(out)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     home.mkdir(parents=True, exist_ok=True)
     configure_environment(home)
 
-    from flows.pipeline import many_tasks  # after the environment: Prefect reads its settings on import
+    from lora_pipeline.flows.pipeline import many_tasks  # after the environment: Prefect reads its settings on import
 
     tasks = args.tasks or ["summary", "topic"]
     print(f"LoRA pipeline demo: tasks {tasks}, home {home}", flush=True)

@@ -3,7 +3,7 @@
     python -m flows.pipeline --task summary --task topic        # many-task flow, embedded defaults
     python -m flows.pipeline --task deploy/tasks/dialogsum.yaml  # any task spec file
 
-    from flows.pipeline import task_pipeline, many_tasks
+    from lora_pipeline.flows.pipeline import task_pipeline, many_tasks
     result = task_pipeline("summary")          # {"version": "3", "alias": "champion", "rouge": {...}, ...}
     summary = many_tasks(["summary", "topic"])  # {"results": {...}, "failed": {...}}
 
@@ -31,11 +31,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import tasks as t
-from flows.reporting import mlflow_run_link, rouge_rows, summary_markdown, task_markdown
-from flows.specs import TaskSpec, TaskSpecError, check_task_spec, load_task_spec
+from lora_pipeline.flows import tasks as t
+from lora_pipeline.flows.reporting import mlflow_run_link, rouge_rows, summary_markdown, task_markdown
+from lora_pipeline.flows.specs import TaskSpec, TaskSpecError, check_task_spec, load_task_spec
 
-EVAL_CODE = ("lora_module.evaluate", "lora_module.generation", "lora_module.rouge")
+EVAL_CODE = ("lora_module.evaluation.evaluate", "lora_module.evaluation.generation", "lora_module.evaluation.rouge")
 
 
 # ---- wiring helpers -----------------------------------------------------------------------------
@@ -130,15 +130,15 @@ def task_pipeline(
     cached: dict[str, bool] = {}
 
     if not checked:  # run on its own (not from many_tasks, which did this already)
-        from lora_module.cli import create_training_experiment
+        from lora_module.training.cli import create_training_experiment
 
         create_training_experiment()
     base, _ = _timed(timings, "base_model", t.build_base, spec.base_model, str(root), demo_base)
     inner["base_model"] = base["seconds"]
     base_path = base["path"]
 
-    from data import DataConfig
-    from data.prepare import fingerprint as data_fingerprint
+    from lora_pipeline.data import DataConfig
+    from lora_pipeline.data.prepare import fingerprint as data_fingerprint
 
     overrides = {**spec.data_overrides, "tokenizer": base_path, "output_root": str(root / "data")}
     fp, _ = data_fingerprint(DataConfig.from_yaml(spec.data_config, overrides))
@@ -262,7 +262,7 @@ def many_tasks(
     for name in dict.fromkeys(s.base_model for s in specs):
         bases[name] = t.build_base(name, str(root), demo_base)["path"]
     base_seconds = time.perf_counter() - t0
-    from lora_module.cli import create_training_experiment  # Lightning: imported only when a flow runs
+    from lora_module.training.cli import create_training_experiment  # Lightning: imported only when a flow runs
 
     create_training_experiment()
 

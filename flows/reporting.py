@@ -1,6 +1,6 @@
 """What the flows show: ROUGE tables, Markdown artifacts and links into the MLflow UI.
 
-Presentation only: the numbers come from `lora_module.report` (report.json) and the registry.
+Presentation only: the numbers come from `lora_module.evaluation.report` (report.json) and the registry.
 """
 
 from __future__ import annotations

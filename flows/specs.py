@@ -1,6 +1,6 @@
 """Task specs: what one pipeline task is (data config, training configs, decoding, registry name).
 
-    from flows.specs import load_task_spec, known_tasks
+    from lora_pipeline.flows.specs import load_task_spec, known_tasks
     spec = load_task_spec("summary")                 # deploy/tasks/summary.yaml
     spec = load_task_spec("path/to/my_task.yaml")    # any spec file
     problems = check_task_spec(spec)                 # [] when every file and config is valid
@@ -44,7 +44,7 @@ class TaskSpec:
     full_config: str | None = None
     """Training YAML of the full fine-tuning baseline; None skips it."""
     generation: dict[str, Any] = field(default_factory=dict)
-    """lora_module.generation.GenerationConfig fields used for every evaluation of the task."""
+    """lora_module.evaluation.generation.GenerationConfig fields used for every evaluation of the task."""
     eval_limit: int | None = None
     """Evaluate on the first N test rows only (None: the whole test split)."""
     data_overrides: dict[str, Any] = field(default_factory=dict)
@@ -175,9 +175,9 @@ def check_task_spec(spec: TaskSpec, base_model: str | None = None) -> list[str]:
     Parses the data config (with overrides), the generation settings and each training config (with
     overrides, through the Lightning CLI parser) without loading any data or model.
     """
-    from data import DataConfig, DataConfigError
-    from lora_module.cli import parse_config
-    from lora_module.generation import GenerationConfig
+    from lora_pipeline.data import DataConfig, DataConfigError
+    from lora_module.training.cli import parse_config
+    from lora_module.evaluation.generation import GenerationConfig
 
     problems: list[str] = []
     try:

@@ -20,7 +20,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from lora_module.registry_gate import RegistryUnavailableError
+from lora_module.registry.gate import RegistryUnavailableError
 
 CACHED = INPUTS + TASK_SOURCE
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model")
@@ -66,7 +66,7 @@ def build_base(base_model: str, home: str, demo_base: dict[str, Any] | None = No
     t0 = time.perf_counter()
     if base_model != "demo":
         return {"path": base_model, "built": False, "seconds": 0.0}
-    from lora_module.demo_base import build_demo_base, read_manifest
+    from lora_module.training.demo_base import build_demo_base, read_manifest
 
     path = build_demo_base(Path(home) / "base", **(demo_base or {}))
     manifest = read_manifest(path)
@@ -76,7 +76,7 @@ def build_base(base_model: str, home: str, demo_base: dict[str, Any] | None = No
 @task(name="prepare-data", retries=1, cache_policy=CACHED, persist_result=True)
 def prepare_data(data_config: str, overrides: dict[str, Any], fingerprint: str) -> dict[str, Any]:
     """Prepare (or reuse) the task's data; cached across runs by its fingerprint."""
-    from data import DataConfig, prepare
+    from lora_pipeline.data import DataConfig, prepare
 
     t0 = time.perf_counter()
     prepared = prepare(DataConfig.from_yaml(data_config, overrides or None))
@@ -95,7 +95,7 @@ def prepare_data(data_config: str, overrides: dict[str, Any], fingerprint: str) 
 
 def _evaluate(name: str, kind: str, path: str, prepared_dir: str, out_dir: str, generation: dict,
               limit: int | None) -> dict[str, Any]:
-    from lora_module.evaluate import GenerationConfig, ModelSpec, evaluate_model
+    from lora_module.evaluation.evaluate import GenerationConfig, ModelSpec, evaluate_model
 
     t0 = time.perf_counter()
     gen = GenerationConfig.from_dict(generation)
@@ -121,7 +121,7 @@ def evaluate(name: str, kind: str, path: str, prepared_dir: str, out_dir: str, g
 @task(name="train", retries=1, retry_delay_seconds=5)
 def train(config_path: str, overrides: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Fine-tune through the Lightning CLI in a subprocess; a retry resumes from the last checkpoint."""
-    from lora_module.train import run_fit
+    from lora_module.training.launcher import run_fit
 
     t0 = time.perf_counter()
     out = run_fit(config_path, overrides, resume=True, env=env)
@@ -132,7 +132,7 @@ def train(config_path: str, overrides: list[str], env: dict[str, str]) -> dict[s
 @task(name="build-report")
 def report(task_name: str, eval_paths: list[str], out_dir: str) -> dict[str, Any]:
     """report.json / report.md / rouge.png / predictions.csv comparing the task's models."""
-    from lora_module.report import build_report
+    from lora_module.evaluation.report import build_report
 
     t0 = time.perf_counter()
     path = build_report(task_name, [Path(p) for p in eval_paths], out_dir)

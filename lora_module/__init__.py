@@ -19,7 +19,7 @@ _LAZY = {
     "LoraLinear": "lora_module.layers",
     "LoraModel": "lora_module.model",
     "get_lora_model": "lora_module.model",
-    "base_fingerprint": "lora_module.adapter_io",
+    "base_fingerprint": "lora_module.model",
     "read_adapter_config": "lora_module.adapter_io",
     "load_base_model": "lora_module.qlora",
     "quantize_nf4": "lora_module.qlora",
@@ -33,9 +33,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from lora_module.adapter_io import base_fingerprint, read_adapter_config
+    from lora_module.adapter_io import read_adapter_config
     from lora_module.layers import LoraLinear
-    from lora_module.model import LoraModel, get_lora_model
+    from lora_module.model import LoraModel, base_fingerprint, get_lora_model
     from lora_module.qlora import is_quantized, load_base_model, quantize_nf4
 
 

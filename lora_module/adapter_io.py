@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 
 from lora_module.config import LoraConfig
 from lora_module.errors import AdapterLoadError, FingerprintMismatchError, LoraConfigError
+from lora_module.files import write_with
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -76,22 +76,14 @@ def compute_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """Stable hash of a base model's weights (the recorded one if the model carries it, e.g. NF4 bases)."""
-    from lora_module.model import LoraModel
-
-    inner = model.model if isinstance(model, LoraModel) else model
-    recorded = getattr(inner, FINGERPRINT_ATTR, None)
-    return recorded if recorded is not None else compute_fingerprint(inner)
+def recorded_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of a plain (unwrapped) transformers model: the recorded one if it carries it
+    (NF4 bases, a base whose adapter was merged), else computed from its weights."""
+    recorded = getattr(model, FINGERPRINT_ATTR, None)
+    return recorded if recorded is not None else compute_fingerprint(model)
 
 
 # ---- save -------------------------------------------------------------------------------------
-def _write_atomic(target: Path, write) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, target)  # a crash never leaves a half-written file under the real name
-
-
 def save_adapter(model: nn.Module, path: Path, config: LoraConfig, tensors: dict[str, torch.Tensor], *,
                  fingerprint: str, adapter_name: str, base_model_name_or_path: str | None = None,
                  metadata: dict | None = None) -> Path:
@@ -125,8 +117,9 @@ def save_adapter(model: nn.Module, path: Path, config: LoraConfig, tensors: dict
         raise TypeError(f"metadata must be JSON-serialisable, got {metadata!r}: {e}") from e
     path.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt"}))
-    _write_atomic(path / CONFIG_NAME, lambda tmp: tmp.write_text(text + "\n"))
+    # Each file through a temporary name: a crash never leaves a half-written file under the real name.
+    write_with(path / WEIGHTS_NAME, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt"}))
+    write_with(path / CONFIG_NAME, lambda tmp: tmp.write_text(text + "\n"))
     return path
 
 
@@ -221,27 +214,10 @@ def _group_by_module(tensors: dict[str, torch.Tensor], file: Path) -> dict[str, 
     return grouped
 
 
-def plan_adapter_load(model: nn.Module, path: str | Path, *, force: bool = False) -> AdapterPlan:
-    """Read and check an adapter folder against `model` (plain or LoRA-wrapped); changes nothing."""
+def _match_modules(model: nn.Module, grouped: dict[str, dict[str, torch.Tensor]], config: LoraConfig,
+                   path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module path -> (lora_A, lora_B), after checking every module exists, is linear and fits the shapes."""
     from lora_module.layers import LoraLinear
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise AdapterLoadError(
-            f"adapter path {path} is a file; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}"
-        )
-    raw = read_adapter_config(path)
-    config_file = path / CONFIG_NAME
-    tensors, weights_file = read_adapter_weights(path)
-    if not tensors:
-        raise AdapterLoadError(f"{weights_file} holds no tensors")
-    grouped = _group_by_module(tensors, weights_file)
-    if not raw.get("target_modules"):  # very old PEFT configs: recover the names from the keys
-        raw = {**raw, "target_modules": sorted({p.rsplit(".", 1)[-1] for p in grouped})}
-    try:
-        config = LoraConfig.from_dict(raw, strict=False)
-    except LoraConfigError as e:
-        raise AdapterLoadError(f"{config_file}: {e}") from e
 
     modules = dict(model.named_modules())
     problems, weights = [], {}
@@ -278,10 +254,35 @@ def plan_adapter_load(model: nn.Module, path: str | Path, *, force: bool = False
             f"adapter {path} does not fit this model ({len(problems)} problem(s); was it trained for another "
             f"architecture?):\n  {shown}{more}"
         )
+    return weights
+
+
+def plan_adapter_load(model: nn.Module, path: str | Path, *, force: bool = False) -> AdapterPlan:
+    """Read and check an adapter folder against `model` (the transformers model, LoRA layers injected
+    or not; not a LoraModel); changes nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AdapterLoadError(
+            f"adapter path {path} is a file; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    raw = read_adapter_config(path)
+    config_file = path / CONFIG_NAME
+    tensors, weights_file = read_adapter_weights(path)
+    if not tensors:
+        raise AdapterLoadError(f"{weights_file} holds no tensors")
+    grouped = _group_by_module(tensors, weights_file)
+    if not raw.get("target_modules"):  # very old PEFT configs: recover the names from the keys
+        raw = {**raw, "target_modules": sorted({p.rsplit(".", 1)[-1] for p in grouped})}
+    try:
+        config = LoraConfig.from_dict(raw, strict=False)
+    except LoraConfigError as e:
+        raise AdapterLoadError(f"{config_file}: {e}") from e
+
+    weights = _match_modules(model, grouped, config, path)
 
     saved = raw.get("base_fingerprint")
     if saved is not None and not force:
-        current = base_fingerprint(model)
+        current = recorded_fingerprint(model)
         if saved != current:
             raise FingerprintMismatchError(
                 f"adapter {path} was trained on a base with fingerprint {saved}, but this base model has "

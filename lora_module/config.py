@@ -31,6 +31,9 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     },
 }
 
+# Weight dtypes a base model can be loaded in, by the name configs use (torch attribute names).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 # Keys of adapter_config.json that carry no meaning for an adapter being loaded (bookkeeping, or
 # options that only choose how fresh weights are initialised).
 _IGNORED_KEYS = frozenset({
@@ -178,3 +181,14 @@ def matches_target(module_name: str, targets: list[str] | str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, module_name) is not None
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+def torch_dtype(name: str | None) -> Any:
+    """The torch dtype called `name` (one of DTYPE_NAMES); None stays None (keep the checkpoint's dtype)."""
+    if name is None:
+        return None
+    if name not in DTYPE_NAMES:
+        raise LoraConfigError(f"dtype must be None or one of {list(DTYPE_NAMES)}, got {name!r}")
+    import torch  # here, not at the top: this module stays torch-free to import
+
+    return getattr(torch, name)

@@ -27,16 +27,21 @@ def is_linear4bit(module: nn.Module) -> bool:
 
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
-    """fp32 copy of a Linear4bit's weight, shape [out, in]."""
+    """fp32 copy of a Linear4bit's weight, shape [out, in]; the layer itself is left as it is."""
     import bitsandbytes as bnb
 
-    weight = module.weight
-    data, state = weight.data, weight.quant_state
+    data, state = module.weight.data, module.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
-        # bnb repacks weights for AVX512-BF16 CPUs at inference; undo it on a copy before dequantizing.
+        # bnb repacked this weight for its AVX512-BF16 CPU kernel (a layer not made by quantize_nf4, which
+        # turns that off). bnb has no public dequantize for that layout, and its inverse (0.50.2) re-quantizes
+        # a double-quant absmax and leaves a plain one in the packed [in/blocksize, out] order: use it for the
+        # weight layout only, on a copy of the state whose absmax is already in bnb's flat per-block order.
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        data, state = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        state = copy.deepcopy(state)
+        state.absmax = state.absmax.T.reshape(-1).float()  # the bf16 values the packed kernel computes with
+        state.original_nested = False
+        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
     return bnb.functional.dequantize_4bit(data, state).float()
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +25,11 @@ from lora_module import adapter_io
 from lora_module.config import LoraConfig, default_target_modules, matches_target
 from lora_module.errors import AdapterLoadError, LoraConfigError
 from lora_module.layers import LoraLinear, dequantized_linear, is_linear4bit
+from lora_module.names import check_name
 
 logger = logging.getLogger(__name__)
 
 _LORA_PARTS = frozenset({"base_layer", "lora_A", "lora_B", "lora_dropout"})
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 
 
 def _inside_lora_layer(name: str) -> bool:
@@ -147,8 +146,9 @@ class LoraModel(nn.Module):
         return resolved, paths
 
     def _check_new_name(self, name: str, error: type[Exception]) -> None:
-        if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or hasattr(nn.ModuleDict, name):
-            raise error(f"invalid adapter name {name!r}: use letters, digits, '_' or '-' (no '.')")
+        check_name("adapter name", name, error)
+        if hasattr(nn.ModuleDict, name):  # "keys", "update", ...: would shadow a ModuleDict method
+            raise error(f"invalid adapter name {name!r}: it is the name of a torch ModuleDict method")
         if name in self.adapters:
             raise error(f"adapter {name!r} already exists (adapters: {list(self.adapters)}); delete it first")
 
@@ -395,7 +395,14 @@ class LoraModel(nn.Module):
 
     def base_fingerprint(self) -> str:
         """Fingerprint of the base weights this model wraps (recorded before any merge)."""
-        return adapter_io.base_fingerprint(self.model)
+        return adapter_io.recorded_fingerprint(self.model)
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Stable hash of a base model's weights (a LoraModel: of the base it wraps; the recorded one
+    if the model carries it, e.g. NF4 bases)."""
+    inner = model.model if isinstance(model, LoraModel) else model
+    return adapter_io.recorded_fingerprint(inner)
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig | None = None,

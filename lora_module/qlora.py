@@ -6,6 +6,12 @@
 bitsandbytes >= 0.50 runs NF4 layers on the CPU as well as on CUDA, so this path is tested in CI.
 The fingerprint of the full-precision weights is recorded on the model *before* quantizing, so an
 adapter trained on the NF4 base loads onto the fp32 base of the same weights and vice versa.
+
+bitsandbytes' AVX512-BF16 CPU path (taken in eval without grad) is switched off for every 4-bit layer
+made here: it fails when in_features is not a multiple of the 64 block size, computes in bf16 whatever
+the compute dtype, and rewrites the stored weight lossily in place (merges and the base fingerprint
+would change after one forward). These layers therefore dequantize and compute in their compute dtype
+on every CPU, as on CPUs without that path, at the price of its speed.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from transformers import (  # noqa: E402
     T5ForConditionalGeneration,
 )
 
-from data.tokenizer import train_tokenizer  # noqa: E402
+from lora_pipeline.data.tokenizer import train_tokenizer  # noqa: E402
 
 SHARED_DIALOGSUM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum"
 

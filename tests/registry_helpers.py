@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from lora_module import LoraConfig, LoraModel, load_base_model
-from lora_module.evaluate import evaluate_predictions
-from lora_module.registry_inputs import sha256_file
-from lora_module.report import build_report
+from lora_module.evaluation.evaluate import evaluate_predictions
+from lora_module.registry.inputs import sha256_file
+from lora_module.evaluation.report import build_report
 
 N_EXAMPLES = 8
 REFERENCES = [f"alice meets bob at the cafe number {i}" for i in range(N_EXAMPLES)]
@@ -68,6 +68,6 @@ def make_candidate(root: Path, base_dir: Path, seed: int, lora_hits: int, base_h
 
 
 def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int = 12) -> list[str]:
-    from lora_module.generation import GenerationConfig, generate
+    from lora_module.evaluation.generation import GenerationConfig, generate
 
     return generate(model, tokenizer, texts, GenerationConfig(max_new_tokens=max_new_tokens))

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from benchmarks.__main__ import run_all
+from lora_pipeline.benchmarks.__main__ import run_all
 
 
 def test_run_all_writes_results(tmp_path):
@@ -28,7 +28,7 @@ def test_run_all_writes_results(tmp_path):
 
 
 def test_a_crashing_benchmark_is_recorded_not_raised(tmp_path, monkeypatch):
-    import benchmarks.bench_gpu as gpu
+    import lora_pipeline.benchmarks.bench_gpu as gpu
 
     def boom(quick, out_dir):
         raise RuntimeError("planted failure")
@@ -49,7 +49,7 @@ def _failing(message: str):
 
 def test_only_keeps_the_other_benchmarks_entries(tmp_path, monkeypatch):
     """`--only X` re-measures X and keeps the earlier entries of the others, marked with their machine."""
-    import benchmarks.bench_gpu as gpu
+    import lora_pipeline.benchmarks.bench_gpu as gpu
 
     run_all(("inference", "gpu"), quick=True, out_dir=tmp_path / "out", results_dir=tmp_path)
     before = json.loads((tmp_path / "RESULTS.json").read_text())["benchmarks"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import bench_lora_core
+from lora_pipeline.benchmarks import bench_lora_core
 
 
 def test_bench_lora_core_quick_writes_json_and_markdown(tmp_path):

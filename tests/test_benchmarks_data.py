@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.bench_data import run
+from lora_pipeline.benchmarks.bench_data import run
 
 
 def test_bench_data_quick(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import bench_eval
+from lora_pipeline.benchmarks import bench_eval
 
 
 def test_bench_eval_quick(tmp_path):

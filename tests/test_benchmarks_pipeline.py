@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.bench_pipeline import run
+from lora_pipeline.benchmarks.bench_pipeline import run
 
 
 @pytest.mark.slow

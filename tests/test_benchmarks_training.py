@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import bench_training
+from lora_pipeline.benchmarks import bench_training
 
 
 def test_bench_training_quick_writes_json_and_markdown(tmp_path):

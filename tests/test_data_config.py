@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from data import DataConfig, DataConfigError
-from data.config import SUMMARY_TEMPLATE, TOPIC_TEMPLATE
+from lora_pipeline.data import DataConfig, DataConfigError
+from lora_pipeline.data.config import SUMMARY_TEMPLATE, TOPIC_TEMPLATE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "configs"
 

@@ -9,9 +9,9 @@ import json
 import re
 from collections import Counter
 
-from data import demo_corpus
-from data.__main__ import main as data_cli
-from data.demo_corpus import DAYS, NAMES, SURNAMES, generate
+from lora_pipeline.data import demo_corpus
+from lora_pipeline.data.cli import main as data_cli
+from lora_pipeline.data.demo_corpus import DAYS, NAMES, SURNAMES, generate
 
 TIME = re.compile(r"\b\d{1,2}(?::\d{2})? [ap]m\b")
 

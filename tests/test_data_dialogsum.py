@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from data import DataConfig, load_prepared, load_tokenizer, prepare
+from lora_pipeline.data import DataConfig, load_prepared, load_tokenizer, prepare
 
 TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 

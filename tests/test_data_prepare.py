@@ -13,9 +13,9 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-import data.encode
-from data import DataConfig, DataSourceError, load_prepared, load_tokenizer, prepare
-from data.__main__ import main as data_cli
+from lora_pipeline.data import encode
+from lora_pipeline.data import DataConfig, DataSourceError, load_prepared, load_tokenizer, prepare
+from lora_pipeline.data.cli import main as data_cli
 
 SMALL = {"demo_train_size": 120, "demo_validation_size": 20, "demo_test_size": 20}
 
@@ -28,7 +28,7 @@ def _no_tokenizing(monkeypatch):
     def boom(*a, **kw):
         raise AssertionError("tokenization ran although the prepared folder should have been reused")
 
-    monkeypatch.setattr(data.encode, "tokenize_splits", boom)
+    monkeypatch.setattr(encode, "tokenize_splits", boom)
 
 
 def test_seq2seq_folder_follows_the_contract(tmp_path, seq2seq_tokenizer_dir):
@@ -217,22 +217,20 @@ def test_causal_tokenizer_without_pad_gets_eos_as_pad(tmp_path, causal_tokenizer
 def test_cli_prepare_prints_summary(tmp_path, seq2seq_tokenizer_dir, capsys):
     yml = tmp_path / "data.yaml"
     yml.write_text(f"name: cli_demo\ndemo_train_size: 60\ntokenizer: {seq2seq_tokenizer_dir}\n")
-    args = [
-        "prepare",
-        "--config",
-        str(yml),
-        "--set",
-        f"output_root={tmp_path / 'out'}",
-        "--set",
-        "demo_test_size=10",
-    ]
+    args = ["prepare", "--config", str(yml), "--output_root", str(tmp_path / "out"), "--demo_test_size", "10"]
     assert data_cli(args) == 0
     out = capsys.readouterr().out
     assert "prepared cli_demo -> " in out and "reused: no" in out
     assert "rows: train=60  validation=300  test=10" in out
     assert data_cli(args) == 0
     assert "reused: yes" in capsys.readouterr().out
-    assert data_cli(["prepare", "--config", str(yml), "--set", "bogus=1"]) == 2
+    assert data_cli(["prepare", "--config", str(yml), "--demo_test_size", "0"]) == 2
+    assert "demo_test_size must be an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # an option that is no DataConfig field: argparse's usage error
+        data_cli(["prepare", "--config", str(yml), "--bogus", "1"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    yml.write_text(yml.read_text() + "bogus: 1\n")
+    assert data_cli(["prepare", "--config", str(yml)]) == 2
     assert "unknown data config keys ['bogus']" in capsys.readouterr().err
 
 

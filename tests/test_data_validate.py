@@ -12,9 +12,9 @@ import datasets
 import pandas as pd
 import pytest
 
-from data import DataConfig, DataSourceError, DataValidationError
-from data.sources import load_splits
-from data.validate import validate_splits
+from lora_pipeline.data import DataConfig, DataSourceError, DataValidationError
+from lora_pipeline.data.sources import load_splits
+from lora_pipeline.data.validate import validate_splits
 
 
 def _cfg(tmp_path: Path, **kw) -> DataConfig:

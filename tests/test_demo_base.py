@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from lora_module.demo_base import (
+from lora_module.training.demo_base import (
     DemoBaseConfig,
     build_demo_base,
     corpus_texts,

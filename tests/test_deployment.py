@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.specs import known_tasks
+from lora_pipeline.flows.specs import known_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "deploy" / "prefect.yaml"

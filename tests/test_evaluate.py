@@ -17,9 +17,9 @@ import torch
 from conftest import make_tiny_t5, tokenizer_corpus
 from transformers import AutoTokenizer
 
-from data import DataConfig, prepare
+from lora_pipeline.data import DataConfig, prepare
 from lora_module import FingerprintMismatchError, LoraConfig, LoraModel, load_base_model
-from lora_module.evaluate import (
+from lora_module.evaluation.evaluate import (
     EvalInputError,
     GenerationConfig,
     ModelLoadError,
@@ -28,9 +28,9 @@ from lora_module.evaluate import (
     main,
     parse_model_arg,
 )
-from lora_module.generation import generate, load_model_for_spec
-from lora_module.report import REPORT_FILES
-from lora_module.rouge import ROUGE_TYPES
+from lora_module.evaluation.generation import generate, load_model_for_spec
+from lora_module.evaluation.report import REPORT_FILES
+from lora_module.evaluation.rouge import ROUGE_TYPES
 
 GEN = GenerationConfig(batch_size=8, max_new_tokens=12)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
-from lora_module.evaluate import evaluate_predictions
-from lora_module.report import REPORT_FILES, ReportInputError, build_report
-from lora_module.rouge import ROUGE_TYPES, score_examples
+from lora_module.evaluation.evaluate import evaluate_predictions
+from lora_module.evaluation.report import REPORT_FILES, ReportInputError, build_report
+from lora_module.evaluation.rouge import ROUGE_TYPES, score_examples
 
 
 def _lead(dialogue: str, turns: int = 2) -> str:
@@ -151,7 +151,7 @@ def test_report_refuses_different_data(tmp_path):
 
 
 def test_evaluate_predictions_rejects_empty(tmp_path):
-    from lora_module.evaluate import EvalInputError
+    from lora_module.evaluation.evaluate import EvalInputError
 
     with pytest.raises(EvalInputError, match="no predictions"):
         evaluate_predictions("x", [], [], tmp_path)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.pipeline import load_specs, many_tasks
-from flows.specs import TaskSpecError, check_task_spec, known_tasks, load_task_spec
+from lora_pipeline.flows.pipeline import load_specs, many_tasks
+from lora_pipeline.flows.specs import TaskSpecError, check_task_spec, known_tasks, load_task_spec
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "deploy" / "configs"
@@ -82,14 +82,14 @@ def test_shipped_specs_load_and_check():
 
 
 def test_invalid_parameters_fail_before_training(tmp_path, tiny_t5_dir, monkeypatch):
-    import data
-    import lora_module.train
+    from lora_pipeline import data
+    import lora_module.training.launcher
 
     def forbidden(*a, **k):
         raise AssertionError("nothing may be prepared or trained when the parameters are invalid")
 
     monkeypatch.setattr(data, "prepare", forbidden)
-    monkeypatch.setattr(lora_module.train, "run_fit", forbidden)
+    monkeypatch.setattr(lora_module.training.launcher, "run_fit", forbidden)
     good = write_spec(tmp_path, "good", "summary", tiny_t5_dir)
 
     with pytest.raises(TaskSpecError, match=r"unknown task 'nope'; known tasks are \[.*summary"):
@@ -113,9 +113,9 @@ def test_invalid_parameters_fail_before_training(tmp_path, tiny_t5_dir, monkeypa
 
 
 def test_flow_rejects_bad_parameters_before_training(harness, tmp_path, monkeypatch):
-    import lora_module.train
+    import lora_module.training.launcher
 
-    monkeypatch.setattr(lora_module.train, "run_fit", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(lora_module.training.launcher, "run_fit", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(TaskSpecError, match="unknown task 'nope'"):
         many_tasks(tasks=["summary", "nope"], home=str(tmp_path))
     with pytest.raises(TaskSpecError, match="max_concurrency"):
@@ -127,8 +127,8 @@ def test_flow_rejects_bad_parameters_before_training(harness, tmp_path, monkeypa
 def test_many_tasks_register_cache_and_survive_faults(harness, tmp_path, tiny_t5_dir, monkeypatch):
     from mlflow import MlflowClient
 
-    import data
-    import flows.tasks as flow_tasks
+    from lora_pipeline import data
+    import lora_pipeline.flows.tasks as flow_tasks
     import lora_module.registry as registry
 
     home = tmp_path / "home"

@@ -21,17 +21,17 @@ from registry_helpers import PROMPTS, generate_texts, make_adapter, make_candida
 from transformers import AutoTokenizer
 
 from lora_module import FingerprintMismatchError
+from lora_module.home import tracking_uri
 from lora_module.registry import (
     MultiTaskModel,
     configure_tracking,
     download_adapter,
     load_registered,
     register_adapter,
-    tracking_uri,
 )
-from lora_module.registry_cli import main as cli_main
-from lora_module.registry_gate import RegistryUnavailableError, RetryPolicy, decide_promotion
-from lora_module.registry_inputs import RegistrationInputError
+from lora_module.registry.cli import main as cli_main
+from lora_module.registry.gate import RegistryUnavailableError, RetryPolicy, decide_promotion
+from lora_module.registry.inputs import RegistrationInputError
 
 TEXTS = PROMPTS[:4]
 

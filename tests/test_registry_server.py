@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 import lora_module.registry as registry
 from lora_module.registry import load_registered, register_adapter
-from lora_module.registry_gate import RegistryUnavailableError
+from lora_module.registry.gate import RegistryUnavailableError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

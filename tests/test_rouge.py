@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-from lora_module.rouge import (
+from lora_module.evaluation.rouge import (
     ROUGE_TYPES,
     RougeInputError,
     bootstrap_ci,

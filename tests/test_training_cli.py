@@ -17,8 +17,8 @@ import yaml
 from test_training import prepare_tiny
 
 from lora_module import LoraModel, load_base_model
-from lora_module.cli import LoraCLI, main
-from lora_module.train import TrainingError, run_fit
+from lora_module.training.cli import LoraCLI, main
+from lora_module.training.launcher import TrainingError, run_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "deploy" / "configs" / "demo_summary_lora.yaml"

@@ -6,15 +6,16 @@
     res.version, res.alias, res.decision["reason"]
     model, tokenizer = load_registered("dialogsum")          # models:/dialogsum-lora@champion
 
-Command line: `python -m lora_module.registry_cli --help` (list, show, register, promote,
+Command line: `python -m lora_module.registry.cli --help` (list, show, register, promote,
 demote, predict).
 
-Tracking: `$MLFLOW_TRACKING_URI` (for example an `http://` server) or, by default, the embedded
-SQLite file `<home>/mlflow.db` with artifacts in `<home>/mlartifacts`, where home is
-`$LORA_PIPELINE_HOME` or `./.lora_pipeline` (the same default as the training CLI).
+Tracking: the store of a `lora_module.home.PipelineHome` (`register_adapter(..., home=...)`, else
+`PipelineHome.from_env()`): `$MLFLOW_TRACKING_URI` (for example an `http://` server) or the
+embedded SQLite file `<home>/mlflow.db` with artifacts in `<home>/mlartifacts/<experiment>`.
 
-One registration = one MLflow run in experiment `lora-<task>` (params from the resolved training
-config, loss curves, ROUGE metrics and report files) + the adapter logged as a pyfunc model
+One registration = one MLflow run in the task's experiment `lora-<task>`, beside its training
+runs (params from the resolved training config, loss curves, ROUGE metrics and report files) +
+the adapter logged as a pyfunc model
 (`registry_pyfunc.LoraAdapterModel`) + a new version of `<task>-lora` carrying lineage tags and
 the report's Markdown table as description. The promotion gate (`registry_gate.decide_promotion`)
 then gives the version the `champion` or `challenger` alias. Every MLflow call is retried with
@@ -39,24 +40,17 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from lora_module.home import pipeline_home, tracking_uri
-from lora_module.registry_gate import (
+from lora_module.home import PipelineHome, artifact_location_for, ensure_store_folder, experiment_name_for
+from lora_module.registry.gate import (
     CHAMPION,
     Decision,
     RegistryUnavailableError,
     RetryPolicy,
     decide_promotion,
 )
-from lora_module.registry_inputs import RegistrationInputs, read_inputs
-from lora_module.registry_pyfunc import log_adapter_model
+from lora_module.registry.inputs import RegistrationInputs, read_inputs
+from lora_module.registry.pyfunc import log_adapter_model
 
-__all__ = [
-    "CHAMPION", "Decision", "MultiTaskModel", "RegisteredAdapter", "RegistrationResult",
-    "RegistryUnavailableError", "RetryPolicy", "champion_info", "configure_tracking", "decide_promotion",
-    "download_adapter", "ensure_experiment", "experiment_name_for", "load_registered", "model_name_for",
-    "parse_model_ref",
-    "pipeline_home", "register_adapter", "tracking_uri",
-]
 
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
 _DESCRIPTION_LIMIT = 5000  # the registry's description column is String(5000)
@@ -64,10 +58,8 @@ _DESCRIPTION_LIMIT = 5000  # the registry's description column is String(5000)
 
 # ---- tracking -----------------------------------------------------------------------------------
 def configure_tracking(uri: str | None = None) -> str:
-    """Point MLflow's tracking and registry at `uri` (default: `tracking_uri()`); returns it."""
-    uri = uri or tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    """Point MLflow's tracking and registry at `uri` (default: `PipelineHome.from_env()`'s); returns it."""
+    uri = ensure_store_folder(uri or PipelineHome.from_env().tracking_uri)
     # Our RetryPolicy does the retrying; MLflow's own transport retries (7 by default, about four
     # minutes per call) would hide an outage inside one attempt. Explicit settings win.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -78,21 +70,9 @@ def configure_tracking(uri: str | None = None) -> str:
     return uri
 
 
-def artifact_location_for(uri: str, experiment: str) -> str | None:
-    """Artifact root for a new experiment: `mlartifacts/<experiment>` beside a SQLite file; None
-    (the server's own default, e.g. its proxied `--artifacts-destination`) for servers."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / experiment).as_uri()
-    return None
-
-
 def model_name_for(task: str) -> str:
     """Registered model name of a task: `<task>-lora`."""
     return f"{task}-lora"
-
-
-def experiment_name_for(task: str) -> str:
-    return f"lora-{task}"
 
 
 def ensure_experiment(
@@ -111,6 +91,17 @@ def ensure_experiment(
         return client.get_experiment_by_name(name).experiment_id  # a concurrent registration won
 
 
+def ensure_task_experiment(home: PipelineHome, task: str) -> str:
+    """Create the MLflow store and the experiment of `task` up front (training, registration); its id.
+
+    For callers that then start runs concurrently: two processes opening a fresh SQLite store at
+    once both run its schema migrations (one fails), and two runs creating one experiment collide.
+    """
+    uri = configure_tracking(home.tracking_uri)
+    name = home.experiment(task)
+    return ensure_experiment(MlflowClient(tracking_uri=uri), uri, name, home.artifact_location(name))
+
+
 def _ensure_registered_model(client: MlflowClient, name: str, task: str) -> None:
     try:
         client.create_registered_model(name, tags={"task": task},
@@ -121,7 +112,7 @@ def _ensure_registered_model(client: MlflowClient, name: str, task: str) -> None
 
 
 @contextlib.contextmanager
-def _model_lock(name: str) -> Iterator[None]:
+def _model_lock(name: str, lock_dir: Path) -> Iterator[None]:
     """Serialise the read-champion / decide / set-alias sequence of one registered model.
 
     MLflow has no compare-and-set on aliases, so two registrations deciding at once could both
@@ -129,7 +120,6 @@ def _model_lock(name: str) -> Iterator[None]:
     this machine (each `open` is its own lock owner); registrations from several machines into one
     server are not serialised by it.
     """
-    lock_dir = pipeline_home() / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     safe = re.sub(r"[^\w.-]", "_", name)
     with open(lock_dir / f"{safe}.lock", "a+") as f:
@@ -230,6 +220,7 @@ def register_adapter(
     tokenizer_dir: str | os.PathLike | None = None,
     candidate: str | None = None,
     max_backoff: float = 30.0,
+    home: PipelineHome | None = None,
 ) -> RegistrationResult:
     """Log, register and gate one adapter; returns the new version and the gate's decision.
 
@@ -237,12 +228,15 @@ def register_adapter(
     `report.json` of `build_report` (or its folder); `train_dir`: training output with
     `config.yaml` / `metrics.json`; `candidate`: the report's model name for this adapter (found
     by adapter checksum, else the only `lora` model). Without a report the version is registered
-    but only ever a challenger. Raises RegistryUnavailableError after `retries` retries.
+    but only ever a challenger. `home`: the pipeline home (its store unless `tracking_uri` is
+    given, its lock folder); None: `PipelineHome.from_env()`. Raises RegistryUnavailableError
+    after `retries` retries.
     """
     inp = read_inputs(task, adapter_dir, report_path, train_dir, data_fingerprint, metric,
                       tokenizer_dir=tokenizer_dir, candidate=candidate)
     name = model_name or model_name_for(task)
-    uri = configure_tracking(tracking_uri)
+    home = home or PipelineHome.from_env()
+    uri = configure_tracking(tracking_uri or home.tracking_uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     policy = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
 
@@ -250,17 +244,17 @@ def register_adapter(
         return policy.call(fn, what, uri)
 
     try:
-        return _register(client, uri, name, inp, metric, call)
+        return _register(client, uri, name, inp, metric, call, home.locks_dir)
     except RegistryUnavailableError as e:
         raise RegistryUnavailableError(
             f"{e}. Nothing on disk was changed: the adapter ({inp.adapter_dir}) and report "
             f"({inp.report_path or 'none'}) are kept; re-run the registration (register_adapter or "
-            "`python -m lora_module.registry_cli register ...`) once the registry is reachable"
+            "`python -m lora_module.registry.cli register ...`) once the registry is reachable"
         ) from e
 
 
 def _register(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs, metric: str,
-              call: Callable[..., Any]) -> RegistrationResult:
+              call: Callable[..., Any], lock_dir: Path) -> RegistrationResult:
     task = inp.task
     experiment = experiment_name_for(task)
     experiment_id = call(lambda: ensure_experiment(client, uri, experiment),
@@ -275,7 +269,7 @@ def _register(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs
                       "log adapter model")
         _log_metrics(client, run_id, inp, call)
         call(lambda: _ensure_registered_model(client, name, task), f"create registered model {name}")
-        with _model_lock(name):
+        with _model_lock(name, lock_dir):
             champion = call(lambda: champion_info(client, name, metric), "read champion")
             decision = decide_promotion(inp.candidate_metrics, inp.base_metrics, champion, metric)
             tags = {**inp.version_tags, **decision.as_tags(), "run_id": run_id}
@@ -292,184 +286,3 @@ def _register(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs
             client.set_terminated(run_id, "FAILED")
         raise
     return RegistrationResult(name, version, decision.alias, decision.to_dict(), run_id, uri)
-
-
-# ---- loading ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RegisteredAdapter:
-    """A registered version downloaded to disk."""
-
-    name: str
-    """Registered model name."""
-    version: str
-    """Version number (resolved from the alias if one was asked for)."""
-    adapter_dir: Path
-    """The downloaded PEFT-format adapter folder."""
-    tokenizer_dir: Path | None
-    """The tokenizer shipped with the version, if any."""
-    tags: dict[str, str]
-    """The version's tags (lineage, ROUGE figures, gate decision)."""
-
-    @property
-    def model_uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-
-def parse_model_ref(ref: str, version: str | int | None = None, alias: str | None = CHAMPION
-                    ) -> tuple[str, str | None, str | None]:
-    """A task name or `models:/<name>[/<version>|@<alias>]` -> (name, version, alias); an explicit
-    `version` wins over any alias."""
-    if ref.startswith("models:/"):
-        rest = ref.removeprefix("models:/")
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-        elif "/" in rest:
-            name, version = rest.rsplit("/", 1)
-        else:
-            name = rest
-    else:
-        name = model_name_for(ref)
-    if version is not None:
-        return name, str(version), None
-    if not alias:
-        raise ValueError(f"give a version or an alias for {ref!r}")
-    return name, None, alias
-
-
-def download_adapter(
-    task_or_uri: str,
-    dst: str | os.PathLike,
-    version: str | int | None = None,
-    alias: str | None = CHAMPION,
-    tracking_uri: str | None = None,
-    retries: int = 3,
-    backoff: float = 1.0,
-) -> RegisteredAdapter:
-    """Download a registered version (by version number, else by alias) into `dst`."""
-    uri = configure_tracking(tracking_uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    policy = RetryPolicy(retries=retries, backoff=backoff)
-    name, version, alias = parse_model_ref(task_or_uri, version, alias)
-
-    def lookup():
-        if version is not None:
-            return client.get_model_version(name, version)
-        return client.get_model_version_by_alias(name, alias)
-
-    try:
-        mv = policy.call(lookup, f"look up {name} {'v' + version if version else '@' + str(alias)}", uri)
-    except MlflowException as e:
-        if e.error_code in _NOT_FOUND:
-            what = f"version {version}" if version is not None else f"alias {alias!r}"
-            raise LookupError(f"registered model {name!r} has no {what} at {uri}: {e.message}") from e
-        raise
-    local = Path(policy.call(
-        lambda: mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst), tracking_uri=uri),
-        f"download {name} v{mv.version}", uri))
-    tokenizer = local / "artifacts" / "tokenizer"
-    return RegisteredAdapter(name, str(mv.version), local / "artifacts" / "adapter",
-                             tokenizer if tokenizer.is_dir() else None, dict(mv.tags or {}))
-
-
-def load_registered(
-    task_or_uri: str,
-    version: str | int | None = None,
-    alias: str | None = CHAMPION,
-    base: Any = None,
-    force: bool = False,
-    tracking_uri: str | None = None,
-    retries: int = 3,
-    backoff: float = 1.0,
-    quantize: str | None = None,
-) -> tuple[Any, Any]:
-    """`(LoraModel, tokenizer)` of a registered adapter, ready to generate.
-
-    `task_or_uri`: a task (`<task>-lora@champion` by default) or a `models:/` URI; `base`: a
-    folder / Hub id / loaded model to use instead of the adapter's recorded base (`quantize="nf4"`
-    loads it in 4 bit). A base with a different weights fingerprint raises
-    FingerprintMismatchError unless `force`.
-    """
-    from lora_module.registry_pyfunc import load_adapter_with_base
-
-    with tempfile.TemporaryDirectory(prefix="lora-registry-") as tmp:
-        reg = download_adapter(task_or_uri, tmp, version, alias, tracking_uri, retries, backoff)
-        return load_adapter_with_base(reg.adapter_dir, base=base, force=force,
-                                      tokenizer_dir=reg.tokenizer_dir, quantize=quantize)
-
-
-class MultiTaskModel:
-    """One base model in memory, one registered adapter per task, switched per `generate` call.
-
-        mt = MultiTaskModel("path/to/base")
-        mt.attach("summary"); mt.attach("topic", alias="challenger")
-        mt.generate("summary", ["..."]); mt.generate("topic", ["..."]); mt.generate(None, ["..."])  # base
-
-    Outputs equal those of each adapter loaded alone (`load_registered`): only the active
-    adapter's LoRA branch runs. Calls are serialised by a lock (the active adapter is shared state).
-    """
-
-    def __init__(self, base: Any, tokenizer_dir: str | os.PathLike | None = None,
-                 tracking_uri: str | None = None, force: bool = False, retries: int = 3,
-                 backoff: float = 1.0) -> None:
-        import threading
-
-        from transformers import AutoTokenizer
-
-        from lora_module import LoraModel, load_base_model
-
-        self.base_model = load_base_model(str(base)) if isinstance(base, str | os.PathLike) else base
-        is_path = isinstance(base, str | os.PathLike)
-        tok_src = tokenizer_dir or (base if is_path else self.base_model.name_or_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
-        self.model = LoraModel(self.base_model, None)
-        self.tracking_uri, self.force, self.retries, self.backoff = tracking_uri, force, retries, backoff
-        self.versions: dict[str, RegisteredAdapter] = {}
-        self._tokenizers: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def adapter_name(task: str) -> str:
-        return re.sub(r"[^A-Za-z0-9_-]", "_", task)
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.versions)
-
-    def attach(self, task: str, alias: str | None = CHAMPION, version: str | int | None = None,
-               model_uri: str | None = None) -> RegisteredAdapter:
-        """Download the task's registered adapter and add it under the task's name."""
-        from transformers import AutoTokenizer
-
-        if task in self.versions:
-            raise ValueError(f"task {task!r} is already attached ({self.versions[task].model_uri}); "
-                             "detach it first")
-        with tempfile.TemporaryDirectory(prefix="lora-registry-") as tmp:
-            reg = download_adapter(model_uri or task, tmp, version, alias, self.tracking_uri, self.retries,
-                                   self.backoff)
-            with self._lock:
-                self.model.load_adapter(reg.adapter_dir, self.adapter_name(task), force=self.force)
-            if reg.tokenizer_dir is not None:
-                self._tokenizers[task] = AutoTokenizer.from_pretrained(str(reg.tokenizer_dir))
-        self.versions[task] = reg
-        return reg
-
-    def detach(self, task: str) -> None:
-        with self._lock:
-            self.model.delete_adapter(self.adapter_name(task))
-        self.versions.pop(task)
-        self._tokenizers.pop(task, None)
-
-    def generate(self, task: str | None, texts: list[str], **generation: Any) -> list[str]:
-        """Generate with `task`'s adapter (None: the bare base); `generation`: GenerationConfig fields."""
-        from lora_module.generation import GenerationConfig, generate
-
-        config = GenerationConfig(**generation)
-        with self._lock:
-            if task is None:
-                with self.model.disable_adapter():
-                    return generate(self.model, self.tokenizer, texts, config)
-            if task not in self.versions:
-                raise KeyError(f"task {task!r} is not attached; attached tasks: {self.tasks}")
-            self.model.set_adapter(self.adapter_name(task))
-            return generate(self.model, self._tokenizers.get(task, self.tokenizer), texts, config)

@@ -16,6 +16,7 @@ so the checkpoints on disk are all from good steps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -163,6 +164,10 @@ class FineTuneModule(L.LightningModule):
         self._train_seconds = 0.0
         self._last_tick: float | None = None
         self._predictions: list[dict] = []
+        # Dropout seed of every step derives from this (see _step_rng); restored from checkpoints.
+        self._rng_base_seed: int | None = None
+        self._resumed_epoch: int | None = None  # epoch a checkpoint interrupted (keeps its loss sums)
+        self.resolved_config: str | None = None  # the CLI's resolved config (YAML), exported as config.yaml
 
     # ---- parameters -------------------------------------------------------------------------
 
@@ -198,8 +203,24 @@ class FineTuneModule(L.LightningModule):
     def forward(self, **batch: Any) -> Any:
         return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
 
+    def _step_seed(self, batch_idx: int) -> int:
+        """Seed of one micro-batch's dropout, from (base seed, step, epoch, batch, rank) and nothing else.
+
+        Dropout then draws the same masks whether or not the run was resumed in between: the
+        global RNG stream also feeds DataLoader iterators and validation, which a resume replays
+        differently, and Lightning does not checkpoint RNG states.
+        """
+        if self._rng_base_seed is None:
+            self._rng_base_seed = torch.initial_seed()
+        key = f"{self._rng_base_seed}:{self.global_step}:{self.current_epoch}:{batch_idx}:{self.global_rank}"
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss
+        on_gpu = self.device.type != "cpu"
+        devices = [self.device.index or 0] if on_gpu else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type if on_gpu else "cuda"):
+            torch.manual_seed(self._step_seed(batch_idx))
+            loss = self(**batch).loss
         detached = loss.detach()
         # Checked once per optimizer step (on_before_optimizer_step): no GPU sync per micro-batch.
         self._nonfinite = self._nonfinite.to(detached.device) | ~torch.isfinite(detached)
@@ -227,8 +248,10 @@ class FineTuneModule(L.LightningModule):
             )
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_loss_sum = torch.zeros((), device=self.device)
-        self._epoch_loss_n = 0
+        if self._resumed_epoch != self.current_epoch:  # a mid-epoch resume keeps the restored sums
+            self._epoch_loss_sum = torch.zeros((), device=self.device)
+            self._epoch_loss_n = 0
+        self._resumed_epoch = None
         self._last_tick = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:

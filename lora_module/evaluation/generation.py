@@ -7,14 +7,13 @@ folder), a LoRA adapter over a base (`kind="lora"`, an adapter folder; the base 
 before generating, so LoRA costs nothing at inference. `generate` then decodes prompts in
 length-sorted batches under `torch.inference_mode` and returns texts in the original order.
 
-    from lora_module.generation import GenerationConfig, ModelSpec, generate, load_model_for_spec
+    from lora_module.evaluation.generation import GenerationConfig, ModelSpec, generate, load_model_for_spec
     model, tok = load_model_for_spec(ModelSpec("lora", "lora", "runs/x/adapter"))
     texts = generate(model, tok, prompts, GenerationConfig(batch_size=16, num_beams=1))
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 from collections.abc import Sequence
@@ -25,11 +24,16 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lora_module.config import DTYPE_NAMES, torch_dtype
+from lora_module.files import sha256_file
+from lora_module.names import check_name
+
 MODEL_KINDS = ("base", "lora", "full")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The one default of each decoding setting (evaluation, the registry's pyfunc and `predict` use them).
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_MAX_NEW_TOKENS = 128
 # "org/name" or "name": what a Hugging Face Hub id looks like (anything else must exist on disk).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
 
 class ModelLoadError(RuntimeError):
@@ -40,14 +44,15 @@ class ModelLoadError(RuntimeError):
 class GenerationConfig:
     """How to decode: batching, length limits and search. Defaults are greedy decoding."""
 
-    batch_size: int = 16
+    batch_size: int = DEFAULT_BATCH_SIZE
     """Prompts per `generate` call."""
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     """Upper bound on generated tokens per example."""
     num_beams: int = 1
     """Beam width; 1 means greedy decoding."""
-    max_source_length: int | None = 512
-    """Prompts are truncated to this many tokens; None keeps the tokenizer's own limit."""
+    max_source_length: int | None = None
+    """Prompts are truncated to this many tokens. None: the limit the model was trained with (the
+    prepared data's manifest, in evaluation and serving); where none is recorded, no truncation."""
     sort_by_length: bool = True
     """Batch prompts of similar length together (less padding); outputs keep the input order."""
     merge_adapter: bool = True
@@ -73,9 +78,9 @@ class GenerationConfig:
             raise ValueError(
                 f"GenerationConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
             )
-        if self.dtype is not None and self.dtype not in _DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise ValueError(
-                f"GenerationConfig.dtype must be None or one of {list(_DTYPES)}, got {self.dtype!r}"
+                f"GenerationConfig.dtype must be None or one of {list(DTYPE_NAMES)}, got {self.dtype!r}"
             )
 
     @classmethod
@@ -101,7 +106,7 @@ class ModelSpec:
     """One model to evaluate: a display name, its kind and where it lives."""
 
     name: str
-    """Short name used in file names and report rows (letters, digits, '_', '-', '.')."""
+    """Short name used in file names and report rows (lora_module.names rule: letters, digits, '_', '-')."""
     kind: str
     """'base' (untouched model), 'lora' (adapter folder) or 'full' (fine-tuned model folder)."""
     path: str
@@ -110,11 +115,7 @@ class ModelSpec:
     """lora only: base model to load instead of adapter_config.json's base_model_name_or_path."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _SAFE_NAME.fullmatch(self.name):
-            raise ValueError(
-                f"ModelSpec.name {self.name!r} is not valid: use letters, digits, '_', '-', '.' "
-                "(it becomes a file name), starting with a letter or digit"
-            )
+        check_name("ModelSpec.name (it becomes a file name)", self.name, ValueError)
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"ModelSpec.kind {self.kind!r} is not valid; valid kinds: {list(MODEL_KINDS)}")
         self.path = str(self.path)
@@ -125,30 +126,26 @@ class ModelSpec:
 
     def resolved_path(self) -> Path | str:
         """The folder to load, accepting a training output dir (with adapter/ or model/) too."""
-        p = Path(self.path)
         if self.kind == "lora":
-            if not p.exists():
-                raise ModelLoadError(f"model {self.name!r}: adapter folder {p} does not exist")
-            if not (p / "adapter_config.json").exists() and (p / "adapter" / "adapter_config.json").exists():
-                p = p / "adapter"
-            if not (p / "adapter_config.json").exists():
-                raise ModelLoadError(
-                    f"model {self.name!r}: {p} is not an adapter folder (no adapter_config.json); "
-                    "kind='lora' needs a PEFT-format adapter directory"
-                )
-            return p
+            return self._folder_with("adapter_config.json", "adapter", "adapter folder",
+                                     "it is not an adapter folder: kind='lora' needs a PEFT-format "
+                                     "adapter directory")
         if self.kind == "full":
-            if not p.exists():
-                raise ModelLoadError(f"model {self.name!r}: model folder {p} does not exist")
-            if not (p / "config.json").exists() and (p / "model" / "config.json").exists():
-                p = p / "model"
-            if not (p / "config.json").exists():
-                raise ModelLoadError(
-                    f"model {self.name!r}: {p} has no config.json; kind='full' needs a folder written "
-                    "by save_pretrained (or a training output dir with model/)"
-                )
-            return p
+            return self._folder_with("config.json", "model", "model folder",
+                                     "kind='full' needs a folder written by save_pretrained "
+                                     "(or a training output dir with model/)")
         return _local_or_hub(self.path, self.name)
+
+    def _folder_with(self, marker: str, sub: str, what: str, need: str) -> Path:
+        """`path`, or `path/<sub>` (a training output), holding `marker`."""
+        p = Path(self.path)
+        if not p.exists():
+            raise ModelLoadError(f"model {self.name!r}: {what} {p} does not exist")
+        if not (p / marker).exists() and (p / sub / marker).exists():
+            p = p / sub
+        if not (p / marker).exists():
+            raise ModelLoadError(f"model {self.name!r}: {p} has no {marker}; {need}")
+        return p
 
 
 def _local_or_hub(path: str, name: str) -> Path | str:
@@ -167,15 +164,6 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_tokenizer(candidates: Sequence[Path | str | None], name: str) -> PreTrainedTokenizerBase:
@@ -211,78 +199,86 @@ def load_model_with_info(
 def _load_model_with_info(
     spec: ModelSpec, gen: GenerationConfig | None, tokenizer_path: Path | str | None
 ) -> LoadedModel:
-    from lora_module import (
-        AdapterLoadError,
-        FingerprintMismatchError,
-        LoraModel,
-        base_fingerprint,
-        load_base_model,
-    )
-
     gen = gen or GenerationConfig()
     path = spec.resolved_path()
     info: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "path": str(path)}
-    dtype = _DTYPES[gen.dtype] if gen.dtype else None
-
     if spec.kind == "lora":
-        from lora_module import read_adapter_config
-
-        adapter_dir = Path(path)
-        adapter_cfg = read_adapter_config(adapter_dir)
-        base_name = spec.base or adapter_cfg.get("base_model_name_or_path")
-        if not base_name:
-            raise ModelLoadError(
-                f"model {spec.name!r}: {adapter_dir / 'adapter_config.json'} names no "
-                "base_model_name_or_path; pass the base explicitly (ModelSpec.base / --lora-base)"
-            )
-        try:
-            base_path = _local_or_hub(str(base_name), spec.name)
-            base = load_base_model(str(base_path), torch_dtype=dtype)
-        except (ModelLoadError, OSError) as e:
-            raise ModelLoadError(
-                f"model {spec.name!r}: cannot load the base {base_name} of adapter {adapter_dir} ({e}); "
-                "pass the right base with ModelSpec.base / --lora-base"
-            ) from e
-        try:
-            lora = LoraModel.from_pretrained(base, str(adapter_dir))
-        except FingerprintMismatchError as e:
-            raise FingerprintMismatchError(
-                f"model {spec.name!r}: adapter {adapter_dir} was trained on a different base than "
-                f"{base_path} (set ModelSpec.base / --lora-base to the right base model): {e}"
-            ) from e
-        except AdapterLoadError as e:
-            raise AdapterLoadError(
-                f"model {spec.name!r}: adapter {adapter_dir} does not fit base {base_path}: {e}"
-            ) from e
-        info["base"] = str(base_path)
-        info["base_fingerprint"] = lora.base_fingerprint()
-        weights = adapter_dir / "adapter_model.safetensors"
-        if weights.exists():
-            info["adapter_sha256"] = file_sha256(weights)
-            info["adapter_bytes"] = weights.stat().st_size
-            info["trainable_params"] = _safetensors_numel(weights)
-        info["total_params"] = sum(p.numel() for p in lora.model.parameters())
-        info["adapter_config"] = {
-            k: adapter_cfg.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora", "task_type")
-        }
-        model: torch.nn.Module = lora.merge_and_unload() if gen.merge_adapter else lora
-        info["merged"] = gen.merge_adapter
-        tokenizer = _load_tokenizer([tokenizer_path, adapter_dir, base_path], spec.name)
+        model, tokenizer = _load_lora(spec, Path(path), gen, tokenizer_path, info)
     else:
-        try:
-            model = load_base_model(str(path), torch_dtype=dtype)
-        except OSError as e:
-            raise ModelLoadError(f"model {spec.name!r}: cannot load {path}: {e}") from e
-        fp = base_fingerprint(model)
-        info["base_fingerprint" if spec.kind == "base" else "model_fingerprint"] = fp
-        info["total_params"] = sum(p.numel() for p in model.parameters())
-        # The untouched base trains nothing; a full fine-tune trains every weight.
-        info["trainable_params"] = 0 if spec.kind == "base" else info["total_params"]
-        tokenizer = _load_tokenizer([tokenizer_path, path], spec.name)
-
+        model, tokenizer = _load_plain(spec, path, gen, tokenizer_path, info)
     model.to(gen.resolved_device())
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def _load_lora(spec: ModelSpec, adapter_dir: Path, gen: GenerationConfig, tokenizer_path: Path | str | None,
+               info: dict[str, Any]) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Base + adapter (merged unless `gen.merge_adapter` is off); fills `info` with the adapter's figures."""
+    from lora_module import AdapterLoadError, FingerprintMismatchError, LoraModel, read_adapter_config
+
+    adapter_cfg = read_adapter_config(adapter_dir)
+    base_name = spec.base or adapter_cfg.get("base_model_name_or_path")
+    if not base_name:
+        raise ModelLoadError(
+            f"model {spec.name!r}: {adapter_dir / 'adapter_config.json'} names no "
+            "base_model_name_or_path; pass the base explicitly (ModelSpec.base / --lora-base)"
+        )
+    base, base_path = _load_base_of_adapter(spec, str(base_name), adapter_dir, gen)
+    try:
+        lora = LoraModel.from_pretrained(base, str(adapter_dir))
+    except FingerprintMismatchError as e:
+        raise FingerprintMismatchError(
+            f"model {spec.name!r}: adapter {adapter_dir} was trained on a different base than "
+            f"{base_path} (set ModelSpec.base / --lora-base to the right base model): {e}"
+        ) from e
+    except AdapterLoadError as e:
+        raise AdapterLoadError(
+            f"model {spec.name!r}: adapter {adapter_dir} does not fit base {base_path}: {e}"
+        ) from e
+    info["base"] = str(base_path)
+    info["base_fingerprint"] = lora.base_fingerprint()
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.exists():
+        info["adapter_sha256"] = sha256_file(weights)
+        info["adapter_bytes"] = weights.stat().st_size
+        info["trainable_params"] = _safetensors_numel(weights)
+    info["total_params"] = sum(p.numel() for p in lora.model.parameters())
+    info["adapter_config"] = {
+        k: adapter_cfg.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora", "task_type")
+    }
+    model: torch.nn.Module = lora.merge_and_unload() if gen.merge_adapter else lora
+    info["merged"] = gen.merge_adapter
+    return model, _load_tokenizer([tokenizer_path, adapter_dir, base_path], spec.name)
+
+
+def _load_base_of_adapter(spec: ModelSpec, base_name: str, adapter_dir: Path,
+                          gen: GenerationConfig) -> tuple[torch.nn.Module, Path | str]:
+    from lora_module import load_base_model
+
+    try:
+        base_path = _local_or_hub(base_name, spec.name)
+        return load_base_model(str(base_path), torch_dtype=torch_dtype(gen.dtype)), base_path
+    except (ModelLoadError, OSError) as e:
+        raise ModelLoadError(
+            f"model {spec.name!r}: cannot load the base {base_name} of adapter {adapter_dir} ({e}); "
+            "pass the right base with ModelSpec.base / --lora-base"
+        ) from e
+
+
+def _load_plain(spec: ModelSpec, path: Path | str, gen: GenerationConfig, tokenizer_path: Path | str | None,
+                info: dict[str, Any]) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """An untouched base or a fully fine-tuned model; fills `info` with its fingerprint and sizes."""
+    from lora_module import base_fingerprint, load_base_model
+
+    try:
+        model = load_base_model(str(path), torch_dtype=torch_dtype(gen.dtype))
+    except OSError as e:
+        raise ModelLoadError(f"model {spec.name!r}: cannot load {path}: {e}") from e
+    info["base_fingerprint" if spec.kind == "base" else "model_fingerprint"] = base_fingerprint(model)
+    info["total_params"] = sum(p.numel() for p in model.parameters())
+    # The untouched base trains nothing; a full fine-tune trains every weight.
+    info["trainable_params"] = 0 if spec.kind == "base" else info["total_params"]
+    return model, _load_tokenizer([tokenizer_path, path], spec.name)
 
 
 def _safetensors_numel(path: Path) -> int:
@@ -342,17 +338,7 @@ def generate(
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad token nor an eos token; cannot batch prompts")
 
-    max_len = config.max_source_length
-    # Over-long prompts: seq2seq keeps the start (as the data stage does), causal keeps the end,
-    # where the prompt hands over to the answer ("Summary:").
-    saved_side = tokenizer.truncation_side
-    tokenizer.truncation_side = "right" if is_seq2seq else "left"
-    try:
-        encoded = tokenizer(
-            list(prompts), truncation=max_len is not None, max_length=max_len, add_special_tokens=True
-        )["input_ids"]
-    finally:
-        tokenizer.truncation_side = saved_side
+    encoded = _encode(tokenizer, prompts, config.max_source_length, is_seq2seq)
     order = list(range(len(prompts)))
     if config.sort_by_length:
         # Longest first: the biggest batch runs first, so running out of memory shows up at once.
@@ -361,18 +347,7 @@ def generate(
     outputs: list[str | None] = [None] * len(prompts)
     for start in range(0, len(order), config.batch_size):
         batch_idx = order[start : start + config.batch_size]
-        seqs = [encoded[i] for i in batch_idx]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, T]
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, T]
-        for row, s in enumerate(seqs):
-            if is_seq2seq:
-                input_ids[row, : len(s)] = torch.tensor(s)
-                attention[row, : len(s)] = 1
-            else:
-                # Left padding: every prompt ends at column `width`, so generation continues it.
-                input_ids[row, width - len(s) :] = torch.tensor(s)
-                attention[row, width - len(s) :] = 1
+        input_ids, attention = _pad([encoded[i] for i in batch_idx], pad_id, left=not is_seq2seq)
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
@@ -382,8 +357,36 @@ def generate(
             pad_token_id=pad_id,
         )  # seq2seq: [B, new]; causal: [B, T + new]
         if not is_seq2seq:
-            out = out[:, width:]
+            out = out[:, input_ids.shape[1] :]
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
         for i, text in zip(batch_idx, texts, strict=True):
             outputs[i] = text.strip()
     return [o if o is not None else "" for o in outputs]
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_len: int | None,
+            is_seq2seq: bool) -> list[list[int]]:
+    """Token ids per prompt, cut to `max_len` (None: not cut)."""
+    # Over-long prompts: seq2seq keeps the start (as the data stage does), causal keeps the end,
+    # where the prompt hands over to the answer ("Summary:").
+    saved_side = tokenizer.truncation_side
+    tokenizer.truncation_side = "right" if is_seq2seq else "left"
+    try:
+        return tokenizer(
+            list(prompts), truncation=max_len is not None, max_length=max_len, add_special_tokens=True
+        )["input_ids"]
+    finally:
+        tokenizer.truncation_side = saved_side
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, T], attention_mask [B, T]) of one batch, padded to its longest row."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        # Left padding (causal): every prompt ends at column `width`, so generation continues it.
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        input_ids[row, cols] = torch.tensor(s)
+        attention[row, cols] = 1
+    return input_ids, attention

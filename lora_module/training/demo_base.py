@@ -1,7 +1,7 @@
 """The demo base model: a small T5 that first learns the demo corpus's language by denoising.
 
-    python -m lora_module.demo_base runs/demo_base            # builds (or reuses) and prints the folder
-    from lora_module.demo_base import build_demo_base
+    python -m lora_module.training.demo_base runs/demo_base            # builds (or reuses) and prints the folder
+    from lora_module.training.demo_base import build_demo_base
     base_dir = build_demo_base("runs/demo_base", corpus_size=2000, seed=0, steps=300)
 
 Why pretrain: the comparison should follow the real recipe, a base that has learned the language
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
-from data.tokenizer import NUM_SENTINELS, train_tokenizer
+from lora_pipeline.data.tokenizer import NUM_SENTINELS, train_tokenizer
 
 MANIFEST = "demo_base.json"
 # Bump when the build procedure changes in a way the parameters do not show.
@@ -119,7 +119,7 @@ class DemoBaseConfig:
 
 def corpus_texts(corpus_size: int, seed: int) -> list[str]:
     """Dialogues and summaries of the demo corpus as plain texts (no task framing, no topic labels)."""
-    from data.demo_corpus import generate
+    from lora_pipeline.data.demo_corpus import generate
 
     texts: list[str] = []
     for row in generate(corpus_size, seed):
@@ -131,8 +131,8 @@ def corpus_texts(corpus_size: int, seed: int) -> list[str]:
 def tokenizer_texts(corpus_size: int, seed: int, pretrain_texts: list[str]) -> list[str]:
     """Pretraining texts plus the topic labels and prompt templates, so the task prompts of both demo
     tasks tokenize into whole words (the data stage reuses this tokenizer for the prepared data)."""
-    from data.config import DEFAULT_TEMPLATES
-    from data.demo_corpus import generate
+    from lora_pipeline.data.config import DEFAULT_TEMPLATES
+    from lora_pipeline.data.demo_corpus import generate
 
     topics = [row["topic"] for row in generate(corpus_size, seed)]
     templates = [t.replace("{dialogue}", "") for t in DEFAULT_TEMPLATES.values()]

@@ -9,9 +9,12 @@
 
 The configuration is checked completely before anything is built: jsonargparse rejects unknown keys
 and wrong types/literals (e.g. `finetune: wrong`), and `check_config` runs the LoRA and data checks
-(e.g. `r: 0`), all with a message naming the key. Training is logged to MLflow at
-`$MLFLOW_TRACKING_URI` if set, else to the SQLite file `${LORA_PIPELINE_HOME:-.lora_pipeline}/mlflow.db`
-(artifacts beside it in `mlartifacts/`): never to the plain `./mlruns` store that MLflow 3 refuses.
+(e.g. `r: 0`), all with a message naming the key. Training is logged to MLflow: the store and
+experiment given as `--trainer.logger.init_args.tracking_uri` / `.experiment_name` (the flows pass
+their pipeline home's store and the task's experiment `lora-<task>`), by default the store of
+`PipelineHome.from_env()` ($MLFLOW_TRACKING_URI, else `<home>/mlflow.db`, artifacts in
+`<home>/mlartifacts/<experiment>`) and experiment `lora_pipeline`; never the plain `./mlruns`
+store that MLflow 3 refuses.
 """
 
 from __future__ import annotations
@@ -26,36 +29,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import MLFlowLogger
 
 from lora_module.config import LoraConfig
-from lora_module.datamodule import PreparedDataModule
+from lora_module.training.datamodule import PreparedDataModule
 from lora_module.errors import LoraConfigError
-from lora_module.home import tracking_uri as default_tracking_uri
-from lora_module.lightning_module import FineTuneModule
+from lora_module.home import PipelineHome, artifact_location_for, ensure_store_folder
+from lora_module.training.module import FineTuneModule
 
 DEFAULT_EXPERIMENT = "lora_pipeline"
-
-
-def training_artifact_location(uri: str) -> str | None:
-    """Artifact root of the training experiment: `mlartifacts/` beside a SQLite store; None (the
-    server's own default) for a tracking server."""
-    if uri.startswith("sqlite:///"):
-        return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
-    return None
-
-
-def create_training_experiment(experiment: str = DEFAULT_EXPERIMENT) -> str:
-    """Create the MLflow store and the training experiment up front; returns the tracking URI.
-
-    For callers that then start training runs concurrently: two processes opening a fresh SQLite
-    store at once both run its schema migrations (one fails), and two runs creating the same
-    experiment at once collide too.
-    """
-    from mlflow import MlflowClient
-
-    from lora_module.registry import configure_tracking, ensure_experiment
-
-    uri = configure_tracking()
-    ensure_experiment(MlflowClient(tracking_uri=uri), uri, experiment, training_artifact_location(uri))
-    return uri
 
 
 class PipelineMLFlowLogger(MLFlowLogger):
@@ -73,14 +52,15 @@ class PipelineMLFlowLogger(MLFlowLogger):
         Args:
             experiment_name: MLflow experiment (created if missing).
             run_name: Name of the MLflow run (MLflow picks one when None).
-            tracking_uri: Tracking server or store; None: $MLFLOW_TRACKING_URI, else the local SQLite file.
+            tracking_uri: Tracking server or store; None: the store of `PipelineHome.from_env()`
+                ($MLFLOW_TRACKING_URI, else the home's SQLite file).
             tags: Tags for the run.
-            artifact_location: Artifact root of a newly created experiment; None: `mlartifacts/` beside the
-                SQLite file when the store is that file, else the server's default.
+            artifact_location: Artifact root of a newly created experiment; None: `mlartifacts/<experiment>`
+                beside the SQLite file when the store is that file, else the server's default.
         """
-        uri = tracking_uri or default_tracking_uri()
+        uri = ensure_store_folder(tracking_uri or PipelineHome.from_env().tracking_uri)
         if artifact_location is None:
-            artifact_location = training_artifact_location(uri)
+            artifact_location = artifact_location_for(uri, experiment_name)
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,

@@ -7,7 +7,7 @@ report.json / report.md / rouge.png / predictions.csv.
 
 Command line::
 
-    python -m lora_module.evaluate --prepared data/prepared/dialogsum-1a2b3c4d5e6f \
+    python -m lora_module.evaluation.evaluate --prepared data/prepared/dialogsum-1a2b3c4d5e6f \
         --model base=google/flan-t5-base --model full=runs/full/model --model lora=runs/lora/adapter \
         --task dialogsum --out reports/dialogsum [--split test --limit 100 --batch-size 16 \
         --num-beams 1 --max-new-tokens 128]
@@ -29,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lora_module.generation import (
+from lora_module.evaluation.generation import (
     MODEL_KINDS,
     GenerationConfig,
     ModelLoadError,
@@ -37,8 +37,8 @@ from lora_module.generation import (
     generate,
     load_model_with_info,
 )
-from lora_module.report import ReportInputError, build_report, write_json_atomic
-from lora_module.rouge import (
+from lora_module.evaluation.report import ReportInputError, build_report, write_json_atomic
+from lora_module.evaluation.rouge import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
@@ -74,7 +74,7 @@ def _read_split(
     prepared_dir: Path, split: str, limit: int | None
 ) -> tuple[list[int], list[str], list[list[str]], dict]:
     """(row indices, prompts, references, manifest) of the split, checked for evaluation."""
-    from data import load_prepared
+    from lora_pipeline.data import load_prepared
 
     if not prepared_dir.exists():
         raise EvalInputError(f"prepared data folder {prepared_dir} does not exist")
@@ -306,7 +306,7 @@ def parse_model_arg(text: str) -> ModelSpec:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m lora_module.evaluate",
+        prog="python -m lora_module.evaluation.evaluate",
         description="Evaluate base / LoRA / fully fine-tuned models with ROUGE and write a report.",
     )
     p.add_argument("--prepared", required=True, help="prepared data folder (written by data.prepare)")

@@ -2,7 +2,7 @@
 
 The gate is a plain function of numbers so it can be read, tested and argued about on its own:
 
-    from lora_module.registry_gate import decide_promotion
+    from lora_module.registry.gate import decide_promotion
     d = decide_promotion({"rougeL": 0.31, "data_fingerprint": "abc"}, {"rougeL": 0.22},
                          {"rougeL": 0.30, "data_fingerprint": "abc", "version": "3"}, "rougeL")
     d.promote, d.alias, d.reason   # True, "champion", "... >= champion v3 ..."

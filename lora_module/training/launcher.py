@@ -1,9 +1,11 @@
 """Run training as its own process: how flows (and anything else) launch `fit`.
 
-    from lora_module.train import run_fit
+    from lora_module.training.launcher import run_fit
     out = run_fit("deploy/configs/demo_summary_lora.yaml",
                   ["--data.prepared_dir", prepared, "--model.output_dir", "runs/s1"])
     out / "adapter", out / "metrics.json"
+    run_fit(config, overrides, output_dir="runs/s1", tracking_uri=home.tracking_uri,
+            experiment=home.experiment("summary"))     # how the flows call it: the config is checked
 
 Why a subprocess: multi-device DDP re-launches the entry script once per rank, so it must be an
 entry point of its own (the Lightning CLI), never the Python process of a caller such as a Prefect
@@ -32,7 +34,7 @@ class TrainingError(RuntimeError):
 
 def resolve_output_dir(config_path: str | Path, overrides: Sequence[str] = ()) -> Path:
     """The run's `model.output_dir` after applying `overrides`, by parsing (not running) the config."""
-    from lora_module.cli import parse_config
+    from lora_module.training.cli import parse_config
 
     try:
         config = parse_config(["--config", str(config_path), *overrides])
@@ -50,6 +52,9 @@ def run_fit(
     resume: bool = False,
     env: dict[str, str] | None = None,
     timeout: float | None = None,
+    output_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
 ) -> Path:
     """Train with `python -m lora_module fit --config config_path *overrides`; returns the output dir.
 
@@ -58,8 +63,16 @@ def run_fit(
         overrides: Extra CLI arguments, e.g. ["--data.prepared_dir", "p", "--trainer.max_steps", "100"].
         resume: Continue from `<output_dir>/checkpoints/last.ckpt` when it exists (same step count,
             schedule and optimizer state); ignored if the overrides already give `--ckpt_path`.
-        env: Extra environment variables for the subprocess (e.g. MLFLOW_TRACKING_URI).
+        env: Extra environment variables for the subprocess (e.g. OMP_NUM_THREADS).
         timeout: Seconds before the run is killed (None: no limit).
+        output_dir: The run's `model.output_dir`, passed to the CLI; when given, the config is not
+            parsed here (the caller checked it already; a bad one fails in the subprocess). None:
+            parse the config for its output_dir, failing here on a bad one.
+        tracking_uri: MLflow store of the training run (the logger's `tracking_uri`); None: the
+            config's, else the logger's default.
+        experiment: MLflow experiment of the training run (the logger's `experiment_name`), e.g.
+            `lora-<task>`; None: the config's. Both need the config's logger to be an MLflow
+            logger (the default), not `false`.
 
     Raises:
         TrainingError: the config does not parse, the process fails, or the expected outputs are missing.
@@ -68,11 +81,18 @@ def run_fit(
     if not config_path.is_file():
         raise TrainingError(f"training config {config_path} does not exist")
     overrides = [str(o) for o in overrides]
-    out = resolve_output_dir(config_path, overrides)
+    for key, value in (("tracking_uri", tracking_uri), ("experiment_name", experiment)):
+        if value is not None:
+            overrides += [f"--trainer.logger.init_args.{key}", value]
+    if output_dir is not None:
+        out = Path(output_dir).resolve()
+        overrides += ["--model.output_dir", str(out)]
+    else:
+        out = resolve_output_dir(config_path, overrides)
     last = out / "checkpoints" / "last.ckpt"
     if resume and last.exists() and not any(o.startswith("--ckpt_path") for o in overrides):
         overrides += ["--ckpt_path", str(last)]
-    cmd = [sys.executable, "-m", "lora_module", "fit", "--config", str(config_path), *overrides]
+    cmd = [sys.executable, "-m", "lora_module.training", "fit", "--config", str(config_path), *overrides]
 
     child_env = {**os.environ, **(env or {})}
     # The child must import this project whatever its working directory.
@@ -80,13 +100,30 @@ def run_fit(
         p for p in (str(PROJECT_ROOT), child_env.get("PYTHONPATH")) if p
     )
     log_path = out / "logs" / "fit.log"
+    rc, tail = _run_logged(cmd, child_env, log_path, timeout)
+    if rc != 0:
+        raise TrainingError(
+            f"training failed with exit code {rc}: {' '.join(cmd)}\n"
+            f"--- last {len(tail)} lines of {log_path} ---\n{''.join(tail)}"
+        )
+    missing = [p for p in ("metrics.json", "config.yaml") if not (out / p).exists()]
+    if not ((out / "adapter").is_dir() or (out / "model").is_dir()):
+        missing.append("adapter/ or model/")
+    if missing:
+        raise TrainingError(f"training exited 0 but {out} lacks {missing}; see {log_path}")
+    return out
+
+
+def _run_logged(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float | None
+                ) -> tuple[int, deque[str]]:
+    """Run `cmd`, appending its output to `log_path`; (exit code, the output's last lines)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, errors="replace"
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, errors="replace"
         )
 
         def pump() -> None:
@@ -110,14 +147,4 @@ def run_fit(
             raise
         finally:
             reader.join(timeout=10)
-    if rc != 0:
-        raise TrainingError(
-            f"training failed with exit code {rc}: {' '.join(cmd)}\n"
-            f"--- last {len(tail)} lines of {log_path} ---\n{''.join(tail)}"
-        )
-    missing = [p for p in ("metrics.json", "config.yaml") if not (out / p).exists()]
-    if not ((out / "adapter").is_dir() or (out / "model").is_dir()):
-        missing.append("adapter/ or model/")
-    if missing:
-        raise TrainingError(f"training exited 0 but {out} lacks {missing}; see {log_path}")
-    return out
+    return rc, tail

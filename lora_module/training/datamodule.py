@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from data import load_prepared, load_tokenizer
+from lora_pipeline.data import load_prepared, load_tokenizer
 
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
 IGNORE_INDEX = -100

@@ -14,7 +14,7 @@ used one, the prepared data's tokenizer (`tokenizer`). The base model is read fr
 weights fingerprint must match the adapter's unless `model_config["force"]` is true; it is loaded
 unquantized (as in evaluation) unless `model_config["quantize"]` is "nf4". Inputs are the model
 prompts (the prepared data's `prompt` column), a `text` column; MLflow's schema check refuses a
-bare list. Decoding is greedy by default, exactly as in evaluation (`lora_module.generation`).
+bare list. Decoding is greedy by default, exactly as in evaluation (`lora_module.evaluation.generation`).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def load_adapter_with_base(
 
 def generation_config(params: dict[str, Any] | None) -> Any:
     """GenerationConfig (greedy by default, as in evaluation) from predict params."""
-    from lora_module.generation import GenerationConfig
+    from lora_module.evaluation.generation import GenerationConfig
 
     unknown = sorted(set(params or {}) - set(GENERATION_PARAMS))
     if unknown:
@@ -169,7 +169,7 @@ def pyfunc_code_files() -> list[Path]:
 _MODEL_CODE = """\
 import mlflow
 
-from lora_module.registry_pyfunc import LoraAdapterModel
+from lora_module.registry.pyfunc import LoraAdapterModel
 
 mlflow.models.set_model(LoraAdapterModel())
 """
@@ -218,7 +218,7 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
     # column) instead of inferring a schema from the hint; lists of strings work as well.
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> list[str]:
-        from lora_module.generation import generate
+        from lora_module.evaluation.generation import generate
 
         texts = texts_from_input(model_input)
         return generate(self.model, self.tokenizer, texts, generation_config(params))

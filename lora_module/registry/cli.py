@@ -2,13 +2,13 @@
 manual promotion. Tracking URI: `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else the embedded
 SQLite store under `$LORA_PIPELINE_HOME` (see lora_module.registry).
 
-    python -m lora_module.registry_cli list                       # tasks, versions, aliases, ROUGE
-    python -m lora_module.registry_cli list summary               # versions of one task
-    python -m lora_module.registry_cli show summary @champion     # or a version number: show summary 3
-    python -m lora_module.registry_cli register summary runs/x/adapter --report runs/x/eval --train-dir runs/x
-    python -m lora_module.registry_cli promote summary 3 --reason "human review passed"
-    python -m lora_module.registry_cli demote summary --reason "regression reported"   # drops @champion
-    python -m lora_module.registry_cli predict summary --text "Summarize: ..." [--file prompts.txt]
+    python -m lora_module.registry.cli list                       # tasks, versions, aliases, ROUGE
+    python -m lora_module.registry.cli list summary               # versions of one task
+    python -m lora_module.registry.cli show summary @champion     # or a version number: show summary 3
+    python -m lora_module.registry.cli register summary runs/x/adapter --report runs/x/eval --train-dir runs/x
+    python -m lora_module.registry.cli promote summary 3 --reason "human review passed"
+    python -m lora_module.registry.cli demote summary --reason "regression reported"   # drops @champion
+    python -m lora_module.registry.cli predict summary --text "Summarize: ..." [--file prompts.txt]
 
 A task `T` means the registered model `T-lora`; `--model-name` names another one.
 Exit status: 0 on success, 1 with a one-line `error: ...` for bad input or an unreachable registry.
@@ -36,8 +36,8 @@ from lora_module.registry import (
     model_name_for,
     register_adapter,
 )
-from lora_module.registry_gate import RegistryUnavailableError, RetryPolicy
-from lora_module.registry_inputs import RegistrationInputError
+from lora_module.registry.gate import RegistryUnavailableError, RetryPolicy
+from lora_module.registry.inputs import RegistrationInputError
 
 
 def _name(args: argparse.Namespace) -> str:
@@ -187,7 +187,7 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lora_module.generation import GenerationConfig, generate
+    from lora_module.evaluation.generation import GenerationConfig, generate
 
     texts = _read_texts(args)
     ref = f"models:/{args.model_name}" if args.model_name else args.task
@@ -205,7 +205,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lora_module.registry_cli",
+    p = argparse.ArgumentParser(prog="python -m lora_module.registry.cli",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tracking-uri",

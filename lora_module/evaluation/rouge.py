@@ -11,7 +11,7 @@ numbers are the ones any other user of that package would get. On top of it:
 
 Use it directly::
 
-    from lora_module.rouge import score_examples, summarize, paired_bootstrap
+    from lora_module.evaluation.rouge import score_examples, summarize, paired_bootstrap
     per_example = score_examples(predictions, references)   # {"rouge1": [..], ...}
     summary = summarize(per_example)                         # {"rouge1": {"mean", "ci_low", ...}}
 """

@@ -10,7 +10,7 @@
 - `predictions.csv`: input, references and each model's output, one row per example.
 
 Evaluations made on different data (fingerprint, split or example set) are refused: their
-numbers are not comparable. Usually called through `lora_module.evaluate` (see its CLI).
+numbers are not comparable. Usually called through `lora_module.evaluation.evaluate` (see its CLI).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lora_module.rouge import DEFAULT_RESAMPLES, DEFAULT_SEED, ROUGE_LABELS, ROUGE_TYPES, paired_bootstrap
+from lora_module.evaluation.rouge import DEFAULT_RESAMPLES, DEFAULT_SEED, ROUGE_LABELS, ROUGE_TYPES, paired_bootstrap
 
 REPORT_FILES = ("report.json", "report.md", "rouge.png", "predictions.csv")
 

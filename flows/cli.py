@@ -1,0 +1,83 @@
+"""`lora-pipeline`: the one command line of the project, a map from command name to the stage function.
+
+    lora-pipeline --help                     # every command, one line each
+    lora-pipeline COMMAND --help             # every option of COMMAND, with its meaning and default
+    lora-pipeline prepare --config deploy/configs/data_demo_summary.yaml
+    lora-pipeline fit --config deploy/configs/demo_summary_lora.yaml --data.prepared_dir P ...
+    lora-pipeline run --task summary
+
+Each command's own parser lives in its stage module (data, training, evaluation, registry, flows,
+deploy, benchmarks); this file only maps names to those functions. They are imported when their
+command runs, so `lora-pipeline --help` does not import torch, Lightning, MLflow or Prefect.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import NamedTuple
+
+
+class Command(NamedTuple):
+    """Where a command's code is: `main(argv)` of `module`, with `args` put before the user's."""
+
+    module: str
+    summary: str
+    args: tuple[str, ...] = ()
+
+
+TRAINING = "lora_module.training.cli"
+REGISTRY = "lora_module.registry.cli"
+COMMANDS: dict[str, Command] = {
+    "prepare": Command("lora_pipeline.data.cli", "prepare (or reuse) a data set: validate, template, "
+                       "tokenize, cache", ("prepare",)),
+    "demo-corpus": Command("lora_pipeline.data.cli", "write generated demo dialogues to <out>/demo.jsonl",
+                           ("demo-corpus",)),
+    "demo-base": Command("lora_module.training.demo_base", "build (or reuse) the demo base T5 model"),
+    "fit": Command(TRAINING, "train a LoRA/QLoRA adapter or a full fine-tune (Lightning CLI)", ("fit",)),
+    "validate": Command(TRAINING, "validation loss of a checkpoint (Lightning CLI)", ("validate",)),
+    "test": Command(TRAINING, "test loss of a checkpoint (Lightning CLI)", ("test",)),
+    "predict-ckpt": Command(TRAINING, "generate for the prepared test split from a checkpoint into "
+                            "<output_dir>/predictions.jsonl (Lightning CLI predict)", ("predict",)),
+    "evaluate": Command("lora_module.evaluation.evaluate", "ROUGE of base / LoRA / full models and "
+                        "their comparison report"),
+    "register": Command(REGISTRY, "register an adapter as a new version of its task's model "
+                        "(promotion gate)", ("register",)),
+    "promote": Command(REGISTRY, "give a registered version an alias by hand", ("promote",)),
+    "demote": Command(REGISTRY, "remove an alias (default @champion) by hand", ("demote",)),
+    "list": Command(REGISTRY, "registered tasks with their versions, aliases and ROUGE", ("list",)),
+    "show": Command(REGISTRY, "one registered version: tags, lineage, gate decision", ("show",)),
+    "predict": Command(REGISTRY, "generate with a task's registered adapter (default @champion)",
+                       ("predict",)),
+    "run": Command("lora_pipeline.flows.pipeline", "run the pipeline flow for one or more tasks"),
+    "demo": Command("lora_pipeline.flows.demo", "the offline demo: both demo tasks end to end"),
+    "serve": Command("lora_pipeline.deploy.serve", "serve the deployments of prefect.yaml from one "
+                     "process"),
+    "bench": Command("lora_pipeline.benchmarks.suite", "run the benchmarks, write RESULTS.md + .json"),
+}
+
+
+def usage() -> str:
+    """The top-level help: every command with its one-line summary."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: lora-pipeline COMMAND [options]   (lora-pipeline COMMAND --help for its options)",
+             "", "LoRA fine-tuning pipeline: data, training, evaluation, registry, flows.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {cmd.summary}" for name, cmd in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `lora-pipeline COMMAND ...`; returns the command's exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"lora-pipeline: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    command = COMMANDS[name]
+    status = importlib.import_module(command.module).main([*command.args, *rest])
+    return status or 0
