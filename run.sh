@@ -31,6 +31,6 @@ shift || true
 case "$cmd" in
   setup) setup ;;
   test) setup; HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 exec "$VENV/bin/python" -m pytest "$@" ;;
-  demo) setup; exec "$VENV/bin/python" -m flows.demo "$@" ;;
+  demo) setup; exec "$VENV/bin/lora-pipeline" demo "$@" ;;
   *) echo "usage: ./run.sh setup | test [pytest args] | demo [demo args]" >&2; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 """Data preparation throughput: rows per second cold (nothing cached) vs cached (folder reused).
 
-    .venv/bin/python -m benchmarks.bench_data          # 20,000 demo rows, writes benchmarks/out/bench_data.*
+    lora-pipeline bench --only data       # 20,000 demo rows, writes benchmarks/out/bench_data.*
     from lora_pipeline.benchmarks.bench_data import run; run(quick=True, out_dir=tmp)
 
 Cold = a fresh output root: generate the demo corpus, load it with `datasets`, validate, train the

@@ -7,7 +7,7 @@ Contenders, all greedy on the same prompts with a randomly initialised small T5 
 
 Outputs are checked to be identical between contenders; the figures are throughput ratios.
 
-    .venv/bin/python -m benchmarks.bench_eval          # full size, writes benchmarks/out/bench_eval.{json,md}
+    lora-pipeline bench --only eval       # full size, writes benchmarks/out/bench_eval.{json,md}
 """
 
 from __future__ import annotations

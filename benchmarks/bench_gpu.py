@@ -1,6 +1,6 @@
 """GPU benchmark: bf16 LoRA (ours vs PEFT) on a FLAN-T5-base-shaped model, and NF4 QLoRA memory.
 
-    .venv/bin/python -m benchmarks.bench_gpu        # needs CUDA; a few minutes on one GPU
+    lora-pipeline bench --only gpu     # needs CUDA; a few minutes on one GPU
 
 The model is built from a FLAN-T5-base-shaped config with random weights (no download): d_model
 768, 12+12 layers, 12 heads, d_ff 2048, vocab 32128. LoRA r=32, alpha=32 on q,v (the reference

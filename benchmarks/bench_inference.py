@@ -1,6 +1,6 @@
 """Inference benchmark: merged adapter vs bare base, unmerged overhead, adapter switching, load/size.
 
-    .venv/bin/python -m benchmarks.bench_inference          # full size (about a minute on 2 cores)
+    lora-pipeline bench --only inference       # full size (about a minute on 2 cores)
 
 One T5 built from a config (full size: the ~35M model of the other benchmarks), greedy decoding of
 a fixed batch with a fixed number of new tokens (no early stop, so every contender emits the same

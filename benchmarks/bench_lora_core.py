@@ -1,6 +1,6 @@
 """LoRA core benchmark: our LoRA train step vs PEFT's, and LoRA vs full fine-tuning, on the CPU.
 
-    .venv/bin/python -m benchmarks.bench_lora_core [--threads 1]   # full size (minutes on 2 cores)
+    python -m lora_pipeline.benchmarks.bench_lora_core [--threads 1]   # full size (minutes on 2 cores)
 
 Full size: a T5 of ~35M parameters built from a config (d_model 512, 6+6 layers, 8 heads,
 d_ff 1024, vocab 8000), batch 8 x 256 source -> 64 target tokens, LoRA r=8 on q and v.

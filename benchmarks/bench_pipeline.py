@@ -1,6 +1,6 @@
 """The demo pipeline's wall time, per stage, and the share taken by Prefect and MLflow themselves.
 
-    .venv/bin/python -m benchmarks.bench_pipeline      # the demo's sizes, both tasks (minutes)
+    lora-pipeline bench --only pipeline                # the demo's sizes, both tasks (minutes)
     from lora_pipeline.benchmarks.bench_pipeline import run; run(quick=True, out_dir=tmp)   # tiny model, one task
 
 Two contenders do the same work on the same prebuilt base model, each in a fresh process and a
@@ -36,7 +36,6 @@ from typing import Any
 from lora_pipeline.benchmarks.common import OUT_DIR, Figure, write_results
 
 NAME = "bench_pipeline"
-ROOT = Path(__file__).resolve().parents[1]
 QUICK_DATA = {"demo_train_size": 40, "demo_validation_size": 8, "demo_test_size": 8, "max_source_length": 128}
 QUICK_TRAIN = ["--trainer.max_steps", "2", "--data.batch_size", "8", "--trainer.enable_progress_bar", "false"]
 
@@ -103,7 +102,7 @@ def _plain_task(spec: Any, home: Path, threads: int) -> dict[str, float]:
     run = home / "runs" / spec.name
     base = ModelSpec("base", "base", spec.base_model)
     evals = [timed("evaluate_base", evaluate_model, base, data_dir, run / "eval", gen, limit=spec.eval_limit)]
-    env = {"LORA_PIPELINE_HOME": str(home), "OMP_NUM_THREADS": str(threads)}
+    env = {"OMP_NUM_THREADS": str(threads)}
     for kind, config in (("full", spec.full_config), ("lora", spec.lora_config)):
         if not config:
             continue
@@ -125,7 +124,6 @@ def _plain(home: Path, base: str, quick: bool) -> dict[str, Any]:
 
     s = _settings(quick)
     home.mkdir(parents=True, exist_ok=True)
-    os.environ["LORA_PIPELINE_HOME"] = str(home)
     specs = load_specs(s["tasks"], base, s["data"], s["train"], s["eval_limit"], s["train_full"],
                        lora_overrides=s["lora"], full_overrides=s["full"])
     workers = min(2, len(specs))
@@ -152,9 +150,10 @@ CHILDREN = {"orchestrated": _orchestrated, "plain": _plain, "server": _server_st
 
 
 def _child(mode: str, home: Path, base: str, quick: bool, out: Path) -> None:
+    from lora_module.home import PipelineHome
     from lora_pipeline.flows.demo import configure_environment
 
-    configure_environment(home)
+    configure_environment(PipelineHome.from_env(home).create())
     t0 = time.perf_counter()
     result = CHILDREN[mode](home, base, quick)
     result["seconds_in_process"] = time.perf_counter() - t0
@@ -166,9 +165,8 @@ def _run_child(mode: str, scratch: Path, base: str, quick: bool) -> dict[str, An
     cmd = [sys.executable, "-m", "lora_pipeline.benchmarks.bench_pipeline", "--child", mode, "--home", str(scratch / mode),
            "--base", base, "--out", str(out), *(["--quick"] if quick else [])]
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         tail = f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
@@ -184,11 +182,12 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Path:
         if quick:
             base = str(_tiny_base(scratch))
         else:
-            from lora_pipeline.flows.demo import DEMO_BASE
+            from lora_module.home import PipelineHome
             from lora_module.training.demo_base import build_demo_base
+            from lora_pipeline.flows.demo import DEMO_BASE
 
-            home = Path(os.environ.get("LORA_PIPELINE_HOME") or ROOT / ".lora_pipeline")
-            base = str(build_demo_base(home / "base", **DEMO_BASE))  # the demo's cached base
+            # The demo's base model, built once in the default pipeline home.
+            base = str(build_demo_base(PipelineHome.from_env().base_dir, **DEMO_BASE))
         base_seconds = time.perf_counter() - t0
         plain = _run_child("plain", scratch, base, quick)
         orch = _run_child("orchestrated", scratch, base, quick)

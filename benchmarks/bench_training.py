@@ -1,7 +1,7 @@
 """Training benchmark: full vs LoRA vs QLoRA through Lightning, and Lightning's cost over a bare loop.
 
-    .venv/bin/python -m benchmarks.bench_training            # full size (~10 minutes on 2 idle cores)
-    .venv/bin/python -m benchmarks.bench_training --quick    # tiny setting (seconds)
+    lora-pipeline bench --only training                      # full size (~10 minutes on 2 idle cores)
+    lora-pipeline bench --only training --quick              # tiny setting (seconds)
 
 Full size: the ~35M-parameter T5 of the LoRA-core benchmark (d_model 512, 6+6 layers, 8 heads,
 d_ff 1024, vocab 8000), batch 8 x 256 source -> 64 target tokens, LoRA r=8 on q and v; QLoRA is

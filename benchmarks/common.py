@@ -107,7 +107,7 @@ def write_results(name: str, figures: list[Figure], raw: dict, out_dir: Path | N
 
 
 def main(run: Callable[..., Path], doc: str, quick_help: str) -> None:
-    """`python -m benchmarks.bench_X [--quick]`: run the benchmark, then print its Markdown."""
+    """`python -m lora_pipeline.benchmarks.bench_X [--quick]`: run one benchmark, then print its Markdown."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     path = run(quick=parser.parse_args().quick)

@@ -4,7 +4,7 @@ from lora_pipeline.data import DataConfig, prepare, load_prepared, load_tokenize
 prepared = prepare(DataConfig.from_yaml("deploy/configs/data_demo_summary.yaml"))
 dataset, manifest = load_prepared(prepared.path)
 
-lora-pipeline prepare --config deploy/configs/data_demo_summary.yaml     # the command line: lora_pipeline.data.cli
+lora-pipeline prepare --config deploy/configs/data_demo_summary.yaml   # command line: lora_pipeline.data.cli
 """
 
 from lora_pipeline.data.config import DataConfig, DataConfigError

@@ -1,7 +1,8 @@
-"""The data stage's commands: `lora-pipeline prepare` and `lora-pipeline demo-corpus`.
+"""The data stage's commands: `lora-pipeline prepare`, `inspect` and `demo-corpus`.
 
     lora-pipeline prepare --config deploy/configs/data_demo_summary.yaml [--demo_train_size 500] [--json]
     lora-pipeline prepare --name tiny --demo_train_size 120           # no YAML: the DataConfig defaults
+    lora-pipeline inspect my_data/train.csv [--tokenizer google/flan-t5-base]   # columns, lengths, a config
     lora-pipeline demo-corpus --out runs/demo_corpus --n 200 --seed 0
 
 `prepare` takes every DataConfig field as an option named like its YAML key (`--max_source_length
@@ -10,6 +11,9 @@ a.jsonl}'`, `--reference_columns '[a, b]'`, `--num_proc null`), text fields as w
 summary of the manifest (or the whole manifest with --json). `demo-corpus` writes the generated
 dialogues as `<out>/demo.jsonl`. A relative `--config` that does not exist under the working
 directory is looked up among the shipped files (`deploy/configs/...` of the installed package).
+`inspect` prints a file's or Hub data set's columns, row counts, token-length percentiles and a
+suggested DataConfig YAML (`lora_pipeline.data.inspection`). README "Bring your own data" walks
+through local files with renamed columns and several references.
 """
 
 from __future__ import annotations
@@ -108,12 +112,18 @@ def summary(p: PreparedData) -> str:
             f"  {split:<10} {fmt.format(**st['source']):>16} ({cut['source']:>4})"
             f"    {fmt.format(**st['target']):>16} ({cut['target']:>4})"
         )
+    lines.append(f"  inputs cut to fit max_source_length={m['config']['max_source_length']} "
+                 "(the template's text is kept):")
+    for split, cut in m["truncation"].items():
+        by = cut.get("input_tokens_cut", {})
+        by_text = f", by {by['mean']:.1f} tokens on average (max {by['max']})" if cut["source"] else ""
+        lines.append(f"    {split:<10} {cut['source']}/{cut['rows']}{by_text}")
     return "\n".join(lines)
 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of both commands (`prepare`, `demo-corpus`)."""
+    """The parser of the data commands (`prepare`, `inspect`, `demo-corpus`)."""
     parser = argparse.ArgumentParser(prog="lora-pipeline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", description=__doc__.split("\n\n", 1)[1],
@@ -125,12 +135,32 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--json", action="store_true",
                       help="print the whole manifest as JSON instead of a summary (default: off)")
     add_config_options(prep)
+    _add_inspect(sub)
     demo = sub.add_parser("demo-corpus", help="write generated demo dialogues to <out>/demo.jsonl",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--out", required=True, help="folder to write demo.jsonl into (created if missing)")
     demo.add_argument("--n", type=int, default=3600, help="number of dialogues")
     demo.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same dialogues)")
     return parser
+
+
+def _add_inspect(sub: Any) -> None:
+    insp = sub.add_parser("inspect", help="columns, row counts, token lengths and a suggested config of a "
+                          "data file or Hub data set", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    insp.add_argument("target", metavar="PATH_OR_HUB_NAME",
+                      help="a .json/.jsonl/.csv/.parquet file, or a Hub data set name")
+    insp.add_argument("--tokenizer", default=DataConfig.tokenizer,
+                      help="tokenizer for the lengths: a name, a folder, or 'demo' (trained on these rows)")
+    insp.add_argument("--split", action="append", default=None,
+                      help="Hub split to inspect (repeatable; default: every split)")
+    insp.add_argument("--hub_config", default=None, help="Hub data set configuration (subset) name")
+    insp.add_argument("--hub_revision", default=None, help="Hub revision (branch, tag or commit)")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from lora_pipeline.data.inspection import inspect_source
+
+    print(inspect_source(args.target, args.tokenizer, args.split, args.hub_config, args.hub_revision))
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -151,10 +181,11 @@ def _demo_corpus(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`prepare ...` or `demo-corpus ...`; returns 0, or 2 with one `error:` line for bad input."""
+    """`prepare ...`, `inspect ...` or `demo-corpus ...`; returns 0, or 2 with one `error:` line for bad
+    input."""
     args = build_parser().parse_args(argv)
     try:
-        (_prepare if args.command == "prepare" else _demo_corpus)(args)
+        {"prepare": _prepare, "inspect": _inspect, "demo-corpus": _demo_corpus}[args.command](args)
     except (DataConfigError, DataSourceError, DataValidationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

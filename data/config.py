@@ -4,6 +4,7 @@
     cfg = DataConfig.from_yaml("deploy/configs/data_demo_summary.yaml")
     cfg = DataConfig(name="dialogsum", source="files", files={"train": "dev.jsonl", "test": "test.jsonl"},
                      reference_columns=["summary1", "summary2", "summary3"], tokenizer="google/flan-t5-base")
+    cfg.columns_for("test")   # ("dialogue", ["summary1", "summary2", "summary3"]): input and label columns
 
 Every field is checked in `__post_init__`; errors name the field, the bad value and what is valid.
 """
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lora_module.errors import InputNotFoundError, PipelineError, check_output_dir
 
 SOURCES = ("demo", "hub", "files")
 MODEL_TYPES = ("seq2seq", "causal")
@@ -33,7 +36,7 @@ TOPIC_TEMPLATE = "What is the topic of the following conversation?\n\n{dialogue}
 DEFAULT_TEMPLATES = {"summary": SUMMARY_TEMPLATE, "topic": TOPIC_TEMPLATE}
 
 
-class DataConfigError(ValueError):
+class DataConfigError(PipelineError, ValueError):
     """A data config field holds a value that is not allowed."""
 
 
@@ -59,9 +62,11 @@ def template_fields(template: str) -> list[str]:
 
 
 def default_output_root() -> Path:
-    """`$LORA_PIPELINE_HOME/data` if set, else `.lora_pipeline/data` under the working directory."""
-    home = os.environ.get("LORA_PIPELINE_HOME")
-    return (Path(home) if home else Path.cwd() / ".lora_pipeline") / "data"
+    """`.lora_pipeline/data` under the working directory: the data folder of the default pipeline home.
+
+    Callers with a pipeline home pass its folder instead (`output_root=str(home.data_dir)`).
+    """
+    return Path.cwd() / ".lora_pipeline" / "data"
 
 
 @dataclass
@@ -96,10 +101,12 @@ class DataConfig:
     """Column holding the train/validation target (default: demo_task for the demo, else "summary")."""
     reference_columns: list[str] | None = None
     """Test-split reference columns, first one gives the labels (default: [target_column])."""
+    split_columns: dict[str, dict[str, Any]] | None = None
+    """Per-split column names where a split's file differs, e.g. {test: {input_column: conversation}}."""
     group_test_references: bool = False
     """Merge test rows sharing one input into one row whose references are all their targets."""
     prompt_template: str | None = None
-    """str.format template whose named placeholders are column names (default by target column)."""
+    """str.format template; placeholders are column names (default: by target column, reads input_column)."""
     validation_size: int | float = 0.1
     """Rows carved from train when no validation split is given: fraction (<1) or count (>=1)."""
     test_size: int | float = 0.1
@@ -119,7 +126,7 @@ class DataConfig:
     num_proc: int | None = None
     """Worker processes for tokenization (None: in-process)."""
     output_root: str | None = None
-    """Folder that holds prepared folders (default: $LORA_PIPELINE_HOME/data or ./.lora_pipeline/data)."""
+    """Folder that holds prepared folders (default ./.lora_pipeline/data; flows pass their home's data/)."""
 
     def __post_init__(self) -> None:
         self._check_choice("source", self.source, SOURCES)
@@ -171,8 +178,47 @@ class DataConfig:
             raise DataConfigError(
                 f"reference_columns must be a non-empty list of column names, got {self.reference_columns!r}"
             )
-        if self.prompt_template is None:
-            self.prompt_template = DEFAULT_TEMPLATES.get(self.target_column, SUMMARY_TEMPLATE)
+        self._check_split_columns()
+        self._check_template()
+
+    def _check_split_columns(self) -> None:
+        """split_columns: known splits and keys, each valid for its split, values like the top-level ones."""
+        if self.split_columns is None:
+            return
+        if not isinstance(self.split_columns, dict):
+            raise DataConfigError(f"split_columns must map split names {list(SPLITS)} to column settings, "
+                                  f"got {self.split_columns!r}")
+        for split, cols in self.split_columns.items():
+            if split not in SPLITS:
+                raise DataConfigError(
+                    f"split_columns has unknown split {split!r}; valid splits are {list(SPLITS)}")
+            labels = "reference_columns" if split == "test" else "target_column"
+            valid = ("input_column", labels)
+            if not isinstance(cols, dict) or not cols or set(cols) - set(valid):
+                raise DataConfigError(
+                    f"split_columns[{split!r}]={cols!r}: give a mapping with keys among {list(valid)} "
+                    "(the test split is scored on reference_columns, train/validation learn target_column)"
+                )
+            for key, value in cols.items():
+                ok = (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)
+                      if key == "reference_columns" else isinstance(value, str) and value)
+                if not ok:
+                    kind = "a non-empty list of column names" if key == "reference_columns" else "a name"
+                    raise DataConfigError(f"split_columns[{split!r}][{key!r}] must be {kind}, got {value!r}")
+
+    def columns_for(self, split: str) -> tuple[str, list[str]]:
+        """(input column, label columns) of `split`'s file: the test split's label columns are its
+        references (the first gives the labels), the others' is the target; split_columns overrides."""
+        own = (self.split_columns or {}).get(split, {})
+        labels = own.get("reference_columns", self.reference_columns) if split == "test" else [
+            own.get("target_column", self.target_column)]
+        return own.get("input_column", self.input_column), list(labels)
+
+    def _check_template(self) -> None:
+        """Default the template by target column; it must read the input column and no target column."""
+        if self.prompt_template is None:  # the default template reads whatever the input column is called
+            default = DEFAULT_TEMPLATES.get(self.target_column, SUMMARY_TEMPLATE)
+            self.prompt_template = default.replace("{dialogue}", "{" + self.input_column + "}")
         if not isinstance(self.prompt_template, str):
             raise DataConfigError(f"prompt_template must be a string, got {self.prompt_template!r}")
         placeholders = template_fields(self.prompt_template)
@@ -181,7 +227,8 @@ class DataConfig:
                 f"prompt_template must contain the input column as {{{self.input_column}}}; "
                 f"its placeholders are {placeholders}"
             )
-        leaks = sorted({self.target_column, *self.reference_columns} & set(placeholders))
+        labels = {c for split in SPLITS for c in self.columns_for(split)[1]}
+        leaks = sorted((labels | {self.target_column, *self.reference_columns}) & set(placeholders))
         if leaks:
             raise DataConfigError(f"prompt_template must not contain target/reference columns, found {leaks}")
 
@@ -208,6 +255,18 @@ class DataConfig:
                     f"files[{split!r}]={str(path)!r} must end with one of {sorted(FILE_FORMATS)}"
                 )
         self.files = {k: str(v) for k, v in self.files.items()}
+
+    def check_paths(self) -> None:
+        """Checks against the file system, made before any work: the tokenizer folder and output root."""
+        tok = Path(self.tokenizer).expanduser()
+        looks_local = self.tokenizer.startswith((".", "/", "~")) or self.tokenizer.count("/") > 1
+        if self.tokenizer != DEMO_TOKENIZER and (looks_local or tok.exists()) and not tok.is_dir():
+            found = "is a file, not a folder" if tok.exists() else "does not exist"
+            raise DataConfigError(
+                f"tokenizer={self.tokenizer!r}: {found}; give a tokenizer folder (written by "
+                "save_pretrained), a Hub name such as 'google/flan-t5-base', or 'demo'"
+            )
+        check_output_dir(self.output_dir_root, "output_root")
 
     @property
     def template_columns(self) -> list[str]:
@@ -252,7 +311,7 @@ class DataConfig:
         """Read a YAML mapping (optionally nested under a top-level `data:` key), then apply `overrides`."""
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"data config file not found: {p}")
+            raise InputNotFoundError(f"data config file not found: {p}")
         try:
             d = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

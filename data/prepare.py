@@ -14,10 +14,8 @@ so a crash never leaves a folder that looks finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -31,7 +29,9 @@ from transformers import AutoTokenizer
 
 from lora_pipeline.data import encode, sources, validate
 from lora_pipeline.data import tokenizer as demo_tokenizer
-from lora_pipeline.data.config import DEFAULT_TEMPLATES, DEMO_TOKENIZER, DataConfig
+from lora_module.errors import InputNotFoundError
+from lora_module.files import move_aside, publish_dir, sha256_file, sha256_json, write_json_atomic
+from lora_pipeline.data.config import DEFAULT_TEMPLATES, DEMO_TOKENIZER, DataConfig, DataConfigError
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,6 @@ class PreparedData:
         return load_tokenizer(self.path)
 
 
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def tokenizer_identity(cfg: DataConfig) -> dict[str, Any]:
     """What identifies the tokenizer: the demo recipe, a local folder's file hashes, or a Hub name."""
     style = cfg.model_type
@@ -84,10 +80,11 @@ def tokenizer_identity(cfg: DataConfig) -> dict[str, Any]:
         }
     p = Path(cfg.tokenizer).expanduser()
     if p.is_dir():
-        files = {f.name: sources.file_sha256(f) for f in sorted(p.iterdir()) if f.name in _TOKENIZER_FILES}
+        files = {f.name: sha256_file(f) for f in sorted(p.iterdir()) if f.name in _TOKENIZER_FILES}
         if not files:
-            raise FileNotFoundError(
-                f"tokenizer={cfg.tokenizer!r}: folder has none of {list(_TOKENIZER_FILES)}"
+            raise DataConfigError(
+                f"tokenizer={cfg.tokenizer!r}: folder has none of {list(_TOKENIZER_FILES)}; give a folder "
+                "written by save_pretrained, a Hub name or 'demo'"
             )
         return {"kind": "local", "files": files}
     return {"kind": "hub", "name": cfg.tokenizer}
@@ -103,12 +100,14 @@ def fingerprint(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
         "config": cfg.hash_dict(),
         "tokenizer": tokenizer_identity(cfg),
     }
-    return _sha(key), source
+    return sha256_json(key), source
 
 
 def _demo_tokenizer_texts(cfg: DataConfig, train: datasets.Dataset) -> list[str]:
     """Train-split texts for the demo tokenizer: all text columns the tasks use, plus the templates."""
-    columns = {cfg.input_column, cfg.target_column, *cfg.reference_columns, *cfg.template_columns}
+    train_input, train_labels = cfg.columns_for("train")
+    columns = {cfg.input_column, cfg.target_column, *cfg.reference_columns, *cfg.template_columns,
+               train_input, *train_labels}
     if cfg.source == "demo":  # one tokenizer for both demo tasks, so one base model serves both
         columns |= {"summary", "topic"}
     texts = []
@@ -133,25 +132,16 @@ def _build_tokenizer(cfg: DataConfig, train: datasets.Dataset, root: Path) -> tu
         try:
             return AutoTokenizer.from_pretrained(cfg.tokenizer), cfg.tokenizer
         except Exception as e:
-            raise ValueError(f"tokenizer={cfg.tokenizer!r}: cannot load it: {type(e).__name__}: {e}") from e
+            raise DataConfigError(f"tokenizer={cfg.tokenizer!r}: cannot load it: {type(e).__name__}: {e}") from e
     texts = _demo_tokenizer_texts(cfg, train)
-    key = _sha([cfg.tokenizer_vocab_size, cfg.model_type, sources.module_sha256(demo_tokenizer), texts])[:12]
+    recipe = [cfg.tokenizer_vocab_size, cfg.model_type, sources.module_sha256(demo_tokenizer), texts]
+    key = sha256_json(recipe)[:12]
     cached = root / "tokenizers" / f"demo-{cfg.model_type}-{key}"
     if not (cached / "tokenizer.json").is_file():
         tmp = cached.with_name(f".tmp-{cached.name}-{uuid.uuid4().hex[:8]}")
         demo_tokenizer.train_tokenizer(texts, tmp, cfg.tokenizer_vocab_size, cfg.model_type)
-        _publish(tmp, cached)
+        publish_dir(tmp, cached)  # a complete copy made meanwhile wins
     return AutoTokenizer.from_pretrained(cached), str(cached)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename a finished temporary folder into place; a complete copy made meanwhile wins."""
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():
-            raise
-        shutil.rmtree(tmp)
 
 
 def read_manifest(path: str | Path) -> dict | None:
@@ -184,6 +174,7 @@ def prepare(config: DataConfig | dict | str | Path) -> PreparedData:
         config = DataConfig.from_dict(config)
     elif isinstance(config, str | Path):
         config = DataConfig.from_yaml(config)
+    config.check_paths()  # a missing tokenizer folder or an output root under a file: fail before any work
     root = config.output_dir_root
     fp, source = fingerprint(config)
     final = root / f"{config.name}-{fp[:12]}"
@@ -192,27 +183,37 @@ def prepare(config: DataConfig | dict | str | Path) -> PreparedData:
         return PreparedData(final, fp, manifest, reused=True)
     if final.exists():
         # Not ours to delete (maybe someone's half copy): keep it aside and build a fresh one.
-        aside = final.with_name(f"{final.name}.incomplete-{int(time.time())}")
-        log.warning("prepared folder %s is incomplete; moving it to %s and rebuilding", final, aside)
-        os.rename(final, aside)
+        aside = move_aside(final)
+        log.warning("prepared folder %s was incomplete; moved it to %s and rebuilding", final, aside)
+    manifest = _build(config, root, fp, source, final)
+    return PreparedData(final, fp, read_manifest(final) or manifest, reused=False)
 
+
+def _padded_tokenizer(cfg: DataConfig, train: datasets.Dataset, root: Path) -> tuple[Any, str, list[str]]:
+    """(tokenizer, where it came from, notes): `_build_tokenizer`'s, given a pad token if it had none."""
+    tok, tok_path = _build_tokenizer(cfg, train, root)
+    notes = []
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+        notes.append(f"tokenizer had no pad token; set pad_token = eos_token ({tok.eos_token!r})")
+    return tok, tok_path, notes
+
+
+def _build(config: DataConfig, root: Path, fp: str, source: dict[str, Any], final: Path) -> dict[str, Any]:
+    """Load, validate, tokenize and save into a temporary folder, then publish it as `final`; the manifest."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
     def lap(stage: str) -> None:
         timings[stage] = round(time.perf_counter() - t0 - sum(timings.values()), 3)
 
-    root.mkdir(parents=True, exist_ok=True)
     raw, origins = sources.load_splits(config, root)
     lap("load")
-    clean = validate.validate_splits(raw, config)
+    clean = validate.validate_splits(raw, config, origins)
     lap("validate")
-    tok, tok_path = _build_tokenizer(config, raw["train"], root)
+    root.mkdir(parents=True, exist_ok=True)  # only now: data that fails validation leaves no output folder
+    tok, tok_path, notes = _padded_tokenizer(config, raw["train"], root)
     lap("tokenizer")
-    notes = []
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-        notes.append(f"tokenizer had no pad token; set pad_token = eos_token ({tok.eos_token!r})")
     dd, truncation, lengths = encode.tokenize_splits(clean.rows, tok, config, fp)
     lap("tokenize")
 
@@ -233,6 +234,7 @@ def prepare(config: DataConfig | dict | str | Path) -> PreparedData:
             "leakage": clean.leakage,
             "truncation": truncation,
             "lengths": lengths,
+            # Training, evaluation and serving read the prompt template and length limits from here.
             "config": config.to_dict(),
             "sources": {
                 **source,
@@ -248,13 +250,12 @@ def prepare(config: DataConfig | dict | str | Path) -> PreparedData:
             "complete": True,
         }
         # The manifest is written last: its presence (with "complete") marks a finished folder.
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        _publish(tmp, final)
+        write_json_atomic(tmp / MANIFEST, manifest)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    manifest = read_manifest(final) or manifest
-    return PreparedData(final, fp, manifest, reused=False)
+    return manifest
 
 
 def load_prepared(path: str | Path) -> tuple[datasets.DatasetDict, dict]:
@@ -262,7 +263,7 @@ def load_prepared(path: str | Path) -> tuple[datasets.DatasetDict, dict]:
     p = Path(path)
     manifest = read_manifest(p)
     if manifest is None:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{p} is not a complete prepared data folder (needs {MANIFEST} with complete=true, dataset/, "
             "tokenizer/); run `lora-pipeline prepare --config FILE` first"
         )
@@ -273,5 +274,5 @@ def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer saved in a prepared folder (`<path>/tokenizer`)."""
     tok_dir = Path(path) / "tokenizer"
     if not tok_dir.is_dir():
-        raise FileNotFoundError(f"no tokenizer/ folder in {path}: not a prepared data folder")
+        raise InputNotFoundError(f"no tokenizer/ folder in {path}: not a prepared data folder")
     return AutoTokenizer.from_pretrained(tok_dir)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,18 +22,12 @@ import datasets
 
 from lora_pipeline.data import demo_corpus
 from lora_pipeline.data.config import FILE_FORMATS, SPLITS, DataConfig
+from lora_module.errors import PipelineError
+from lora_module.files import publish_dir, sha256_file, sha256_json
 
 
-class DataSourceError(ValueError):
+class DataSourceError(PipelineError, ValueError):
     """A data source could not be read: names the file or Hub name, where, and why."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def module_sha256(*modules: Any) -> str:
@@ -49,7 +41,7 @@ def module_sha256(*modules: Any) -> str:
 @functools.cache
 def _source_sha256(path: str) -> str:
     # Cached per process: the code that runs is the code that was imported.
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def _demo_params(cfg: DataConfig) -> dict[str, Any]:
@@ -68,8 +60,33 @@ def _resolved_files(cfg: DataConfig) -> dict[str, Path]:
         p = Path(path).expanduser().resolve()
         if not p.is_file():
             raise DataSourceError(f"files[{split!r}]: file not found: {p}")
+        if FILE_FORMATS[p.suffix.lower()] == "json":
+            _check_json_rows(split, p)
         out[split] = p
     return out
+
+
+def _check_json_rows(split: str, path: Path) -> None:
+    """A JSON file must hold one object per row: `datasets` would read bare values as a `text` column."""
+    with open(path, "rb") as f:
+        head = next((line.strip() for line in f if line.strip()), b"")
+    if head.startswith(b"["):  # one JSON array: its rows are its items
+        try:
+            rows = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return  # reported with its line number when the file is read
+        first = next((r for r in rows if not isinstance(r, dict)), None) if isinstance(rows, list) else rows
+    else:  # JSON lines: the first row shows the layout
+        try:
+            first = json.loads(head)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return
+    if first is not None and not isinstance(first, dict):
+        raise DataSourceError(
+            f"files[{split!r}]: {path} holds a JSON {type(first).__name__} ({str(first)[:40]!r}) where a row "
+            'should be; write one object per row, e.g. {"dialogue": "...", "summary": "..."} '
+            "(a JSON array of objects or one object per line)"
+        )
 
 
 def source_identity(cfg: DataConfig) -> dict[str, Any]:
@@ -77,7 +94,7 @@ def source_identity(cfg: DataConfig) -> dict[str, Any]:
     if cfg.source == "files":
         return {
             "kind": "files",
-            "files": {s: {"path": str(p), "sha256": file_sha256(p)} for s, p in _resolved_files(cfg).items()},
+            "files": {s: {"path": str(p), "sha256": sha256_file(p)} for s, p in _resolved_files(cfg).items()},
         }
     if cfg.source == "hub":
         return {"kind": "hub", "name": cfg.hub_name, "config": cfg.hub_config, "revision": cfg.hub_revision}
@@ -87,7 +104,7 @@ def source_identity(cfg: DataConfig) -> dict[str, Any]:
 def write_demo_corpus(cfg: DataConfig, root: Path) -> dict[str, Path]:
     """Generate the demo corpus once per parameter set into `<root>/demo-corpus-<hash>/<split>.jsonl`."""
     params = _demo_params(cfg)
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    key = sha256_json(params)[:12]
     final = root / f"demo-corpus-{key}"
     paths = {s: final / f"{s}.jsonl" for s in SPLITS}
     if all(p.is_file() for p in paths.values()):
@@ -103,10 +120,7 @@ def write_demo_corpus(cfg: DataConfig, root: Path) -> dict[str, Path]:
             for row in rows[start : start + n]:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         start += n
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process finished the same corpus first: identical content
-        shutil.rmtree(tmp)
+    publish_dir(tmp, final)  # another process may have finished the same corpus first: identical content
     return paths
 
 
@@ -151,7 +165,9 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
-def _load_file(split: str, path: Path, cache_dir: Path) -> datasets.Dataset:
+def load_file(split: str, path: Path, cache_dir: Path) -> datasets.Dataset:
+    """One .json/.jsonl/.csv/.parquet file as a Dataset; a file that cannot be read is a DataSourceError
+    naming the split, the file and why (for JSON the line and the parser's message)."""
     fmt = FILE_FORMATS[path.suffix.lower()]
     if fmt != "parquet":
         data = path.read_bytes()
@@ -170,21 +186,28 @@ def _load_file(split: str, path: Path, cache_dir: Path) -> datasets.Dataset:
         raise DataSourceError(f"split {split!r}: cannot read {path} as {fmt}: {why}") from e
 
 
+def load_hub(name: str, config: str | None, revision: str | None) -> datasets.DatasetDict:
+    """A Hub data set: its configuration (subset) `config` at `revision` (branch, tag or commit)."""
+    try:
+        return datasets.load_dataset(name, config, revision=revision)
+    except Exception as e:  # network, unknown name/config/revision: all mean "cannot load it"
+        raise DataSourceError(
+            f"cannot load Hub data set hub_name={name!r} hub_config={config!r} "
+            f"hub_revision={revision!r}: {type(e).__name__}: {e}"
+        ) from e
+
+
 def load_splits(cfg: DataConfig, root: Path) -> tuple[dict[str, datasets.Dataset], dict[str, str]]:
     """The splits as given by the source, and where each came from (path or Hub split)."""
     cache_dir = root / "hf_cache"
     if cfg.source == "hub":
-        try:
-            dd = datasets.load_dataset(cfg.hub_name, cfg.hub_config, revision=cfg.hub_revision)
-        except Exception as e:
-            raise DataSourceError(
-                f"cannot load Hub data set hub_name={cfg.hub_name!r} hub_config={cfg.hub_config!r} "
-                f"hub_revision={cfg.hub_revision!r}: {type(e).__name__}: {e}"
-            ) from e
+        dd = load_hub(cfg.hub_name, cfg.hub_config, cfg.hub_revision)
         if "train" not in dd:
             raise DataSourceError(f"Hub data set {cfg.hub_name!r} has no 'train' split; it has {list(dd)}")
         splits = {s: dd[s] for s in SPLITS if s in dd}
-        return splits, {s: f"hub:{cfg.hub_name}[{s}]" for s in splits}
+        where = f"hub:{cfg.hub_name}" + (f":{cfg.hub_config}" if cfg.hub_config else "") + (
+            f"@{cfg.hub_revision}" if cfg.hub_revision else "")
+        return splits, {s: f"{where}[{s}]" for s in splits}
     paths = write_demo_corpus(cfg, root) if cfg.source == "demo" else _resolved_files(cfg)
-    splits = {s: _load_file(s, p, cache_dir) for s, p in paths.items()}
+    splits = {s: load_file(s, p, cache_dir) for s, p in paths.items()}
     return splits, {s: str(p) for s, p in paths.items()}

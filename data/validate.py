@@ -1,11 +1,15 @@
 """Validation and cleaning of loaded splits: nothing is changed without being counted.
 
     from lora_pipeline.data.validate import validate_splits
-    clean = validate_splits(raw_splits, cfg)
-    clean.rows["train"]    # {"input": [...], "prompt": [...], "target": [...], "references": [[...], ...]}
+    clean = validate_splits(raw_splits, cfg, origins)   # origins: split -> file (named in errors)
+    clean.rows["train"]    # {"input", "prompt", "parts", "target", "references"}: lists, one item per row
     clean.drops["train"]   # {"empty:summary": 3, "duplicate": 2, "in_test": 1}
 
-Missing columns and empty splits are errors. Rows whose template or target columns hold null,
+Each split reads its own columns (`DataConfig.columns_for`: split_columns overrides the top-level
+names); the split's input column fills the template's input placeholder. `parts` holds the
+template's text around the input (`input.join(parts) == prompt`), so encoding can cut the input
+alone. Missing columns and empty splits are errors naming the split, its file, the column and the
+columns the file has. Rows whose template or target columns hold null,
 non-string or empty/whitespace-only values are dropped and counted as "<reason>:<column>";
 exact duplicate (prompt, references) rows are dropped ("duplicate"); train rows whose input also
 occurs in test are removed ("in_test"). Missing validation/test splits are carved out of train.
@@ -20,12 +24,14 @@ from typing import Any
 
 import datasets
 
+from lora_module.errors import PipelineError
+from lora_module.prompt import template_parts
 from lora_pipeline.data.config import SPLITS, DataConfig
 
-Rows = dict[str, list[Any]]  # columns "input", "prompt", "target", "references"
+Rows = dict[str, list[Any]]  # columns "input", "prompt", "parts", "target", "references"
 
 
-class DataValidationError(ValueError):
+class DataValidationError(PipelineError, ValueError):
     """The data cannot be prepared as configured (missing column, empty split, bad split sizes)."""
 
 
@@ -49,31 +55,38 @@ def _bad_reason(value: Any) -> str | None:
 
 def _needed_columns(cfg: DataConfig, split: str) -> dict[str, str]:
     """column -> role, in the order problems are reported."""
-    needed = {c: "prompt_template placeholder" for c in cfg.template_columns}
-    needed[cfg.input_column] = "input_column"
-    if split == "test":
-        needed.update({c: "reference_columns" for c in cfg.reference_columns})
-    else:
-        needed[cfg.target_column] = "target_column"
+    own = (cfg.split_columns or {}).get(split, {})
+    input_col, label_cols = cfg.columns_for(split)
+    needed = {c: "prompt_template placeholder" for c in cfg.template_columns if c != cfg.input_column}
+    needed[input_col] = f"split_columns[{split!r}].input_column" if "input_column" in own else "input_column"
+    role = "reference_columns" if split == "test" else "target_column"
+    role = f"split_columns[{split!r}].{role}" if role in own else role
+    needed.update({c: role for c in label_cols})
     return needed
 
 
-def clean_split(ds: datasets.Dataset, split: str, cfg: DataConfig) -> tuple[Rows, Counter]:
+def clean_split(
+    ds: datasets.Dataset, split: str, cfg: DataConfig, origin: str | None = None
+) -> tuple[Rows, Counter]:
     """Check columns, drop bad and duplicate rows, render prompts; returns rows and drop counts."""
     needed = _needed_columns(cfg, split)
+    where = f"split {split!r}" + (f" ({origin})" if origin else "")
     missing = [c for c in needed if c not in ds.column_names]
     if missing:
         roles = ", ".join(f"{c!r} ({needed[c]})" for c in missing)
-        raise DataValidationError(f"split {split!r} has no column {roles}; its columns are {ds.column_names}")
+        raise DataValidationError(
+            f"{where} has no column {roles}; its columns are {ds.column_names} "
+            "(name other columns per split with split_columns)"
+        )
     if ds.num_rows == 0:
-        raise DataValidationError(f"split {split!r} is empty (0 rows)")
+        raise DataValidationError(f"{where} is empty (0 rows)")
 
     cols = ds.select_columns(list(needed)).to_dict()
-    ref_cols = cfg.reference_columns if split == "test" else [cfg.target_column]
-    template_cols = cfg.template_columns
+    input_col, ref_cols = cfg.columns_for(split)
+    others = [c for c in cfg.template_columns if c != cfg.input_column]
     drops: Counter = Counter()
     seen: set[tuple[str, tuple[str, ...]]] = set()
-    rows: Rows = {"input": [], "prompt": [], "target": [], "references": []}
+    rows: Rows = {"input": [], "prompt": [], "parts": [], "target": [], "references": []}
     for i in range(ds.num_rows):
         reason = next(
             (f"{r}:{c}" for c in needed if (r := _bad_reason(cols[c][i])) is not None),
@@ -82,20 +95,22 @@ def clean_split(ds: datasets.Dataset, split: str, cfg: DataConfig) -> tuple[Rows
         if reason:
             drops[reason] += 1
             continue
-        prompt = cfg.prompt_template.format_map({c: cols[c][i] for c in template_cols})
+        parts = template_parts(cfg.prompt_template, {c: cols[c][i] for c in others}, cfg.input_column)
+        prompt = cols[input_col][i].join(parts)
         refs = tuple(cols[c][i] for c in ref_cols)
         if (prompt, refs) in seen:
             drops["duplicate"] += 1
             continue
         seen.add((prompt, refs))
-        rows["input"].append(cols[cfg.input_column][i])
+        rows["input"].append(cols[input_col][i])
         rows["prompt"].append(prompt)
+        rows["parts"].append(parts)
         rows["target"].append(refs[0])
         rows["references"].append(list(refs))
     if split == "test" and cfg.group_test_references:
         rows = _group_references(rows, drops)
     if not rows["prompt"]:
-        raise DataValidationError(f"split {split!r} has no valid rows left after dropping {dict(drops)}")
+        raise DataValidationError(f"{where} has no valid rows left after dropping {dict(drops)}")
     return rows, drops
 
 
@@ -110,7 +125,7 @@ def _group_references(rows: Rows, drops: Counter) -> Rows:
             continue
         order[prompt] = len(out["prompt"])
         for k in rows:
-            out[k].append(list(rows[k][i]) if k == "references" else rows[k][i])
+            out[k].append(list(rows[k][i]) if k in ("references", "parts") else rows[k][i])
     return out
 
 
@@ -141,12 +156,15 @@ def carve_splits(train: Rows, missing: list[str], cfg: DataConfig) -> tuple[Rows
     return _take(train, sorted(perm[start:])), carved
 
 
-def validate_splits(raw: dict[str, datasets.Dataset], cfg: DataConfig) -> CleanSplits:
-    """Clean every given split, carve missing ones from train, and remove test inputs from train."""
+def validate_splits(
+    raw: dict[str, datasets.Dataset], cfg: DataConfig, origins: dict[str, str] | None = None
+) -> CleanSplits:
+    """Clean every given split, carve missing ones from train, and remove test inputs from train.
+    `origins` (split -> file or Hub split) only makes error messages name where a split came from."""
     rows, drops = {}, {}
     for split in SPLITS:
         if split in raw:
-            rows[split], drops[split] = clean_split(raw[split], split, cfg)
+            rows[split], drops[split] = clean_split(raw[split], split, cfg, (origins or {}).get(split))
     missing = [s for s in ("validation", "test") if s not in rows]
     carved: dict[str, int] = {}
     if missing:

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from lora_module.errors import run_cli
+
 
 class Command(NamedTuple):
     """Where a command's code is: `main(argv)` of `module`, with `args` put before the user's."""
@@ -29,17 +31,20 @@ class Command(NamedTuple):
 
 TRAINING = "lora_module.training.cli"
 REGISTRY = "lora_module.registry.cli"
+SERVING = "lora_module.registry.serving"
 COMMANDS: dict[str, Command] = {
     "prepare": Command("lora_pipeline.data.cli", "prepare (or reuse) a data set: validate, template, "
                        "tokenize, cache", ("prepare",)),
+    "inspect": Command("lora_pipeline.data.cli", "columns, lengths and a suggested config of a data file "
+                       "or Hub data set", ("inspect",)),
     "demo-corpus": Command("lora_pipeline.data.cli", "write generated demo dialogues to <out>/demo.jsonl",
                            ("demo-corpus",)),
     "demo-base": Command("lora_module.training.demo_base", "build (or reuse) the demo base T5 model"),
     "fit": Command(TRAINING, "train a LoRA/QLoRA adapter or a full fine-tune (Lightning CLI)", ("fit",)),
     "validate": Command(TRAINING, "validation loss of a checkpoint (Lightning CLI)", ("validate",)),
     "test": Command(TRAINING, "test loss of a checkpoint (Lightning CLI)", ("test",)),
-    "predict-ckpt": Command(TRAINING, "generate for the prepared test split from a checkpoint into "
-                            "<output_dir>/predictions.jsonl (Lightning CLI predict)", ("predict",)),
+    "predict-ckpt": Command(TRAINING, "a checkpoint's outputs for the test split -> predictions.jsonl "
+                            "(Lightning CLI predict)", ("predict",)),
     "evaluate": Command("lora_module.evaluation.evaluate", "ROUGE of base / LoRA / full models and "
                         "their comparison report"),
     "register": Command(REGISTRY, "register an adapter as a new version of its task's model "
@@ -50,6 +55,10 @@ COMMANDS: dict[str, Command] = {
     "show": Command(REGISTRY, "one registered version: tags, lineage, gate decision", ("show",)),
     "predict": Command(REGISTRY, "generate with a task's registered adapter (default @champion)",
                        ("predict",)),
+    "register-multitask": Command(SERVING, "register one model serving several tasks' champions on one base",
+                                  ("register-multitask",)),
+    "serve-model": Command(SERVING, "serve a registered model over HTTP (/invocations; mlflow models serve)",
+                           ("serve-model",)),
     "run": Command("lora_pipeline.flows.pipeline", "run the pipeline flow for one or more tasks"),
     "demo": Command("lora_pipeline.flows.demo", "the offline demo: both demo tasks end to end"),
     "serve": Command("lora_pipeline.deploy.serve", "serve the deployments of prefect.yaml from one "
@@ -79,5 +88,5 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     command = COMMANDS[name]
-    status = importlib.import_module(command.module).main([*command.args, *rest])
-    return status or 0
+    # Bad input anywhere in a stage (a PipelineError) ends as one `error:` line and exit status 2.
+    return run_cli(importlib.import_module(command.module).main, [*command.args, *rest])

@@ -1,7 +1,7 @@
 """The offline demo: the whole pipeline for the `summary` and `topic` tasks on one CPU machine.
 
-    ./run.sh demo                      # = .venv/bin/python -m flows.demo
-    python -m flows.demo --home /tmp/lp --no-full
+    ./run.sh demo                      # = .venv/bin/lora-pipeline demo
+    lora-pipeline demo --home /tmp/lp --no-full
 
 What it does, with nothing downloaded: builds the demo base model (a small T5 pretrained by
 denoising on the generated demo corpus; cached), then runs the many-task flow for both tasks
@@ -12,7 +12,8 @@ prints the ROUGE table per task, what it measured (wall time per stage, cache hi
 open the results in the MLflow and Prefect UIs. A second run reuses the base model, the prepared
 data and the base evaluations, so it is faster.
 
-Pipeline home: `--home`, else `$LORA_PIPELINE_HOME`, else `./.lora_pipeline`.
+Pipeline home (`lora_module.home.PipelineHome`): `--home`, else `$LORA_PIPELINE_HOME`, else
+`./.lora_pipeline`; MLflow at `$MLFLOW_TRACKING_URI`, else `<home>/mlflow.db`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from lora_module.evaluation.report import rouge_table
+from lora_module.home import PipelineHome
 
 # Sizes that keep the demo within minutes on 2 CPU cores; the task specs' own configs are left as
 # written (they describe a longer run) and these are passed as overrides.
@@ -39,10 +42,11 @@ STAGES = ("base_model", "prepare", "evaluate_base", "train_full", "evaluate_full
           "evaluate_lora", "report", "register")
 
 
-def configure_environment(home: Path) -> None:
-    """Offline, no telemetry, Prefect's embedded server and results under the pipeline home.
+def configure_environment(home: PipelineHome) -> None:
+    """Prefect's and Hugging Face's own settings: offline, no telemetry, Prefect's database in the home.
 
-    Must run before Prefect is imported: its settings are read at import time.
+    Must run before Prefect is imported: its settings are read at import time. The pipeline's own
+    settings are not passed this way: the home is handed to the flow as parameters.
     """
     defaults = {
         "DO_NOT_TRACK": "1",
@@ -52,33 +56,23 @@ def configure_environment(home: Path) -> None:
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "LORA_PIPELINE_HOME": str(home),
     }
     if not os.environ.get("PREFECT_API_URL"):
-        # The temporary server's database and the persisted task results (the caches) live with the
-        # rest of the demo's outputs: deleting the home starts from scratch.
-        defaults["PREFECT_HOME"] = str(home / "prefect")
-        (home / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect does not create it for its database
+        # The temporary server's database lives with the rest of the demo's outputs: deleting the
+        # home starts from scratch.
+        prefect_home = home.root / "prefect"
+        defaults["PREFECT_HOME"] = str(prefect_home)
+        prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect does not create it for its database
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    os.environ["LORA_PIPELINE_HOME"] = str(home)
 
 
-def _fmt_rouge(rows: dict[str, dict[str, Any]]) -> list[str]:
-    header = ("model", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "trainable")
-    lines = ["  {:<6} {:>8} {:>8} {:>8} {:>10} {:>12}".format(*header)]
-    for name, r in rows.items():
-        trainable = f"{r['trainable']:,}" if isinstance(r.get("trainable"), int) else "-"
-        scores = [100 * r[t] for t in ("rouge1", "rouge2", "rougeL", "rougeLsum")]
-        lines.append("  {:<6} {:8.2f} {:8.2f} {:8.2f} {:10.2f} {:>12}".format(name, *scores, trainable))
-    return lines
-
-
-def render(summary: dict[str, Any], wall: float, flow_wall: float, home: Path) -> str:
+def render(summary: dict[str, Any], wall: float, flow_wall: float, home: PipelineHome) -> str:
     """The demo's closing printout: ROUGE tables, registered versions, timings and where to look."""
     out = ["", "=" * 78, "LoRA pipeline demo: results", "=" * 78]
     for name, r in summary["results"].items():
-        out += ["", f"Task {name!r}: ROUGE (x100) on {r['rouge_n']} test examples", *_fmt_rouge(r["rouge"]),
+        out += ["", f"Task {name!r}: ROUGE (x100) on {r['rouge_n']} test examples",
+                rouge_table(r["rouge"], "text", "  "),
                 f"  registered {r['model_name']} v{r['version']} as {r['alias']!r}: {r['decision']}",
                 f"  report: {r['report_md']}"]
     for name, err in summary["failed"].items():
@@ -94,52 +88,62 @@ def render(summary: dict[str, Any], wall: float, flow_wall: float, home: Path) -
             sec = r["timings"].get(stage)
             cells.append("-" if sec is None else f"{sec:.1f}" + ("c" if r["cached"].get(stage) else ""))
         out.append(f"  {stage:<15}" + "".join(f"{c:>12}" for c in cells))
-    out.append("  (c = served from the Prefect cache)")
+    out.append("  (c = reused: the same inputs' folder was already in the pipeline home)")
     out.append(f"  base model build/check {summary['base_seconds']:.1f} s, parameter validation "
                f"{summary['validate_seconds']:.1f} s")
     overhead = flow_wall - summary["seconds"]
     out.append(f"  flow {summary['seconds']:.1f} s, Prefect start-up and teardown {overhead:.1f} s, "
                f"demo total {wall:.1f} s")
 
-    uri = f"sqlite:///{home / 'mlflow.db'}"
+    uri = home.tracking_uri
+    ui = (f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000\n               then http://127.0.0.1:5000"
+          if uri.startswith("sqlite:") else uri)
     prefect_home = os.environ.get("PREFECT_HOME", "~/.prefect")
     out += [
         "",
         "Where the results are",
-        f"  everything:  {home}  (data/, base/, evals/, runs/, mlflow.db, prefect/)",
-        f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000",
-        "               then http://127.0.0.1:5000 -> Models (summary-lora, topic-lora) and Experiments",
+        f"  everything:  {home.root}  (data/, base/, evals/, runs/, mlflow.db, prefect/)",
+        f"  MLflow UI:   {ui}",
+        "               -> Models (summary-lora, topic-lora) and Experiments (lora-summary, lora-topic)",
         f"  Prefect UI:  PREFECT_HOME={prefect_home} .venv/bin/prefect server start",
         "               then http://127.0.0.1:4200 -> Runs (lora-tasks, lora-task) and Artifacts (rouge-*)",
-        "  registry:    .venv/bin/python -m lora_module.registry.cli list",
+        "  registry:    .venv/bin/lora-pipeline list",
         "",
     ]
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the offline LoRA pipeline demo (summary + topic).")
-    parser.add_argument("--home", type=Path, help="default: $LORA_PIPELINE_HOME or .lora_pipeline")
-    parser.add_argument("--task", action="append", dest="tasks", help="default: summary and topic")
+    """`lora-pipeline demo [--home DIR] ...`; returns the exit status (1 if a task failed)."""
+    parser = argparse.ArgumentParser(prog="lora-pipeline demo",
+                                     description="Run the offline LoRA pipeline demo (summary + topic).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--home", type=Path,
+                        help="pipeline home (None: $LORA_PIPELINE_HOME, else ./.lora_pipeline)")
+    parser.add_argument("--task", action="append", dest="tasks",
+                        help="demo task to run, repeatable (None: summary and topic)")
     parser.add_argument("--no-full", action="store_true", help="skip the full fine-tuning baseline")
-    parser.add_argument("--max-concurrency", type=int, default=2)
+    parser.add_argument("--max-concurrency", type=int, default=2, help="tasks run at the same time at most")
     args = parser.parse_args(argv)
+    return run_demo(PipelineHome.from_env(args.home), args.tasks or ["summary", "topic"], not args.no_full,
+                    args.max_concurrency)
+
+
+def run_demo(home: PipelineHome, tasks: list[str], train_full: bool = True, max_concurrency: int = 2) -> int:
+    """Run the demo's flow in `home`, print its results; returns the exit status (1 if a task failed)."""
     t_start = time.perf_counter()
-    home = args.home or Path(os.environ.get("LORA_PIPELINE_HOME") or ".lora_pipeline")
-    home = home.expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    home.create()
     configure_environment(home)
 
-    from lora_pipeline.flows.pipeline import many_tasks  # after the environment: Prefect reads its settings on import
+    from lora_pipeline.flows.pipeline import many_tasks  # after the environment: Prefect reads it on import
 
-    tasks = args.tasks or ["summary", "topic"]
-    print(f"LoRA pipeline demo: tasks {tasks}, home {home}", flush=True)
+    print(f"LoRA pipeline demo: tasks {tasks}, home {home.root}", flush=True)
     t0 = time.perf_counter()
     summary = many_tasks(
-        tasks=tasks, base_model="demo", home=str(home), data_overrides=DEMO_DATA,
-        train_overrides=DEMO_TRAIN, lora_overrides=DEMO_LORA, full_overrides=DEMO_FULL,
-        train_full=not args.no_full,
-        max_concurrency=args.max_concurrency, allow_partial=True, demo_base=DEMO_BASE,
+        tasks=tasks, base_model="demo", home=str(home.root), tracking_uri=home.tracking_uri,
+        data_overrides=DEMO_DATA, train_overrides=DEMO_TRAIN, lora_overrides=DEMO_LORA,
+        full_overrides=DEMO_FULL, train_full=train_full, max_concurrency=max_concurrency,
+        allow_partial=True, demo_base=DEMO_BASE,
     )
     flow_wall = time.perf_counter() - t0
     wall = time.perf_counter() - t_start
@@ -147,9 +151,5 @@ def main(argv: list[str] | None = None) -> int:
         r["rouge_n"] = json.loads(Path(r["report"]).read_text())["n"]
     print(render(summary, wall, flow_wall, home), flush=True)
     record = {"wall_seconds": wall, "flow_wall_seconds": flow_wall, "summary": summary}
-    (home / "demo_last_run.json").write_text(json.dumps(record, indent=2, default=str))
+    (home.root / "demo_last_run.json").write_text(json.dumps(record, indent=2, default=str))
     return 1 if summary["failed"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,28 +1,32 @@
 """The pipeline flows: one task end to end, and many tasks side by side.
 
-    python -m flows.pipeline --task summary --task topic        # many-task flow, embedded defaults
-    python -m flows.pipeline --task deploy/tasks/dialogsum.yaml  # any task spec file
+    lora-pipeline run --task summary --task topic        # many-task flow, embedded defaults
+    lora-pipeline run --task deploy/tasks/dialogsum.yaml  # any task spec file
 
     from lora_pipeline.flows.pipeline import task_pipeline, many_tasks
     result = task_pipeline("summary")          # {"version": "3", "alias": "champion", "rouge": {...}, ...}
     summary = many_tasks(["summary", "topic"])  # {"results": {...}, "failed": {...}}
 
-`task_pipeline`: validate -> base model -> prepare (cached) -> evaluate base (cached) -> train full
-(if the spec has a full config) -> train LoRA/QLoRA -> evaluate -> report -> register through the
-promotion gate -> Markdown artifact. `many_tasks` validates every task first (a bad one fails the
-flow before any training), then runs each task's flow concurrently; a task that fails is reported
-and does not touch the others' results. Outputs go under the pipeline home
-(`$LORA_PIPELINE_HOME`, else `./.lora_pipeline`): data/, base/, evals/, runs/, mlflow.db.
+`task_pipeline`: validate -> base model -> prepare -> evaluate base -> train full (if the spec has
+a full config) -> train LoRA/QLoRA -> evaluate -> report -> register through the promotion gate ->
+Markdown artifact. `many_tasks` validates every task first (a bad one fails the flow before any
+training), then runs each task's flow concurrently; a task that fails is reported and does not
+touch the others' results. Preparing data and evaluating the base model are served from the
+library's content-addressed folders when their inputs are unchanged (`cached` in the result).
+
+Outputs go under the pipeline home (`lora_module.home.PipelineHome`): the `home` parameter, else
+`$LORA_PIPELINE_HOME`, else `./.lora_pipeline`; MLflow at `tracking_uri`, else
+`$MLFLOW_TRACKING_URI`, else `<home>/mlflow.db`. Each task's training and registration runs go to
+its MLflow experiment `lora-<task>`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import time
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +35,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from lora_module.errors import PipelineError, report_error
+from lora_module.home import PipelineHome
+from lora_module.registry import ensure_task_experiment
 from lora_pipeline.flows import tasks as t
 from lora_pipeline.flows.reporting import mlflow_run_link, rouge_rows, summary_markdown, task_markdown
 from lora_pipeline.flows.specs import TaskSpec, TaskSpecError, check_task_spec, load_task_spec
 
-EVAL_CODE = ("lora_module.evaluation.evaluate", "lora_module.evaluation.generation", "lora_module.evaluation.rouge")
+TRAIN_METRICS = ("trainable_params", "total_params", "steps", "train_loss", "val_loss", "train_seconds")
 
 
 # ---- wiring helpers -----------------------------------------------------------------------------
-def use_home(home: str | None) -> Path:
-    """Resolve the pipeline home and export it, so data, training and registry defaults follow it."""
-    path = Path(home or os.environ.get("LORA_PIPELINE_HOME") or ".lora_pipeline").expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ["LORA_PIPELINE_HOME"] = str(path)
-    return path
-
-
 def load_specs(tasks: list[str], base_model: str | None, data_overrides: dict | None,
                train_overrides: list[str] | None, eval_limit: int | None, train_full: bool | None,
                check: bool = True, lora_overrides: list[str] | None = None,
@@ -88,18 +87,54 @@ def load_specs(tasks: list[str], base_model: str | None, data_overrides: dict | 
     return specs
 
 
-def _timed(timings: dict[str, float], stage: str, fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
-    """Run a task, record its wall time under `stage`; returns (result, whether it came from the cache)."""
-    t0 = time.perf_counter()
-    state = fn(*args, return_state=True, **kwargs)
-    timings[stage] = time.perf_counter() - t0
-    return state.result(), state.name == "Cached"
+@dataclass
+class Stages:
+    """Runs a flow's tasks and records, per stage, the flow-side wall time, the task's own time and
+    (for stages the library can serve from its content-addressed folders) whether it did."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    inner: dict[str, float] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+
+    def run(self, stage: str, fn: Any, *args: Any) -> dict[str, Any]:
+        """Call task `fn` (a failure raises) and record it under `stage`; returns its result."""
+        t0 = time.perf_counter()
+        result = fn(*args)
+        self.timings[stage] = time.perf_counter() - t0
+        self.inner[stage] = result["seconds"]
+        if "reused" in result:
+            self.cached[stage] = result["reused"]
+        return result
 
 
-def _run_dir(home: Path, task_name: str) -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    run_id = str(flow_run.id or "local")[:8]
-    return home / "runs" / task_name / f"{stamp}-{run_id}"
+def _train_and_evaluate(stages: Stages, spec: TaskSpec, home: PipelineHome, base: str, data_dir: str,
+                        run_dir: Path, threads: int | None) -> tuple[dict[str, dict], list[str]]:
+    """Train the full baseline (if the spec has one) and the adapter, evaluating each: (runs, eval paths)."""
+    env = t.training_env(threads or os.cpu_count() or 1)
+    common = ["--model.model_name_or_path", base, "--data.prepared_dir", data_dir, *spec.train_overrides]
+    runs: dict[str, dict] = {}
+    evals = []
+    for kind, config in (("full", spec.full_config), ("lora", spec.lora_config)):
+        if not config:
+            continue
+        out = str(run_dir / kind)
+        args = [*common, *spec.training_overrides(kind)]
+        runs[kind] = stages.run(f"train_{kind}", t.train, config, args, out, home.tracking_uri,
+                                home.experiment(spec.name), env)
+        evals.append(stages.run(f"evaluate_{kind}", t.evaluate, kind, kind, out, data_dir,
+                                str(run_dir / "eval"), spec.generation, spec.eval_limit)["path"])
+    return runs, evals
+
+
+def _publish(task_name: str, report_json: dict[str, Any], reg: dict[str, Any], report_path: str) -> str:
+    """The task's Markdown artifact (ROUGE table, registered version); returns the MLflow run link."""
+    link = mlflow_run_link(reg["tracking_uri"], reg["run_id"])
+    create_markdown_artifact(
+        key=f"rouge-{task_name}".lower().replace("_", "-"),
+        markdown=task_markdown(task_name, report_json, reg, link, report_path),
+        description=f"ROUGE of base / full / LoRA for task {task_name} and the registered version",
+    )
+    return link
 
 
 # ---- flows --------------------------------------------------------------------------------------
@@ -118,106 +153,42 @@ def task_pipeline(
     registry_retries: int = 2,
     demo_base: dict[str, Any] | None = None,
     checked: bool = False,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """One task end to end: prepare, evaluate base, train, evaluate, report, register; returns the version."""
-    logger = get_run_logger()
     t_start = time.perf_counter()
-    root = use_home(home)
+    ph = PipelineHome.from_env(home, tracking_uri).create()
     spec = load_specs([task], base_model, data_overrides, train_overrides, eval_limit, train_full,
                       check=not checked, lora_overrides=lora_overrides, full_overrides=full_overrides)[0]
-    timings: dict[str, float] = {}
-    inner: dict[str, float] = {}
-    cached: dict[str, bool] = {}
-
-    if not checked:  # run on its own (not from many_tasks, which did this already)
-        from lora_module.training.cli import create_training_experiment
-
-        create_training_experiment()
-    base, _ = _timed(timings, "base_model", t.build_base, spec.base_model, str(root), demo_base)
-    inner["base_model"] = base["seconds"]
-    base_path = base["path"]
-
-    from lora_pipeline.data import DataConfig
-    from lora_pipeline.data.prepare import fingerprint as data_fingerprint
-
-    overrides = {**spec.data_overrides, "tokenizer": base_path, "output_root": str(root / "data")}
-    fp, _ = data_fingerprint(DataConfig.from_yaml(spec.data_config, overrides))
-    prepared, cached["prepare"] = _timed(timings, "prepare", t.prepare_data, spec.data_config, overrides, fp)
-    if not (Path(prepared["path"]) / "manifest.json").is_file():  # a cached result whose folder was deleted
-        refresh = t.prepare_data.with_options(refresh_cache=True)
-        prepared, cached["prepare"] = _timed(timings, "prepare", refresh, spec.data_config, overrides, fp)
-    inner["prepare"] = 0.0 if cached["prepare"] else prepared["seconds"]
+    if not checked:  # run on its own: many_tasks creates its tasks' experiments before starting them
+        ensure_task_experiment(ph, spec.name)
+    stages = Stages()
+    base = stages.run("base_model", t.build_base, spec.base_model, str(ph.base_dir), demo_base)["path"]
+    prepared = stages.run("prepare", t.prepare_data, spec.data_config,
+                          {**spec.data_overrides, "tokenizer": base, "output_root": str(ph.data_dir)})
     data_dir = prepared["path"]
-
-    base_id = t.model_identity(base_path)
-    eval_code = t.code_identity(*EVAL_CODE)
-    key = json.dumps([fp, base_id, spec.generation, spec.eval_limit, eval_code], sort_keys=True)
-    base_out = root / "evals" / spec.name / f"base-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    args = (base_path, base_id, data_dir, fp, spec.generation, spec.eval_limit, eval_code, str(base_out))
-    base_eval, cached["evaluate_base"] = _timed(timings, "evaluate_base", t.evaluate_base, *args)
-    if not Path(base_eval["path"]).is_file():
-        base_eval, cached["evaluate_base"] = _timed(
-            timings, "evaluate_base", t.evaluate_base.with_options(refresh_cache=True), *args)
-    inner["evaluate_base"] = 0.0 if cached["evaluate_base"] else base_eval["seconds"]
-
-    run_dir = _run_dir(root, spec.name)
-    env = t.training_env(str(root), threads or os.cpu_count() or 1)
-    common = ["--model.model_name_or_path", base_path, "--data.prepared_dir", data_dir]
-    evals = [base_eval["path"]]
-    runs: dict[str, dict] = {}
-    for kind, config in (("full", spec.full_config), ("lora", spec.lora_config)):
-        if not config:
-            continue
-        out = str(run_dir / kind)
-        runs[kind], _ = _timed(timings, f"train_{kind}", t.train, config,
-                               [*common, *spec.train_overrides, *spec.training_overrides(kind),
-                                "--model.output_dir", out], env)
-        inner[f"train_{kind}"] = runs[kind]["seconds"]
-        ev, _ = _timed(timings, f"evaluate_{kind}", t.evaluate, kind, kind, out, data_dir,
-                       str(run_dir / "eval"), spec.generation, spec.eval_limit)
-        inner[f"evaluate_{kind}"] = ev["seconds"]
-        evals.append(ev["path"])
-
-    rep, _ = _timed(timings, "report", t.report, spec.name, evals, str(run_dir / "report"))
-    inner["report"] = rep["seconds"]
-    reg, _ = _timed(timings, "register", t.register, spec.name, str(Path(runs["lora"]["path"]) / "adapter"),
-                    rep["path"], runs["lora"]["path"], spec.model_name, spec.metric,
-                    str(Path(data_dir) / "tokenizer"), registry_retries)
-    inner["register"] = reg["seconds"]
-
+    base_eval = stages.run("evaluate_base", t.evaluate_base, base, data_dir, str(ph.evals_dir(spec.name)),
+                           spec.generation, spec.eval_limit)
+    run_dir = ph.new_run_dir(spec.name, str(flow_run.id or "local"))
+    runs, evals = _train_and_evaluate(stages, spec, ph, base, data_dir, run_dir, threads)
+    rep = stages.run("report", t.report, spec.name, [base_eval["path"], *evals], str(run_dir / "report"))
+    lora_dir = runs["lora"]["path"]
+    reg = stages.run("register", t.register, spec.name, str(Path(lora_dir) / "adapter"), rep["path"],
+                     lora_dir, spec.model_name, spec.metric, str(Path(data_dir) / "tokenizer"), ph,
+                     registry_retries)
     report_json = json.loads(Path(rep["path"]).read_text())
-    link = mlflow_run_link(reg["tracking_uri"], reg["run_id"])
-    create_markdown_artifact(
-        key=f"rouge-{spec.name}".lower().replace("_", "-"),
-        markdown=task_markdown(spec.name, report_json, reg, link, rep["path"]),
-        description=f"ROUGE of base / full / LoRA for task {spec.name} and the registered version",
-    )
+    link = _publish(spec.name, report_json, reg, rep["path"])
     total = time.perf_counter() - t_start
-    logger.info("task %s: %s v%s (%s) in %.0f s", spec.name, reg["model_name"], reg["version"], reg["alias"],
-                total)
+    get_run_logger().info("task %s: %s v%s (%s) in %.0f s", spec.name, reg["model_name"], reg["version"],
+                          reg["alias"], total)
     return {
-        "task": spec.name,
-        "model_name": reg["model_name"],
-        "version": reg["version"],
-        "alias": reg["alias"],
-        "decision": reg["decision"].get("reason"),
-        "model_uri": reg["model_uri"],
-        "run_id": reg["run_id"],
-        "tracking_uri": reg["tracking_uri"],
-        "mlflow_link": link,
-        "rouge": rouge_rows(report_json),
-        "report": rep["path"],
-        "report_md": str(Path(rep["path"]).with_name("report.md")),
-        "prepared_dir": data_dir,
-        "data_fingerprint": fp,
-        "base_model": base_path,
-        "train_metrics": {k: {m: v["metrics"].get(m) for m in ("trainable_params", "total_params", "steps",
-                                                               "train_loss", "val_loss", "train_seconds")}
-                          for k, v in runs.items()},
-        "cached": cached,
-        "timings": timings,
-        "inner": inner,
-        "seconds": total,
+        "task": spec.name, "model_name": reg["model_name"], "version": reg["version"], "alias": reg["alias"],
+        "decision": reg["decision"].get("reason"), "model_uri": reg["model_uri"], "run_id": reg["run_id"],
+        "tracking_uri": reg["tracking_uri"], "mlflow_link": link, "rouge": rouge_rows(report_json),
+        "report": rep["path"], "report_md": str(Path(rep["path"]).with_name("report.md")),
+        "prepared_dir": data_dir, "data_fingerprint": prepared["fingerprint"], "base_model": base,
+        "train_metrics": {k: {m: v["metrics"].get(m) for m in TRAIN_METRICS} for k, v in runs.items()},
+        "cached": stages.cached, "timings": stages.timings, "inner": stages.inner, "seconds": total,
     }
 
 
@@ -225,6 +196,38 @@ def task_pipeline(
 def run_task_flow(task_ref: str, params: dict[str, Any]) -> dict[str, Any]:
     """One task's flow as a child run (a task, so the parent can run several in threads)."""
     return task_pipeline(task=task_ref, **params)
+
+
+def _prepare_shared(specs: list[TaskSpec], home: PipelineHome, demo_base: dict[str, Any] | None
+                    ) -> dict[str, str]:
+    """State the tasks share, created before they start so they never race for it: each distinct
+    base model (name -> path), the MLflow store and every task's experiment."""
+    bases = {name: t.build_base(name, str(home.base_dir), demo_base)["path"]
+             for name in dict.fromkeys(s.base_model for s in specs)}
+    for spec in specs:
+        ensure_task_experiment(home, spec.name)
+    return bases
+
+
+def _run_tasks(refs: list[str], specs: list[TaskSpec], params: dict[str, Any], bases: dict[str, str],
+               workers: int) -> tuple[dict[str, dict], dict[str, str]]:
+    """Each task's flow in a thread of its own (at most `workers` at once): (results, failures)."""
+    futures = {}
+    with ThreadPoolTaskRunner(max_workers=workers) as runner:
+        for ref, spec in zip(refs, specs, strict=True):
+            task_params = {**params, "base_model": bases[spec.base_model]}
+            futures[spec.name] = runner.submit(run_task_flow, {"task_ref": ref, "params": task_params})
+        results, failed = {}, {}
+        for name, fut in futures.items():
+            fut.wait()
+            outcome = fut.result(raise_on_failure=False)
+            if fut.state.is_completed():
+                results[name] = outcome
+            else:
+                failed[name] = f"{type(outcome).__name__}: {outcome}" if isinstance(outcome, BaseException) \
+                    else str(fut.state.message)
+                get_run_logger().error("task %s failed: %s", name, failed[name])
+    return results, failed
 
 
 @flow(name="lora-tasks")
@@ -242,29 +245,21 @@ def many_tasks(
     allow_partial: bool = False,
     registry_retries: int = 2,
     demo_base: dict[str, Any] | None = None,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Validate every task, then run each task's flow concurrently; one failure keeps the others' results."""
-    logger = get_run_logger()
     t_start = time.perf_counter()
     tasks = tasks or ["summary", "topic"]
     if not isinstance(max_concurrency, int) or max_concurrency < 1:
         raise TaskSpecError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
-    root = use_home(home)
+    ph = PipelineHome.from_env(home, tracking_uri).create()
     t0 = time.perf_counter()
     specs = load_specs(tasks, base_model, data_overrides, train_overrides, eval_limit, train_full,
                        lora_overrides=lora_overrides, full_overrides=full_overrides)
     validate_seconds = time.perf_counter() - t0
-
-    # Shared state is created once, before the tasks start, so concurrent tasks never race for it:
-    # each distinct base model, and the MLflow store with the training experiment.
     t0 = time.perf_counter()
-    bases = {}
-    for name in dict.fromkeys(s.base_model for s in specs):
-        bases[name] = t.build_base(name, str(root), demo_base)["path"]
+    bases = _prepare_shared(specs, ph, demo_base)
     base_seconds = time.perf_counter() - t0
-    from lora_module.training.cli import create_training_experiment  # Lightning: imported only when a flow runs
-
-    create_training_experiment()
 
     workers = min(max_concurrency, len(specs))
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -273,33 +268,15 @@ def many_tasks(
         import torch
 
         torch.set_num_threads(threads)
-    futures = {}
-    with ThreadPoolTaskRunner(max_workers=workers) as runner:
-        for ref, spec in zip(tasks, specs, strict=True):
-            params = {
-                "base_model": bases[spec.base_model], "home": str(root), "data_overrides": data_overrides,
-                "train_overrides": train_overrides, "lora_overrides": lora_overrides,
-                "full_overrides": full_overrides, "eval_limit": eval_limit, "train_full": train_full,
-                "threads": threads, "registry_retries": registry_retries, "checked": True,
-            }
-            futures[spec.name] = runner.submit(run_task_flow, {"task_ref": ref, "params": params})
-        results, failed = {}, {}
-        for name, fut in futures.items():
-            fut.wait()
-            outcome = fut.result(raise_on_failure=False)
-            if fut.state.is_completed():
-                results[name] = outcome
-            else:
-                failed[name] = f"{type(outcome).__name__}: {outcome}" if isinstance(outcome, BaseException) \
-                    else str(fut.state.message)
-                logger.error("task %s failed: %s", name, failed[name])
+    params = {"home": str(ph.root), "tracking_uri": ph.tracking_uri, "data_overrides": data_overrides,
+              "train_overrides": train_overrides, "lora_overrides": lora_overrides,
+              "full_overrides": full_overrides, "eval_limit": eval_limit, "train_full": train_full,
+              "threads": threads, "registry_retries": registry_retries, "checked": True}
+    results, failed = _run_tasks(tasks, specs, params, bases, workers)
 
     seconds = time.perf_counter() - t_start
-    create_markdown_artifact(
-        key="lora-tasks-summary",
-        markdown=summary_markdown(results, failed, seconds),
-        description=f"Pipeline summary for tasks {tasks}",
-    )
+    create_markdown_artifact(key="lora-tasks-summary", markdown=summary_markdown(results, failed, seconds),
+                             description=f"Pipeline summary for tasks {tasks}")
     summary = {"results": results, "failed": failed, "seconds": seconds, "validate_seconds": validate_seconds,
                "base_seconds": base_seconds, "base_models": bases}
     if failed and not allow_partial:
@@ -308,20 +285,44 @@ def many_tasks(
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the pipeline flow for one or more tasks.")
-    parser.add_argument("--task", action="append", dest="tasks", help="task name or spec file (repeatable)")
-    parser.add_argument("--base-model", help="override every task's base model (Hub name, folder or 'demo')")
-    parser.add_argument("--home", help="pipeline home (default $LORA_PIPELINE_HOME or ./.lora_pipeline)")
-    parser.add_argument("--eval-limit", type=int)
-    parser.add_argument("--no-full", action="store_true", help="skip full fine-tuning")
-    parser.add_argument("--max-concurrency", type=int, default=2)
+def check_before_flow(args: argparse.Namespace) -> None:
+    """The `run` command's inputs, checked before Prefect starts, so a bad one is one line, not two flow
+    tracebacks: the home folder, the concurrency, and every task spec with the overrides given."""
+    PipelineHome.from_env(args.home)  # refuses a home under a regular file
+    if args.max_concurrency < 1:
+        raise TaskSpecError(f"--max-concurrency must be an integer >= 1, got {args.max_concurrency}")
+    load_specs(args.tasks or ["summary", "topic"], args.base_model, None, None, args.eval_limit,
+               False if args.no_full else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lora-pipeline run [--task T ...]`: the many-task flow; prints its summary as JSON."""
+    parser = argparse.ArgumentParser(prog="lora-pipeline run",
+                                     description="Run the pipeline flow for one or more tasks.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--task", action="append", dest="tasks",
+                        help="task name (a spec in deploy/tasks/) or spec file; repeatable "
+                             "(None: summary and topic)")
+    parser.add_argument("--base-model",
+                        help="override every task's base model: Hub name, folder or 'demo' "
+                             "(None: each spec's)")
+    parser.add_argument("--home", help="pipeline home (None: $LORA_PIPELINE_HOME, else ./.lora_pipeline)")
+    parser.add_argument("--tracking-uri",
+                        help="MLflow tracking URI (None: $MLFLOW_TRACKING_URI, else <home>/mlflow.db)")
+    parser.add_argument("--eval-limit", type=int,
+                        help="evaluate on the first N test rows only (None: each spec's eval_limit)")
+    parser.add_argument("--no-full", action="store_true", help="skip the full fine-tuning baseline")
+    parser.add_argument("--max-concurrency", type=int, default=2, help="tasks run at the same time at most")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="exit 0 when some tasks fail (their errors are in the summary)")
     args = parser.parse_args(argv)
-    out = many_tasks(tasks=args.tasks or ["summary", "topic"], base_model=args.base_model,
-                     home=args.home, eval_limit=args.eval_limit, train_full=False if args.no_full else None,
-                     max_concurrency=args.max_concurrency)
+    try:
+        check_before_flow(args)
+        out = many_tasks(tasks=args.tasks or ["summary", "topic"], base_model=args.base_model,
+                         home=args.home, tracking_uri=args.tracking_uri, eval_limit=args.eval_limit,
+                         train_full=False if args.no_full else None, max_concurrency=args.max_concurrency,
+                         allow_partial=args.allow_partial)
+    except PipelineError as e:
+        return report_error(e)
     print(json.dumps(out, indent=2, default=str))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+from lora_module.evaluation.report import rouge_table
+from lora_module.evaluation.rouge import ROUGE_TYPES
+
 LOCAL_UI = "http://127.0.0.1:5000"
 
 
@@ -18,17 +20,6 @@ def rouge_rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         rows[m["name"]] = {"kind": m["kind"], **{t: m["rouge"][t]["mean"] for t in ROUGE_TYPES},
                            "trainable": (m.get("params") or {}).get("trainable")}
     return rows
-
-
-def rouge_table(rows: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table of ROUGE means (x100) per model."""
-    lines = ["| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | trainable params |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, r in rows.items():
-        trainable = f"{r['trainable']:,}" if isinstance(r.get("trainable"), int) else "-"
-        cells = " | ".join(f"{100 * r[t]:.2f}" for t in ROUGE_TYPES)
-        lines.append(f"| {name} | {cells} | {trainable} |")
-    return "\n".join(lines)
 
 
 def mlflow_run_link(tracking_uri: str, run_id: str) -> str:

@@ -5,10 +5,12 @@
     spec = load_task_spec("path/to/my_task.yaml")    # any spec file
     problems = check_task_spec(spec)                 # [] when every file and config is valid
 
-A spec is a small YAML file; relative paths in it resolve against the spec's folder, then the
-repository root (so `deploy/configs/x.yaml` works from a spec in `deploy/tasks/`). Checking a spec
-parses every config it names (data, training, generation) without building anything, so a bad
-value fails a flow before any data is prepared or any model trained.
+A spec is a small YAML file; relative paths in it resolve against the spec's folder, then the folder
+holding the shipped `deploy/` package (the repository root in a checkout, `site-packages/lora_pipeline`
+installed; so `deploy/configs/x.yaml` names the shipped config in both), then the working
+directory. Shipped specs are found by name in the package's `deploy/tasks/`, whatever the working
+directory. Checking a spec parses every config it names (data, training, generation) without
+building anything, so a bad value fails a flow before any data is prepared or any model trained.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from typing import Any
 
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-TASKS_DIR = PROJECT_ROOT / "deploy" / "tasks"
+from lora_module.errors import PipelineError
+from lora_module.evaluation.rouge import ROUGE_TYPES
+from lora_module.names import check_name
+from lora_pipeline.deploy import SHIPPED_ROOT, TASKS_DIR
+
 DEMO_BASE = "demo"
-METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
-class TaskSpecError(ValueError):
+class TaskSpecError(PipelineError, ValueError):
     """A task spec (or a file or config it names) is missing or invalid."""
 
 
@@ -63,9 +67,9 @@ class TaskSpec:
     """The spec file it was read from (filled in by load_task_spec)."""
 
     def __post_init__(self) -> None:
-        name = self.name
-        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-" for c in name):
-            raise TaskSpecError(f"task name must be letters, digits, '_' or '-', got {name!r}")
+        name = check_name("task name", self.name, TaskSpecError)
+        if self.registry_model is not None:
+            check_name(f"task {name!r}: registry_model", self.registry_model, TaskSpecError)
 
         def bad(key: str, valid: str) -> TaskSpecError:
             return TaskSpecError(f"task {name!r}: {key} must be {valid}, got {getattr(self, key)!r}")
@@ -86,13 +90,15 @@ class TaskSpec:
         limit = self.eval_limit
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise bad("eval_limit", "an integer >= 1 or null")
-        if self.metric not in METRICS:
-            raise bad("metric", f"one of {list(METRICS)}")
+        if self.metric not in ROUGE_TYPES:
+            raise bad("metric", f"one of {list(ROUGE_TYPES)}")
 
     @property
     def model_name(self) -> str:
         """The registered model this task's adapters become versions of."""
-        return self.registry_model or f"{self.name}-lora"
+        from lora_module.registry.register import model_name_for  # here: the registry imports MLflow
+
+        return self.registry_model or model_name_for(self.name)
 
     def training_overrides(self, kind: str) -> list[str]:
         """The run-specific overrides of `kind` ("lora" or "full")."""
@@ -159,9 +165,9 @@ def _looks_local(name: str) -> bool:
 
 
 def resolve_path(value: str, base: Path, what: str, kind: str = "file") -> str:
-    """An existing path: absolute, or relative to `base`, the repository root or the working directory."""
+    """An existing path: absolute, or relative to `base`, the shipped files' root or the working directory."""
     p = Path(value).expanduser()
-    candidates = [p] if p.is_absolute() else [base / p, PROJECT_ROOT / p, Path.cwd() / p]
+    candidates = [p] if p.is_absolute() else [base / p, SHIPPED_ROOT / p, Path.cwd() / p]
     for c in candidates:
         if (c.is_file() if kind == "file" else c.is_dir()):
             return str(c.resolve())
@@ -175,9 +181,9 @@ def check_task_spec(spec: TaskSpec, base_model: str | None = None) -> list[str]:
     Parses the data config (with overrides), the generation settings and each training config (with
     overrides, through the Lightning CLI parser) without loading any data or model.
     """
-    from lora_pipeline.data import DataConfig, DataConfigError
-    from lora_module.training.cli import parse_config
     from lora_module.evaluation.generation import GenerationConfig
+    from lora_module.training.cli import ConfigParseError, parse_config
+    from lora_pipeline.data import DataConfig, DataConfigError
 
     problems: list[str] = []
     try:
@@ -194,15 +200,14 @@ def check_task_spec(spec: TaskSpec, base_model: str | None = None) -> list[str]:
         if not path:
             continue
         overrides = [*spec.train_overrides, *spec.training_overrides(key.removesuffix("_config"))]
-        if model != DEMO_BASE:
-            overrides += ["--model.model_name_or_path", model]
+        # The flow passes the built base and the prepared folder; parsing only needs their places
+        # filled (the demo base and the data do not exist before the flow builds them).
+        run_paths = ["--model.model_name_or_path", model, "--data.prepared_dir", "<prepared by the flow>"]
         try:
-            config = parse_config(["--config", path, *overrides])
-        except SystemExit:
-            problems.append(
-                f"task {spec.name!r}: {key} {path} with overrides {overrides} does not parse "
-                "(the Lightning CLI's message is printed above)"
-            )
+            config = parse_config(["--config", path, *run_paths, *overrides], quiet=True)
+        except ConfigParseError as e:
+            problems.append(f"task {spec.name!r}: {key} {path} with overrides {overrides} does not parse: "
+                            f"{e}")
             continue
         if config.model.finetune not in kinds:
             problems.append(

@@ -257,6 +257,16 @@ def _match_modules(model: nn.Module, grouped: dict[str, dict[str, torch.Tensor]]
     return weights
 
 
+def _check_finite(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Refuse NaN/inf weights: a diverged run saves them, and loaded they make every output empty."""
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise AdapterLoadError(
+            f"{file}: {len(bad)} of {len(tensors)} tensors hold NaN or inf values (first: {bad[0]}); the "
+            "training run that wrote it diverged: use an earlier checkpoint or retrain (lower learning_rate)"
+        )
+
+
 def plan_adapter_load(model: nn.Module, path: str | Path, *, force: bool = False) -> AdapterPlan:
     """Read and check an adapter folder against `model` (the transformers model, LoRA layers injected
     or not; not a LoraModel); changes nothing."""
@@ -270,6 +280,7 @@ def plan_adapter_load(model: nn.Module, path: str | Path, *, force: bool = False
     tensors, weights_file = read_adapter_weights(path)
     if not tensors:
         raise AdapterLoadError(f"{weights_file} holds no tensors")
+    _check_finite(tensors, weights_file)
     grouped = _group_by_module(tensors, weights_file)
     if not raw.get("target_modules"):  # very old PEFT configs: recover the names from the keys
         raw = {**raw, "target_modules": sorted({p.rsplit(".", 1)[-1] for p in grouped})}

@@ -192,3 +192,12 @@ def torch_dtype(name: str | None) -> Any:
     import torch  # here, not at the top: this module stays torch-free to import
 
     return getattr(torch, name)
+
+
+def dataclass_from_dict(cls: type, d: dict[str, Any], error: type[Exception] = ValueError) -> Any:
+    """`cls(**d)` for a settings dataclass; an unknown key is an error that lists the valid ones."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(valid))
+    if unknown:
+        raise error(f"unknown {cls.__name__} keys {unknown}; valid keys: {valid}")
+    return cls(**d)

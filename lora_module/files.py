@@ -70,7 +70,7 @@ def publish_dir(tmp: Path, final: Path) -> bool:
 
 
 def move_aside(path: Path) -> Path:
-    """Rename an incomplete folder to `<name>.incomplete-<unix time>` (kept, not deleted); returns the new path."""
+    """Rename an incomplete folder to `<name>.incomplete-<unix time>` (kept, not deleted); returns it."""
     aside = path.with_name(f"{path.name}.incomplete-{int(time.time())}")
     os.rename(path, aside)
     return aside

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+
+from lora_module.errors import check_output_dir
 
 HOME_ENV = "LORA_PIPELINE_HOME"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
@@ -65,6 +68,7 @@ class PipelineHome:
         if not self.root.is_absolute():
             raise ValueError(f"PipelineHome.root must be an absolute path, got {self.root!r}; "
                              "build it with PipelineHome.from_env(...)")
+        check_output_dir(self.root, "pipeline home (--home or $LORA_PIPELINE_HOME)")
         if not isinstance(self.tracking_uri, str) or "://" not in self.tracking_uri:
             raise ValueError(f"PipelineHome.tracking_uri must be a URI such as sqlite:///path/mlflow.db or "
                              f"http://host:5000, got {self.tracking_uri!r}")
@@ -108,6 +112,10 @@ class PipelineHome:
     def runs_dir(self, task: str) -> Path:
         """Flow runs of `task`, one sub-folder per run."""
         return self.root / "runs" / task
+
+    def new_run_dir(self, task: str, run_id: str) -> Path:
+        """A fresh folder for one run of `task`, `runs/<task>/<UTC time>-<run_id[:8]>` (not created)."""
+        return self.runs_dir(task) / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{run_id[:8]}"
 
     def evals_dir(self, task: str) -> Path:
         """Content-addressed base-model evaluations of `task`."""

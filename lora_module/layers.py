@@ -26,6 +26,11 @@ def is_linear4bit(module: nn.Module) -> bool:
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
+def _is_power_of_two(value: float) -> bool:
+    """True for 2**k (k any integer): scaling by it is exact in floating point (barring overflow or underflow)."""
+    return value > 0 and math.frexp(value)[0] == 0.5
+
+
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """fp32 copy of a Linear4bit's weight, shape [out, in]; the layer itself is left as it is."""
     import bitsandbytes as bnb
@@ -74,6 +79,9 @@ class LoraLinear(nn.Module):
         # While a 4-bit base is merged, base_layer is a dequantized copy; the original is kept here
         # (outside the module tree, so it is neither saved nor counted) to make unmerge exact.
         self._quantized_base: list[nn.Module] = []
+        # Set by LoraModel.mixed_batch: (adapter name, rows) per group of a mixed-adapter batch, rows a
+        # slice or an index tensor; None outside such a batch.
+        self.row_groups: list[tuple[str, slice | torch.Tensor]] | None = None
 
     # Model code sometimes reads `layer.weight` (T5 checks wo.weight.dtype): answer with the base's.
     @property
@@ -111,17 +119,49 @@ class LoraLinear(nn.Module):
         return list(self.lora_A.keys())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.row_groups is not None:
+            return self._mixed_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
         if name is None or name == self.merged_adapter:
             return result
-        # Same steps as PEFT's lora.Linear.forward, so fp32 logits match it exactly.
+        # PEFT's lora.Linear.forward computes result + B(A(dropout(x))) * scaling; ours gives the same
+        # bits in fp32 (outputs and gradients) with fewer passes over the [tokens, out] activations.
         torch_result_dtype = result.dtype
         lora_a = self.lora_A[name]
         if x.dtype != lora_a.weight.dtype:
             x = x.to(lora_a.weight.dtype)
-        result = result + self.lora_B[name](lora_a(self.lora_dropout[name](x))) * self.scaling[name]
-        return result.to(torch_result_dtype)
+        hidden = lora_a(self.lora_dropout[name](x))  # [..., r]
+        scaling = self.scaling[name]
+        if _is_power_of_two(scaling):
+            # Multiplying by a power of two only moves the exponent, so it commutes exactly with B's
+            # matmul: scale the r-wide hidden instead of the out-wide product (out/r times fewer
+            # values, forward and backward), or not at all when alpha == r.
+            lora_out = self.lora_B[name](hidden if scaling == 1.0 else hidden * scaling)
+        else:
+            lora_out = self.lora_B[name](hidden) * scaling
+        if lora_out.dtype == torch_result_dtype:
+            # In place: the base's output is not saved for its backward (a linear layer saves its
+            # input), so this skips allocating and writing a second [tokens, out] tensor.
+            return result.add_(lora_out)
+        return (result + lora_out).to(torch_result_dtype)
+
+    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each group of rows through its own adapter (PEFT's `_mixed_batch_forward`, same arithmetic);
+        adapters this layer does not hold ("__base__" included) add nothing to their rows."""
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for name, rows in self.row_groups or ():
+            if name not in self.lora_A:
+                continue
+            lora_a = self.lora_A[name]
+            sub = x[rows].to(lora_a.weight.dtype)
+            delta = (self.lora_B[name](lora_a(self.lora_dropout[name](sub))) * self.scaling[name]).to(result_dtype)
+            if isinstance(rows, slice):  # contiguous rows: a view, no gather/scatter
+                result[rows] += delta
+            else:
+                result.index_add_(0, rows, delta)
+        return result
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A in fp32, shape [out, in]."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ from lora_module.layers import LoraLinear, dequantized_linear, is_linear4bit
 from lora_module.names import check_name
 
 logger = logging.getLogger(__name__)
+
+# The adapter name of a row that runs on the bare base in a mixed-adapter batch (PEFT's name for it).
+BASE_ROW = "__base__"
 
 _LORA_PARTS = frozenset({"base_layer", "lora_A", "lora_B", "lora_dropout"})
 
@@ -82,11 +85,19 @@ class LoraModel(nn.Module):
                 raise
             return getattr(self.model, name)  # config, device, generation_config, ... like PeftModel
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The model's forward; `adapter_names` (one per row, BASE_ROW for none) mixes adapters in a batch."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model.generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The model's generate; `adapter_names` as in forward (like PEFT's `generate(adapter_names=...)`)."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with self.mixed_batch(adapter_names, num_beams=int(kwargs.get("num_beams") or 1)):
+            return self.model.generate(*args, **kwargs)
 
     # ---- layers ------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoraLinear]]:
@@ -184,8 +195,12 @@ class LoraModel(nn.Module):
         except BaseException:
             self._drop_adapter_from_layers(name)
             raise
-        self.adapters[name] = resolved
-        self._trainable[name] = True
+        self._record(name, resolved, trainable=True)
+
+    def _record(self, name: str, config: LoraConfig, trainable: bool) -> None:
+        """Register an adapter whose layers are in place; it becomes active only if none is (like PEFT)."""
+        self.adapters[name] = config
+        self._trainable[name] = trainable
         if self._active is None:
             self.set_adapter(name)
         else:
@@ -231,6 +246,37 @@ class LoraModel(nn.Module):
             self._sync_layers()
             if was_merged is not None:
                 self.merge_adapter()
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: Sequence[str], num_beams: int = 1) -> Iterator[LoraModel]:
+        """Inside the block row i of every batch goes through adapter `adapter_names[i]` (BASE_ROW: the
+        bare base), whatever the active adapter: many tasks in one batch on one base, as PEFT's
+        `adapter_names`. With beam search (`num_beams` > 1) the decoder's rows are repeated per beam
+        while an encoder keeps one row per input, as in transformers' generate. Inference only; no
+        adapter may be merged (its rows would all carry it)."""
+        names = list(adapter_names)
+        unknown = sorted(set(names) - set(self.adapters) - {BASE_ROW})
+        if unknown:
+            raise LoraConfigError(f"unknown adapter(s) {unknown} in adapter_names; adapters on this model: "
+                                  f"{list(self.adapters)} (or {BASE_ROW!r} for the bare base)")
+        if self.model.training:
+            raise LoraConfigError("adapter_names (mixed-adapter batches) is for inference: call eval() first")
+        if self._merged is not None:
+            raise LoraConfigError(f"adapter {self._merged!r} is merged into the base weights, so every row "
+                                  "would carry it: unmerge_adapter() before a mixed-adapter batch")
+        device = next(self.model.parameters()).device
+        beams = _row_groups([n for n in names for _ in range(num_beams)], device)
+        encoder = self.model.get_encoder() if getattr(self.model.config, "is_encoder_decoder", False) else None
+        in_encoder = {id(m) for m in encoder.modules()} if encoder is not None else set()
+        once = _row_groups(names, device) if num_beams > 1 else beams
+        layers = [layer for _, layer in self.lora_layers()]
+        for layer in layers:
+            layer.row_groups = once if id(layer) in in_encoder else beams
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.row_groups = None
 
     # ---- merge -------------------------------------------------------------------------------
     def merge_adapter(self) -> None:
@@ -346,13 +392,7 @@ class LoraModel(nn.Module):
         except BaseException:
             self._drop_adapter_from_layers(name)
             raise
-        self.adapters[name] = plan.config
-        self._trainable[name] = is_trainable
-        if self._active is None:
-            self.set_adapter(name)
-        else:
-            self._sync_layers()
-            self._sync_trainable()
+        self._record(name, plan.config, is_trainable)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path, adapter_name: str = "default",
@@ -396,6 +436,21 @@ class LoraModel(nn.Module):
     def base_fingerprint(self) -> str:
         """Fingerprint of the base weights this model wraps (recorded before any merge)."""
         return adapter_io.recorded_fingerprint(self.model)
+
+
+def _row_groups(names: list[str], device: torch.device) -> list[tuple[str, slice | torch.Tensor]]:
+    """(adapter, rows) per distinct adapter in `names`; rows is a slice where they are contiguous (a
+    caller that sorts its rows by adapter gets views, no gathers), else an index tensor on `device`."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    out: list[tuple[str, slice | torch.Tensor]] = []
+    for name, rows in groups.items():
+        if name == BASE_ROW:
+            continue
+        contiguous = rows[-1] - rows[0] == len(rows) - 1
+        out.append((name, slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=device)))
+    return out
 
 
 def base_fingerprint(model: nn.Module) -> str:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import re
 
+from lora_module.errors import PipelineError
+
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}"
 _NAME = re.compile(NAME_PATTERN)
 
 
-class InvalidNameError(ValueError):
+class InvalidNameError(PipelineError, ValueError):
     """A task, adapter or model name that breaks the naming rule."""
 
 

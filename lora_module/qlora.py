@@ -7,11 +7,14 @@ bitsandbytes >= 0.50 runs NF4 layers on the CPU as well as on CUDA, so this path
 The fingerprint of the full-precision weights is recorded on the model *before* quantizing, so an
 adapter trained on the NF4 base loads onto the fp32 base of the same weights and vice versa.
 
-bitsandbytes' AVX512-BF16 CPU path (taken in eval without grad) is switched off for every 4-bit layer
-made here: it fails when in_features is not a multiple of the 64 block size, computes in bf16 whatever
-the compute dtype, and rewrites the stored weight lossily in place (merges and the base fingerprint
-would change after one forward). These layers therefore dequantize and compute in their compute dtype
-on every CPU, as on CPUs without that path, at the price of its speed.
+Two rules keep every 4-bit layer correct on CUDA and on every CPU (bitsandbytes 0.50.2):
+- a layer whose in_features is not a multiple of the block size (64) stays in full precision, with a
+  warning naming it: there a quantization block spans two rows, which bnb's CPU dequantize kernel gets
+  wrong (it reads one block scale per row: 2-4x the NF4 error) and its AVX512-BF16 path rejects;
+- bnb's AVX512-BF16 CPU path (eval without grad) is switched off: it computes in bf16 whatever the
+  compute dtype and rewrites the stored weight lossily in place on the first forward, which would change
+  merges and the base fingerprint (and bnb's undo, run by state_dict(), corrupts it without double
+  quantization). Such CPUs then compute as others do, at the price of that path's speed.
 """
 
 from __future__ import annotations
@@ -20,15 +23,37 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lora_module.adapter_io import FINGERPRINT_ATTR, QUANTIZATION_ATTR, compute_fingerprint
-from lora_module.errors import LoraConfigError
+from lora_module.errors import BaseModelError, LoraConfigError
 from lora_module.layers import LoraLinear
 
 logger = logging.getLogger(__name__)
 
+
+class MissingKernelsFilter(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning when its
+    cause is only that the optional `kernels` package is not installed: bnb then keeps its own CPU kernel
+    (and quantize_nf4 turns that AVX512-BF16 path off anyway), so nothing is wrong. Any other failure to
+    load the kernel (`kernels` installed but broken, no network for its download) is still shown."""
+
+    MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.MESSAGE):
+            return True
+        cause = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not (isinstance(cause, ModuleNotFoundError) and cause.name == "kernels")
+
+
+# bnb warns while its CPU backend is imported (on every `import bitsandbytes` on AVX512-BF16 CPUs), so the
+# filter goes on its logger now, before quantize_nf4 imports bnb: getLogger hands bnb this same logger.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(MissingKernelsFilter())
+
 QUANTIZE_CHOICES = (None, "nf4")
+BLOCKSIZE = 64  # NF4 values per block scale (bitsandbytes' default)
 # Never quantized: the output head (its precision matters most and it is often tied to embeddings).
 ALWAYS_SKIP = ("lm_head",)
 
@@ -45,7 +70,8 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def quantize_nf4(model: nn.Module, *, double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
                  skip_modules: tuple[str, ...] = ()) -> nn.Module:
     """Replace the model's nn.Linear layers (except lm_head, the model's keep-in-fp32 modules and
-    `skip_modules`, matched on the last name part) by bitsandbytes NF4 Linear4bit layers, in place."""
+    `skip_modules`, matched on the last name part) by bitsandbytes NF4 Linear4bit layers, in place.
+    Layers whose in_features is not a multiple of BLOCKSIZE stay as they are (see the module docstring)."""
     import bitsandbytes as bnb
 
     if getattr(model, QUANTIZATION_ATTR, None) is not None:
@@ -60,21 +86,30 @@ def quantize_nf4(model: nn.Module, *, double_quant: bool = True, compute_dtype: 
             *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())}
     skip = {*ALWAYS_SKIP, *keep, *skip_modules}
     count = 0
+    unaligned: list[str] = []  # "name (in_features=N)" of the layers kept in full precision
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or name.rsplit(".", 1)[-1] in skip:
+            continue
+        if module.in_features % BLOCKSIZE:
+            unaligned.append(f"{name} (in_features={module.in_features})")
             continue
         q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                               compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
                               device="meta")
-        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False,
+        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, blocksize=BLOCKSIZE,
                                      compress_statistics=double_quant, quant_type="nf4", module=q)
         if module.bias is not None:
             q.bias = module.bias
         q = q.to(module.weight.device)  # Params4bit quantizes when moved to a real device
+        q.support_avx512bf16_for_cpu = False  # bnb's AVX512-BF16 CPU path: see the module docstring
         q.train(module.training)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
         count += 1
+    if unaligned:
+        logger.warning("quantize_nf4: kept %d linear layers in full precision because their in_features is "
+                       "not a multiple of the NF4 block size %d (bitsandbytes' CPU kernels mishandle blocks "
+                       "that span rows): %s", len(unaligned), BLOCKSIZE, ", ".join(unaligned))
     if count == 0:
         logger.warning("quantize_nf4: no nn.Linear layer to quantize in %s", type(model).__name__)
     setattr(model, QUANTIZATION_ATTR, {
@@ -91,6 +126,35 @@ def is_quantized(model: nn.Module) -> bool:
     return getattr(model, QUANTIZATION_ATTR, None) is not None
 
 
+def check_model_source(name_or_path: str | Path, what: str = "base model") -> None:
+    """Fail at once, naming the file, if a local model folder is missing, incomplete or corrupt.
+
+    Without this, a missing folder reaches the Hub client ("Repo id must be in the form ...") and a
+    truncated weights file fails deep inside loading without its name. Hub ids pass unchecked.
+    """
+    text = str(name_or_path)
+    p = Path(text).expanduser()
+    if not p.exists():
+        if text.startswith((".", "/", "~")) or text.count("/") > 1:
+            raise BaseModelError(f"{what} {text!r}: folder does not exist; give a folder written by "
+                                 "save_pretrained or a Hub id such as 'google/flan-t5-base'")
+        return
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise BaseModelError(f"{what} {text!r}: not a model folder (no config.json); give a folder written "
+                             "by save_pretrained or a Hub id such as 'google/flan-t5-base'")
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights and not any(p.glob("*.bin")):
+        raise BaseModelError(f"{what} {text!r}: the folder has config.json but no weights "
+                             "(model.safetensors or pytorch_model.bin); save the model again")
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass  # opening checks the header and that the file holds every tensor it declares
+        except (SafetensorError, OSError) as e:
+            raise BaseModelError(f"{what}: weights file {file} is truncated or corrupt ({e}); "
+                                 "copy or save the model again") from e
+
+
 def load_base_model(
     name_or_path: str | Path, *, quantize: str | None = None, double_quant: bool = True,
     torch_dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
@@ -102,6 +166,7 @@ def load_base_model(
     """
     if quantize not in QUANTIZE_CHOICES:
         raise LoraConfigError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    check_model_source(name_or_path)
     dtype = _resolve_dtype(torch_dtype)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 

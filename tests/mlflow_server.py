@@ -11,8 +11,8 @@ and wrap it in a module-scoped fixture::
             yield server          # server.uri == "http://127.0.0.1:<port>"
 
 The backend is SQLite and artifacts are proxied by the server into a folder (both in `root`),
-so `stop()` + `start()` keeps every run, model and artifact: fault tests use that to take the
-registry away and bring it back on the same port.
+so `stop()` (or `kill()`, a crash) + `start()` keeps every run, model and artifact: fault tests use
+that to take the registry away and bring it back on the same port.
 """
 
 from __future__ import annotations
@@ -119,6 +119,19 @@ class MlflowServer:
         while _signal_group(pgid, 0) and time.monotonic() < deadline:
             time.sleep(0.1)
         _signal_group(pgid, signal.SIGKILL)
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once (a crash: no graceful shutdown, requests in
+        flight are cut); `start()` brings the same store back on the same port."""
+        if self._proc is None:
+            return
+        pgid = self._proc.pid
+        _signal_group(pgid, signal.SIGKILL)
+        self._proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _signal_group(pgid, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
         self._proc = None
 
     def log_tail(self, n: int = 40) -> str:

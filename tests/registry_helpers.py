@@ -13,7 +13,7 @@ import torch
 
 from lora_module import LoraConfig, LoraModel, load_base_model
 from lora_module.evaluation.evaluate import evaluate_predictions
-from lora_module.registry.inputs import sha256_file
+from lora_module.files import sha256_file
 from lora_module.evaluation.report import build_report
 
 N_EXAMPLES = 8

@@ -1,4 +1,4 @@
-"""`python -m benchmarks` runs benchmarks on a tiny setting and writes well-formed results."""
+"""`lora-pipeline bench` (benchmarks.suite) runs benchmarks on a tiny setting and writes well-formed results."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from lora_pipeline.benchmarks.__main__ import run_all
+from lora_pipeline.benchmarks.suite import run_all
 
 
 def test_run_all_writes_results(tmp_path):

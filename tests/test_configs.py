@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 YAMLS = sorted(p for ext in ("*.yaml", "*.yml") for p in DEPLOY.rglob(ext))
 DEMO_CONFIG = DEPLOY / "configs" / "demo_summary_lora.yaml"
+# Training YAMLs name no base or prepared folder (those are run-specific): a run passes both.
+RUN_PATHS = ["--model.model_name_or_path", "base/model", "--data.prepared_dir", "prepared/data"]
 
 
 def kind(path: Path) -> str:
@@ -46,11 +48,16 @@ def test_deploy_yaml_loads(path: Path):
             "prefect.yaml needs deployments"
         )
         for dep in doc["deployments"]:
-            assert dep.get("name") and ":" in dep.get("entrypoint", ""), dep
+            # Module paths (no `file.py:`): a worker imports the installed package, not a checkout.
+            assert dep.get("name") and dep.get("entrypoint", "").startswith("lora_pipeline.flows."), dep
     elif k == "training":
-        config = parse_config(["--config", str(path)])
+        config = parse_config(["--config", str(path), *RUN_PATHS])
         assert config.model.finetune in ("lora", "qlora", "full")
-        assert config.model.output_dir and config.data.prepared_dir
+        assert config.model.output_dir and config.data.prepared_dir == "prepared/data"
+        # No placeholder paths in the file itself: a path in it must be a real one or a Hub name.
+        doc = yaml.safe_load(path.read_text())
+        assert "prepared_dir" not in doc.get("data", {})
+        assert not str(doc["model"].get("model_name_or_path", "org/name")).startswith((".", "/"))
     else:
         yaml.safe_load(path.read_text())
 
@@ -62,12 +69,12 @@ def test_training_configs_exist():
 
 
 def test_reference_experiment_settings():
-    lora = parse_config(["--config", str(DEPLOY / "configs" / "flan_t5_dialogsum_lora.yaml")])
+    lora = parse_config(["--config", str(DEPLOY / "configs" / "flan_t5_dialogsum_lora.yaml"), *RUN_PATHS[2:]])
     assert lora.model.model_name_or_path == "google/flan-t5-base" and lora.model.finetune == "lora"
     assert (lora.model.lora.r, lora.model.lora.lora_alpha, lora.model.lora.lora_dropout) == (32, 32, 0.05)
     assert lora.model.lora.target_modules == ["q", "v"] and lora.model.learning_rate == 1e-3
     assert lora.trainer.precision == "bf16-mixed"
-    full = parse_config(["--config", str(DEPLOY / "configs" / "flan_t5_dialogsum_full.yaml")])
+    full = parse_config(["--config", str(DEPLOY / "configs" / "flan_t5_dialogsum_full.yaml"), *RUN_PATHS[2:]])
     assert full.model.finetune == "full" and full.model.learning_rate == 1e-5
 
 
@@ -97,7 +104,7 @@ def _bad_config(tmp_path: Path, edit) -> Path:
 def test_bad_training_config_fails_with_clear_message(tmp_path, capsys, edit, messages):
     path = _bad_config(tmp_path, edit)
     with pytest.raises(SystemExit) as e:
-        parse_config(["--config", str(path)])
+        parse_config(["--config", str(path), *RUN_PATHS])
     assert e.value.code == 2
     err = capsys.readouterr().err
     for m in messages:

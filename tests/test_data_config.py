@@ -93,11 +93,11 @@ def test_hash_ignores_name_and_output_root():
 
 
 def test_output_root_default(monkeypatch, tmp_path):
-    monkeypatch.setenv("LORA_PIPELINE_HOME", str(tmp_path))
-    assert DataConfig().output_dir_root == tmp_path / "data"
-    monkeypatch.delenv("LORA_PIPELINE_HOME")
+    # The environment is read by PipelineHome.from_env at an edge, never by the data config.
+    monkeypatch.setenv("LORA_PIPELINE_HOME", str(tmp_path / "elsewhere"))
     monkeypatch.chdir(tmp_path)
     assert DataConfig().output_dir_root == tmp_path / ".lora_pipeline" / "data"
+    assert DataConfig(output_root=str(tmp_path / "h" / "data")).output_dir_root == tmp_path / "h" / "data"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("data_*.yaml")), ids=lambda p: p.name)

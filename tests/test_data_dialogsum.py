@@ -51,7 +51,8 @@ def test_dialogsum_counts_template_labels_and_references(dialogsum_dir, dialogsu
     assert m["rows"]["train"] + m["rows"]["validation"] + sum(m["drops"]["train"].values()) == len(dev)
     assert m["rows"]["test"] + sum(m["drops"]["test"].values()) == len(test)
     assert m["rows"]["test"] >= 495 and m["rows"]["train"] >= 440
-    assert m["truncation"]["test"] == {"rows": m["rows"]["test"], "source": 0, "target": 0}
+    assert m["truncation"]["test"] == {"rows": m["rows"]["test"], "source": 0, "target": 0,
+                                       "input_tokens_cut": {"mean": 0.0, "max": 0}}
 
     # test: prompt = template(dialogue), labels = summary1, references = summary1..3, in file order
     by_dialogue = {r["dialogue"]: r for r in test}

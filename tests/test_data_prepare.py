@@ -57,7 +57,8 @@ def test_seq2seq_folder_follows_the_contract(tmp_path, seq2seq_tokenizer_dir):
         assert tok.decode(row["labels"], skip_special_tokens=True) == row["references"][0]
         assert row["labels"][-1] == tok.eos_token_id
         assert isinstance(row["references"], list) and len(row["references"]) == 1
-    assert manifest["truncation"]["train"] == {"rows": 120, "source": 0, "target": 0}
+    assert manifest["truncation"]["train"] == {
+        "rows": 120, "source": 0, "target": 0, "input_tokens_cut": {"mean": 0.0, "max": 0}}
 
 
 def test_cache_reuse_and_what_invalidates_it(tmp_path, seq2seq_tokenizer_dir, monkeypatch):
@@ -136,24 +137,28 @@ def test_truncation_is_counted(tmp_path, seq2seq_tokenizer_dir, causal_tokenizer
     p = prepare(_cfg(tmp_path, seq2seq_tokenizer_dir, max_source_length=40, max_target_length=8))
     dd, m = load_prepared(p.path)
     tok = load_tokenizer(p.path)
-    full_src = [len(tok(x)["input_ids"]) for x in dd["train"]["prompt"]]
     full_tgt = [len(tok(r[0])["input_ids"]) for r in dd["train"]["references"]]
-    assert m["truncation"]["train"]["source"] == sum(n > 40 for n in full_src) > 0
+    cut = m["truncation"]["train"]
+    assert m["lengths"]["train"]["source"]["max"] > 40  # lengths are the untruncated ones
+    assert 0 < cut["source"] <= cut["rows"]
+    assert cut["input_tokens_cut"]["max"] >= cut["input_tokens_cut"]["mean"] > 0
     assert m["truncation"]["train"]["target"] == sum(n > 8 for n in full_tgt) > 0
-    assert m["lengths"]["train"]["source"]["max"] == max(full_src)
-    row = dd["train"][0]
-    assert len(row["input_ids"]) <= 40 and row["input_ids"][-1] == tok.eos_token_id
-    assert row["input_ids"][:-1] == tok(row["prompt"], add_special_tokens=False)["input_ids"][:39]
-    assert len(row["labels"]) <= 8 and row["labels"][-1] == tok.eos_token_id
+    for row in dd["train"]:
+        # The input was cut, not the template: the prompt as stored is what the ids hold, whole.
+        assert len(row["input_ids"]) <= 40 and row["input_ids"][-1] == tok.eos_token_id
+        assert row["input_ids"] == tok(row["prompt"])["input_ids"]
+        assert row["prompt"].endswith("\n\nSummary: ")
+        assert len(row["labels"]) <= 8 and row["labels"][-1] == tok.eos_token_id
 
-    # Causal: a long prompt keeps BOS and its last tokens (the "Summary: " cue).
+    # Causal: BOS, then the prompt whose input was cut (its "Summary: " cue kept), then the target.
     c = prepare(_cfg(tmp_path, causal_tokenizer_dir, model_type="causal", max_source_length=40))
     dd, m = load_prepared(c.path)
     tok = load_tokenizer(c.path)
-    row = dd["train"][0]
-    n_prompt = sum(x == -100 for x in row["labels"])
-    assert n_prompt == 40 and row["input_ids"][0] == tok.bos_token_id
-    assert row["input_ids"][1:40] == tok(row["prompt"], add_special_tokens=False)["input_ids"][-39:]
+    for row in dd["train"]:
+        n_prompt = sum(x == -100 for x in row["labels"])
+        assert n_prompt <= 40 and row["input_ids"][0] == tok.bos_token_id
+        assert row["input_ids"][:n_prompt] == tok(row["prompt"])["input_ids"]
+        assert row["prompt"].endswith("\n\nSummary: ")
     assert m["truncation"]["train"]["source"] > 0
 
 

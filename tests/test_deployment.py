@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from prefect import Flow
+from prefect.flows import load_flow_from_entrypoint
 
+from lora_pipeline.deploy import PREFECT_YAML, serve
 from lora_pipeline.flows.specs import known_tasks
 
 REPO = Path(__file__).resolve().parents[1]
-PREFECT_YAML = REPO / "deploy" / "prefect.yaml"
-
-
-def load_serve():
-    sys.path.insert(0, str(REPO / "deploy"))
-    try:
-        import serve
-    finally:
-        sys.path.remove(str(REPO / "deploy"))
-    return serve
 
 
 def test_prefect_yaml_deployments_are_complete():
@@ -28,8 +20,9 @@ def test_prefect_yaml_deployments_are_complete():
     names = [d["name"] for d in config["deployments"]]
     assert {"lora-summary", "lora-topic"} <= set(names) and len(names) == len(set(names))
     for d in config["deployments"]:
-        path, _, func = d["entrypoint"].partition(":")
-        assert (REPO / path).is_file() and f"def {func}(" in (REPO / path).read_text()
+        # A module path, not a file in a checkout: the installed package is what a worker imports.
+        assert ":" not in d["entrypoint"] and d["entrypoint"].startswith("lora_pipeline.flows.")
+        assert isinstance(load_flow_from_entrypoint(d["entrypoint"], use_placeholder_flow=False), Flow)
         assert d["work_pool"]["name"] == "lora-process"
         params = d["parameters"]
         for task in params.get("tasks") or [params["task"]]:
@@ -39,7 +32,7 @@ def test_prefect_yaml_deployments_are_complete():
 
 
 def test_serve_builds_the_same_deployments():
-    serve = load_serve()
+    assert PREFECT_YAML == REPO / "deploy" / "prefect.yaml"  # the editable install maps deploy/ here
     built = {d.name: d for d in serve.deployments()}
     config = yaml.safe_load(PREFECT_YAML.read_text())
     assert set(built) == {d["name"] for d in config["deployments"]}
@@ -47,6 +40,7 @@ def test_serve_builds_the_same_deployments():
         assert built[d["name"]].parameters == d["parameters"]
         got = [(s.schedule.cron, s.schedule.timezone, s.active) for s in built[d["name"]].schedules or []]
         assert got == [(s["cron"], s["timezone"], s["active"]) for s in d.get("schedules") or []]
+        assert built[d["name"]].entrypoint == d["entrypoint"]
     assert [d.name for d in serve.deployments(["lora-topic"])] == ["lora-topic"]
     with pytest.raises(SystemExit, match="unknown deployments"):
         serve.deployments(["nope"])

@@ -153,14 +153,19 @@ def test_end_to_end_base_full_lora_via_cli(setup, capsys):
     lora_eval = json.loads((out / "lora.eval.json").read_text())
     prompts = lora_eval["examples"]["prompt"]
     assert rows[3]["input"] == prompts[3] and rows[3]["output_lora"] == lora_eval["examples"]["prediction"][3]
+    # Prompts were cut where training cut them: the prepared data's max_source_length (96), not a default.
+    trained_length = manifest["config"]["max_source_length"]
+    assert lora_eval["generation"]["max_source_length"] == trained_length == 96
+    assert lora_eval["generation"]["max_new_tokens"] == 12  # given explicitly: wins over max_target_length
     unmerged = LoraModel.from_pretrained(load_base_model(str(setup["base"])), setup["lora"]).eval()
-    assert generate(unmerged, setup["tokenizer"], prompts, GEN) == lora_eval["examples"]["prediction"]
+    gen = GenerationConfig(batch_size=8, max_new_tokens=12, max_source_length=trained_length)
+    assert generate(unmerged, setup["tokenizer"], prompts, gen) == lora_eval["examples"]["prediction"]
     # And the base predictions match a plain one-by-one transformers generate: batching is invisible.
     base_eval = json.loads((out / "base.eval.json").read_text())
     model = load_base_model(str(setup["base"]))
     tok = setup["tokenizer"]
     for i in (0, 7, 19):
-        ids = tok(prompts[i], return_tensors="pt", truncation=True, max_length=512)
+        ids = tok(prompts[i], return_tensors="pt", truncation=True, max_length=trained_length)
         out_ids = model.generate(**ids, max_new_tokens=12, do_sample=False, num_beams=1)
         assert (
             tok.decode(out_ids[0], skip_special_tokens=True).strip() == base_eval["examples"]["prediction"][i]
@@ -295,7 +300,7 @@ def test_cli_and_config_errors(setup, tmp_path, capsys):
             f"base={setup['base']}",
         ]
     )
-    assert rc == 1 and "does not exist" in capsys.readouterr().err
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
 
     assert parse_model_arg("r8:lora=runs/a") == ModelSpec("r8", "lora", "runs/a")
     assert parse_model_arg("full=x=y").path == "x=y"

@@ -3,9 +3,10 @@
 Two runs of the many-task flow share one pipeline home:
 1. `tiny_summary` + `tiny_topic`: each registers version 1; per-task and summary artifacts exist.
 2. `tiny_summary` again, with the registry down for its first registration attempt (retried, then
-   version 2), the data preparation and base evaluation served from the cache (prepare() is not
-   called), next to a `tiny_topic` whose training fails for good: the summary task still
-   registers, and topic's version 1 from run 1 is left intact.
+   version 2), the prepared data and base evaluation reused from the home's content-addressed
+   folders (nothing prepared or generated again), next to a `tiny_topic` whose training fails for
+   good: the summary task still registers, and topic's version 1 from run 1 is left intact.
+Each task's training and registration runs share one MLflow experiment, `lora-<task>`.
 Parameter checks run without any training.
 """
 
@@ -127,9 +128,10 @@ def test_flow_rejects_bad_parameters_before_training(harness, tmp_path, monkeypa
 def test_many_tasks_register_cache_and_survive_faults(harness, tmp_path, tiny_t5_dir, monkeypatch):
     from mlflow import MlflowClient
 
-    from lora_pipeline import data
-    import lora_pipeline.flows.tasks as flow_tasks
+    import lora_module.evaluation.evaluate as evaluation
     import lora_module.registry as registry
+    import lora_pipeline.flows.tasks as flow_tasks
+    from lora_pipeline import data
 
     home = tmp_path / "home"
     specs = {
@@ -153,15 +155,31 @@ def test_many_tasks_register_cache_and_survive_faults(harness, tmp_path, tiny_t5
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     topic_v1 = client.get_model_version("tiny_topic-lora", "1")
     assert topic_v1.tags["task"] == "tiny_topic"
+    # One experiment per task holds its training runs (full and LoRA) and its registration run.
+    for name, n_runs in (("tiny_summary", 3), ("tiny_topic", 2)):
+        experiment = client.get_experiment_by_name(f"lora-{name}").experiment_id
+        training_run = client.get_model_version(f"{name}-lora", "1").tags["training_run_id"]
+        assert client.get_run(first["results"][name]["run_id"]).info.experiment_id == experiment
+        assert client.get_run(training_run).info.experiment_id == experiment
+        assert len(client.search_runs([experiment])) == n_runs
+    assert client.get_experiment_by_name("lora_pipeline") is None
 
-    # Run 2: cached preparation, a registry outage retried, and a task that fails for good.
-    prepare_calls = []
+    # Run 2: reused preparation and base evaluation, a registry outage retried, and a task that
+    # fails for good.
+    real_prepare, real_evaluate = data.prepare, evaluation.evaluate_model
+    reused, generated = [], []
 
-    def no_prepare(config):
-        prepare_calls.append(config)
-        raise AssertionError(f"{config.name} was prepared again instead of coming from the cache")
+    def spy_prepare(config):
+        res = real_prepare(config)
+        reused.append(res.reused)
+        return res
 
-    monkeypatch.setattr(data, "prepare", no_prepare)
+    def spy_evaluate(spec, *a, **k):
+        generated.append(spec.kind)
+        return real_evaluate(spec, *a, **k)
+
+    monkeypatch.setattr(data, "prepare", spy_prepare)
+    monkeypatch.setattr(evaluation, "evaluate_model", spy_evaluate)
     real_register = registry.register_adapter
     attempts = []
 
@@ -185,7 +203,9 @@ def test_many_tasks_register_cache_and_survive_faults(harness, tmp_path, tiny_t5
     assert "training failed" in second["failed"]["tiny_topic"]
     r = second["results"]["tiny_summary"]
     assert r["version"] == "2" and set(r["rouge"]) == {"base", "lora"}
-    assert r["cached"] == {"prepare": True, "evaluate_base": True} and prepare_calls == []
+    assert r["cached"] == {"prepare": True, "evaluate_base": True}
+    # Both tasks' data and base evaluations were made in run 1; only the new adapter is evaluated.
+    assert reused == [True, True] and generated == ["lora"]
     assert attempts == ["tiny_summary", "tiny_summary"]  # one outage, one retry that went through
     assert r["rouge"]["base"] == first["results"]["tiny_summary"]["rouge"]["base"]  # the cached evaluation
     # The failed topic run registered nothing and left version 1 (and its alias) as it was.
@@ -193,3 +213,22 @@ def test_many_tasks_register_cache_and_survive_faults(harness, tmp_path, tiny_t5
     assert [str(v.version) for v in versions] == ["1"]
     assert client.get_model_version("tiny_topic-lora", "1").aliases == topic_v1.aliases
     assert "FAILED" in read_artifacts("lora-tasks-summary")[0].data
+
+
+def test_demo_printout_marks_reused_stages(tmp_path):
+    """The demo's `c` marks come from the library's `reused` flags (the flow result's `cached`)."""
+    from lora_module.home import PipelineHome
+    from lora_pipeline.flows.demo import render
+
+    rows = {"base": {"rouge1": 0.1, "rouge2": 0.05, "rougeL": 0.1, "rougeLsum": 0.1, "trainable": None}}
+    result = {"rouge_n": 4, "rouge": rows, "model_name": "t-lora", "version": "2", "alias": "champion",
+              "decision": "better", "report_md": "report.md",
+              "timings": {"prepare": 0.2, "evaluate_base": 3.0},
+              "cached": {"prepare": True, "evaluate_base": False}}
+    summary = {"results": {"t": result}, "failed": {}, "seconds": 5.0, "base_seconds": 0.1,
+               "validate_seconds": 0.1}
+    home = PipelineHome(tmp_path, "http://127.0.0.1:5000")
+    lines = render(summary, 9.0, 6.0, home).splitlines()
+    assert next(line for line in lines if line.strip().startswith("prepare")).split()[-1] == "0.2c"
+    assert next(line for line in lines if line.strip().startswith("evaluate_base")).split()[-1] == "3.0"
+    assert any("http://127.0.0.1:5000" in line for line in lines)  # the home's store, no guessed SQLite

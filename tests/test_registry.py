@@ -21,7 +21,7 @@ from registry_helpers import PROMPTS, generate_texts, make_adapter, make_candida
 from transformers import AutoTokenizer
 
 from lora_module import FingerprintMismatchError
-from lora_module.home import tracking_uri
+from lora_module.home import PipelineHome
 from lora_module.registry import (
     MultiTaskModel,
     configure_tracking,
@@ -100,14 +100,6 @@ def test_retry_policy_retries_transient_then_names_uri():
     assert len(calls) == 1  # not transient: no retry
     with pytest.raises(ValueError, match="RetryPolicy.retries"):
         RetryPolicy(retries=-1)
-
-
-def test_tracking_uri_default_and_override(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("LORA_PIPELINE_HOME", str(tmp_path / "home"))
-    assert tracking_uri() == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
-    assert tracking_uri() == "http://127.0.0.1:1"
 
 
 # ---- embedded default: SQLite + local artifacts ---------------------------------------------------
@@ -232,7 +224,7 @@ def test_fingerprint_mismatch_refused_unless_forced(registered, tmp_path, seq2se
         load_registered("demo", base=str(other))
     model, _ = load_registered("demo", base=str(other), force=True)
     assert model.active_adapter == "default"
-    assert cli_main(["predict", "demo", "--base", str(other), "--text", "hi"]) == 1
+    assert cli_main(["predict", "demo", "--base", str(other), "--text", "hi"]) == 2
 
 
 def test_cli_list_show_promote_demote_predict(registered, capsys, tmp_path, tiny_t5_dir):
@@ -249,7 +241,7 @@ def test_cli_list_show_promote_demote_predict(registered, capsys, tmp_path, tiny
     assert str(client.get_model_version_by_alias("demo-lora", "champion").version) == "1"
     manual = client.get_model_version("demo-lora", "1").tags["manual.last"]
     assert manual == "promoted to champion: human review"
-    assert cli_main(["demote", "demo", "2", "--reason", "x"]) == 1  # champion is v1, not v2
+    assert cli_main(["demote", "demo", "2", "--reason", "x"]) == 2  # champion is v1, not v2
     assert "not v2" in capsys.readouterr().err
     assert cli_main(["demote", "demo", "--reason", "regression"]) == 0
     with pytest.raises(LookupError, match="no alias 'champion'"):
@@ -302,6 +294,20 @@ def test_bad_inputs_fail_before_touching_the_registry(home, tiny_t5_dir, tmp_pat
     with pytest.raises(RegistrationInputError, match="metric 'bleu'"):
         register_adapter("demo", tmp_path / "c" / "adapter", report, metric="bleu", retries=0)
     assert adapter.is_dir()
+
+
+def test_explicit_home_wins_over_the_environment(home, tiny_t5_dir, tmp_path):
+    """register_adapter(home=...) uses that home's store, experiment artifact root and lock folder."""
+    other = PipelineHome.from_env(tmp_path / "other")
+    adapter, report, _ = make_candidate(tmp_path / "c", tiny_t5_dir, seed=5, lora_hits=4)
+    res = register_adapter("explicit", adapter, report, retries=0, home=other)
+    assert res.tracking_uri == other.tracking_uri != configure_tracking(None)
+    client = MlflowClient(other.tracking_uri)
+    experiment = client.get_experiment(client.get_run(res.run_id).info.experiment_id)
+    assert experiment.name == "lora-explicit"
+    assert experiment.artifact_location == other.artifact_location("lora-explicit")
+    assert (other.locks_dir / "explicit-lora.lock").is_file()
+    assert not (home / "locks" / "explicit-lora.lock").exists()
 
 
 def test_register_without_report_reads_training_outputs(home, tiny_t5_dir, tmp_path, capsys):

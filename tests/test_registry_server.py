@@ -18,7 +18,7 @@ from mlflow_server import MlflowServer
 from registry_helpers import PROMPTS, generate_texts, make_candidate, weights_sha
 from transformers import AutoTokenizer
 
-import lora_module.registry as registry
+import lora_module.registry.register as register_module
 from lora_module.registry import load_registered, register_adapter
 from lora_module.registry.gate import RegistryUnavailableError
 
@@ -103,22 +103,22 @@ def test_outage_clear_error_then_retry_through_restart(server, tiny_t5_dir, tmp_
     before = (_digest(adapter), _digest(report.parent))
     # 1) The server stops for good in the middle of a registration (run and model already logged,
     #    version not yet created): a clear error naming the URI, and the files on disk untouched.
-    real_champion_info = registry.champion_info
+    real_pending_tags = register_module._pending_gate_tags
 
     def stop_then_read(*args, **kwargs):
         server.stop()
-        return real_champion_info(*args, **kwargs)
+        return real_pending_tags(*args, **kwargs)
 
-    monkeypatch.setattr(registry, "champion_info", stop_then_read)
+    monkeypatch.setattr(register_module, "_pending_gate_tags", stop_then_read)
     t0 = time.monotonic()
     with pytest.raises(RegistryUnavailableError) as err:
         register_adapter("outage", adapter, report, tracking_uri=server.uri, retries=2, backoff=0.1)
     assert time.monotonic() - t0 < 30
     message = str(err.value)
-    assert f"MLflow registry at {server.uri} unreachable: read champion failed 3 time(s)" in message
+    assert f"registry at {server.uri} unreachable: read versions of outage-lora failed 3 time(s)" in message
     assert str(adapter) in message and "re-run" in message
     assert (_digest(adapter), _digest(report.parent)) == before
-    monkeypatch.setattr(registry, "champion_info", real_champion_info)
+    monkeypatch.setattr(register_module, "_pending_gate_tags", real_pending_tags)
 
     # 2) Later, from the same files, while the server is still down: the server is restarted during
     #    the registration's retries and the registration completes.
@@ -135,3 +135,6 @@ def test_outage_clear_error_then_retry_through_restart(server, tiny_t5_dir, tmp_
     client = MlflowClient(server.uri)
     assert [str(mv.version) for mv in client.search_model_versions("name='outage-lora'")] == [res.version]
     _complete(client, "outage-lora", res.version)
+    # The first attempt's run (left RUNNING while the server was away) was closed as FAILED.
+    runs = client.search_runs([client.get_run(res.run_id).info.experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]

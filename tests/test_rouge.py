@@ -67,9 +67,11 @@ def test_split_sentences():
         "Then 3 left",
     ]
     assert split_sentences("one line\n\nsecond line.") == ["one line", "second line."]
+    # Punkt (as nltk.sent_tokenize): a known abbreviation never ends a sentence, any other word's period does.
     assert split_sentences("See e.g. This one. Price is 3.5 dollars. lower case goes on") == [
         "See e.g. This one.",
-        "Price is 3.5 dollars. lower case goes on",
+        "Price is 3.5 dollars.",
+        "lower case goes on",
     ]
     assert split_sentences("") == []
     assert lsum_text("Bob left. Carol stayed.") == "Bob left.\nCarol stayed."

@@ -1,4 +1,4 @@
-"""Training through its entry points: `python -m lora_module ...` (LightningCLI) and `run_fit` (subprocess).
+"""Training through its entry points: `lora-pipeline fit ...` (LightningCLI) and `run_fit` (subprocess).
 
     .venv/bin/pytest tests/test_training_cli.py -q            # add -m "not slow" to skip the DDP run
 
@@ -17,6 +17,7 @@ import yaml
 from test_training import prepare_tiny
 
 from lora_module import LoraModel, load_base_model
+from lora_module.home import PipelineHome
 from lora_module.training.cli import LoraCLI, main
 from lora_module.training.launcher import TrainingError, run_fit
 
@@ -55,16 +56,18 @@ def overrides(model_dir: Path, prepared: Path, out: Path, steps: int, *extra: st
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, tiny_t5_dir, prepared_dir) -> dict:
-    """One `run_fit` of 4 steps logged to a temporary MLflow SQLite store, then resumed to 6 steps."""
-    home = tmp_path_factory.mktemp("home")
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    env = {"LORA_PIPELINE_HOME": str(home), "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
-    out = home / "run"
+    """One `run_fit` of 4 steps logged to a temporary MLflow SQLite store and a task's experiment
+    (given as arguments, not through the environment), then resumed to 6 steps."""
+    home = PipelineHome.from_env(tmp_path_factory.mktemp("home"))
+    tracking = {"tracking_uri": home.tracking_uri, "experiment": home.experiment("cli_test")}
+    env = {"OMP_NUM_THREADS": "1"}
+    out = home.root / "run"
     args = overrides(tiny_t5_dir, prepared_dir, out, 4, "--model.checkpoint_every_n_steps", "2")
-    first = json.loads((run_fit(DEMO_CONFIG, args, env=env) / "metrics.json").read_text())
+    first = json.loads((run_fit(DEMO_CONFIG, args, env=env, **tracking) / "metrics.json").read_text())
     args = overrides(tiny_t5_dir, prepared_dir, out, 6, "--model.checkpoint_every_n_steps", "2")
-    assert run_fit(DEMO_CONFIG, args, env=env, resume=True) == out.resolve()
-    return {"out": out, "uri": uri, "first": first, "second": json.loads((out / "metrics.json").read_text())}
+    assert run_fit(DEMO_CONFIG, args, env=env, resume=True, **tracking) == out.resolve()
+    return {"out": out, "uri": home.tracking_uri, "home": home, "first": first,
+            "second": json.loads((out / "metrics.json").read_text())}
 
 
 def test_run_fit_writes_outputs_and_logs_to_mlflow(cli_run, tiny_t5_dir, prepared_dir):
@@ -80,6 +83,9 @@ def test_run_fit_writes_outputs_and_logs_to_mlflow(cli_run, tiny_t5_dir, prepare
 
     client = MlflowClient(cli_run["uri"])
     run = client.get_run(first["mlflow_run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "lora-cli_test"
+    assert experiment.artifact_location == cli_run["home"].artifact_location("lora-cli_test")
     assert run.data.params["trainable_params"] == str(first["trainable_params"])
     assert "train/loss" in run.data.metrics and "train/tokens_per_sec" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
@@ -130,7 +136,8 @@ def test_print_config_shows_resolved_values(capsys):
 def test_bad_config_fails_before_building_anything(tmp_path, capsys):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", str(DEMO_CONFIG), "--model.lora.r", "0", "--model.output_dir", str(out)])
+        main(["fit", "--config", str(DEMO_CONFIG), "--model.lora.r", "0", "--model.output_dir", str(out),
+              "--model.model_name_or_path", str(tmp_path / "base"), "--data.prepared_dir", str(tmp_path / "data")])
     assert e.value.code == 2
     assert "model.lora: LoraConfig.r must be an integer >= 1, got 0" in capsys.readouterr().err
     assert not out.exists()
@@ -173,9 +180,12 @@ def test_ddp_two_cpu_processes_write_one_loadable_adapter(tiny_t5_dir, prepared_
         "adapter",
         "checkpoints",
         "config.yaml",
+        "current",
+        "exports",
         "logs",
         "metrics.json",
     ]
+    assert len(list((out / "exports").iterdir())) == 1  # rank 0 alone exported
     model = LoraModel.from_pretrained(load_base_model(str(tiny_t5_dir)), out / "adapter")
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(torch.isfinite(p).all() for p in lora_b) and any(p.abs().sum() > 0 for p in lora_b)

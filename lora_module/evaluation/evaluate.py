@@ -7,7 +7,7 @@ report.json / report.md / rouge.png / predictions.csv.
 
 Command line::
 
-    python -m lora_module.evaluation.evaluate --prepared data/prepared/dialogsum-1a2b3c4d5e6f \
+    lora-pipeline evaluate --prepared .lora_pipeline/data/dialogsum-1a2b3c4d5e6f \
         --model base=google/flan-t5-base --model full=runs/full/model --model lora=runs/lora/adapter \
         --task dialogsum --out reports/dialogsum [--split test --limit 100 --batch-size 16 \
         --num-beams 1 --max-new-tokens 128]
@@ -29,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lora_module.errors import PipelineError, check_output_dir, one_line, report_error
 from lora_module.evaluation.generation import (
     MODEL_KINDS,
     GenerationConfig,
@@ -37,7 +38,7 @@ from lora_module.evaluation.generation import (
     generate,
     load_model_with_info,
 )
-from lora_module.evaluation.report import ReportInputError, build_report, write_json_atomic
+from lora_module.evaluation.report import ReportInputError, build_report
 from lora_module.evaluation.rouge import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -46,6 +47,9 @@ from lora_module.evaluation.rouge import (
     score_examples,
     summarize,
 )
+from lora_module.files import write_json_atomic
+from lora_module.prompt import PromptSettings
+from lora_module.qlora import check_model_source
 
 __all__ = [
     "EvalInputError",
@@ -64,9 +68,11 @@ __all__ = [
 EVAL_SCHEMA_VERSION = 1
 # Keys of LoadedModel.info stored elsewhere in the eval JSON (identity, fingerprints).
 _INFO_NOT_IN_MODEL = ("name", "kind", "base_fingerprint", "model_fingerprint")
+# Keys of the prepared data's manifest copied into the eval JSON's `data`.
+_MANIFEST_IN_DATA = ("fingerprint", "name", "model_type", "rows")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(PipelineError, ValueError):
     """Prepared data that cannot be evaluated (missing split or column, empty references)."""
 
 
@@ -203,10 +209,14 @@ def evaluate_model(
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
 ) -> Path:
-    """Generate with `spec` on `split` of the prepared data, score it, write `<out_dir>/<name>.eval.json`."""
-    gen = gen or GenerationConfig()
+    """Generate with `spec` on `split` of the prepared data, score it, write `<out_dir>/<name>.eval.json`.
+
+    Prompts are cut at the prepared data's `max_source_length` (what the model was trained with)
+    unless `gen` sets another limit, which is then logged as an override.
+    """
     prepared_dir = Path(prepared_dir)
     indices, prompts, references, manifest = _read_split(prepared_dir, split, limit)
+    gen = (gen or GenerationConfig()).with_settings(PromptSettings.from_manifest(manifest))
 
     tokenizer_dir = prepared_dir / "tokenizer"
     t0 = time.perf_counter()
@@ -218,36 +228,14 @@ def evaluate_model(
     generate_s = time.perf_counter() - t0
     del loaded  # free the weights before scoring; only `info` is needed from here on
 
-    model_path = Path(info["path"])
-    metrics = _training_metrics(model_path) if spec.kind != "base" else None
-    trainable = info.get("trainable_params")
-    if spec.kind == "full" and metrics and metrics.get("trainable_params"):
-        trainable = int(metrics["trainable_params"])
-    if spec.kind == "lora":
-        disk_bytes = info.get("adapter_bytes")
-    elif spec.kind == "full":
-        disk_bytes = _weights_bytes(model_path)
-    else:
-        disk_bytes = None
+    metrics = _training_metrics(Path(info["path"])) if spec.kind != "base" else None
     return evaluate_predictions(
-        spec.name,
-        predictions,
-        references,
-        out_dir,
-        prompts=prompts,
-        indices=indices,
-        kind=spec.kind,
+        spec.name, predictions, references, out_dir, prompts=prompts, indices=indices, kind=spec.kind,
         split=split,
-        data={
-            "prepared_dir": str(prepared_dir),
-            "fingerprint": manifest.get("fingerprint"),
-            "name": manifest.get("name"),
-            "model_type": manifest.get("model_type"),
-            "rows": manifest.get("rows"),
-        },
+        data={"prepared_dir": str(prepared_dir)} | {k: manifest.get(k) for k in _MANIFEST_IN_DATA},
         model={k: v for k, v in info.items() if k not in _INFO_NOT_IN_MODEL}
         | {"spec_path": spec.path, "spec_base": spec.base},
-        params={"trainable": trainable, "total": info.get("total_params"), "disk_bytes": disk_bytes},
+        params=_params(spec.kind, info, metrics),
         fingerprints={
             "base": info.get("base_fingerprint"),
             "model": info.get("model_fingerprint"),
@@ -268,6 +256,20 @@ def evaluate_model(
     )
 
 
+def _params(kind: str, info: dict[str, Any], metrics: dict | None) -> dict[str, Any]:
+    """Trainable / total parameters and bytes on disk of the evaluated model."""
+    trainable = info.get("trainable_params")
+    if kind == "full" and metrics and metrics.get("trainable_params"):
+        trainable = int(metrics["trainable_params"])
+    if kind == "lora":
+        disk_bytes = info.get("adapter_bytes")
+    elif kind == "full":
+        disk_bytes = _weights_bytes(Path(info["path"]))
+    else:
+        disk_bytes = None
+    return {"trainable": trainable, "total": info.get("total_params"), "disk_bytes": disk_bytes}
+
+
 def evaluate_models(
     prepared_dir: str | os.PathLike,
     specs: Sequence[ModelSpec],
@@ -284,8 +286,18 @@ def evaluate_models(
         raise ValueError("evaluate_models needs at least one ModelSpec")
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
+    check_output_dir(out_dir, "out_dir")
+    for spec in specs:  # every model's files, before the first one spends time generating
+        _check_spec(spec)
     paths = [evaluate_model(s, prepared_dir, out_dir, gen, split=split, limit=limit) for s in specs]
     return build_report(task, paths, out_dir, baseline=baseline)
+
+
+def _check_spec(spec: ModelSpec) -> None:
+    """The spec's folder exists and holds what its kind needs; a local base or full model is complete."""
+    path = spec.resolved_path()
+    if spec.kind != "lora":
+        check_model_source(path, f"model {spec.name!r}")
 
 
 def parse_model_arg(text: str) -> ModelSpec:
@@ -306,10 +318,12 @@ def parse_model_arg(text: str) -> ModelSpec:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m lora_module.evaluation.evaluate",
+        prog="lora-pipeline evaluate",
         description="Evaluate base / LoRA / fully fine-tuned models with ROUGE and write a report.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--prepared", required=True, help="prepared data folder (written by data.prepare)")
+    p.add_argument("--prepared", required=True,
+                   help="prepared data folder (written by lora-pipeline prepare)")
     p.add_argument(
         "--model",
         action="append",
@@ -319,30 +333,38 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task", required=True, help="task name shown in the report")
     p.add_argument("--out", required=True, help="output folder for *.eval.json and the report")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split of the prepared data to evaluate on")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    p.add_argument("--batch-size", type=int, default=GenerationConfig.batch_size)
-    p.add_argument("--num-beams", type=int, default=GenerationConfig.num_beams)
-    p.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
-    p.add_argument("--max-source-length", type=int, default=GenerationConfig.max_source_length)
-    p.add_argument("--device", default=GenerationConfig.device)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=GenerationConfig.batch_size,
+                   help="prompts per generate call")
+    p.add_argument("--num-beams", type=int, default=GenerationConfig.num_beams, help="beam width (1: greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens,
+                   help="generated tokens per example at most")
+    p.add_argument("--max-source-length", type=int, default=GenerationConfig.max_source_length,
+                   help="prompt tokens kept (None: the limit in the prepared data's manifest)")
+    p.add_argument("--device", default=GenerationConfig.device,
+                   help="'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype for generation (None: as loaded)")
     p.add_argument("--no-merge", action="store_true", help="generate with the adapter unmerged (slower)")
-    p.add_argument("--lora-base", default=None, help="base model for LoRA specs (default: from the adapter)")
+    p.add_argument("--lora-base", default=None,
+                   help="base model for LoRA specs (None: the adapter's recorded base)")
+    p.add_argument("--force", action="store_true",
+                   help="evaluate LoRA adapters even on a base whose fingerprint differs from their own")
     p.add_argument("--baseline", default="base", help="model name the report's changes are relative to")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 1 evaluation error, 2 usage error)."""
+    """CLI entry point; returns the exit status (0 ok, 2 bad input or a model that cannot be loaded,
+    1 another failure during evaluation)."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         specs = [parse_model_arg(m) for m in args.model]
-        if args.lora_base:
-            for s in specs:
-                if s.kind == "lora":
-                    s.base = args.lora_base
+        for s in specs:
+            if s.kind == "lora":
+                s.base, s.force = args.lora_base or s.base, args.force
         gen = GenerationConfig(
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
@@ -352,9 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             merge_adapter=not args.no_merge,
         )
-    except ValueError as e:
-        parser.error(str(e))
+    except ValueError as e:  # a bad option value: one line, like every other bad input
+        raise SystemExit(report_error(e)) from None
     try:
+        check_output_dir(args.out, "--out")  # before any model is loaded: a bad --out loses no work
         report = evaluate_models(
             args.prepared,
             specs,
@@ -365,13 +388,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit=args.limit,
             baseline=args.baseline,
         )
-    except (ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except PipelineError as e:  # bad input, or a model that cannot be loaded: one line, exit status 2
+        return report_error(e)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 1
     print(f"report written: {report}")
     print(report.with_name("report.md").read_text())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

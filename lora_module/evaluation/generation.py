@@ -17,16 +17,18 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lora_module.config import DTYPE_NAMES, torch_dtype
+from lora_module.config import DTYPE_NAMES, dataclass_from_dict, torch_dtype
+from lora_module.errors import PipelineError
 from lora_module.files import sha256_file
 from lora_module.names import check_name
+from lora_module.prompt import PromptSettings
 
 MODEL_KINDS = ("base", "lora", "full")
 # The one default of each decoding setting (evaluation, the registry's pyfunc and `predict` use them).
@@ -36,7 +38,7 @@ DEFAULT_MAX_NEW_TOKENS = 128
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(PipelineError, RuntimeError):
     """A model spec that cannot be loaded (missing folder, not an adapter, wrong base)."""
 
 
@@ -46,8 +48,9 @@ class GenerationConfig:
 
     batch_size: int = DEFAULT_BATCH_SIZE
     """Prompts per `generate` call."""
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    """Upper bound on generated tokens per example."""
+    max_new_tokens: int | None = None
+    """Upper bound on generated tokens per example. None: the target length the model was trained with
+    (the prepared data's `max_target_length`); where none is recorded, DEFAULT_MAX_NEW_TOKENS."""
     num_beams: int = 1
     """Beam width; 1 means greedy decoding."""
     max_source_length: int | None = None
@@ -63,17 +66,13 @@ class GenerationConfig:
     """Weights dtype for generation: None (as loaded), 'float32', 'bfloat16' or 'float16'."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_new_tokens", "num_beams"):
+        for name in ("batch_size", "num_beams", "max_new_tokens", "max_source_length"):
             value = getattr(self, name)
+            if value is None and name.startswith("max_"):
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GenerationConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.max_source_length is not None and (
-            not isinstance(self.max_source_length, int) or self.max_source_length < 1
-        ):
-            raise ValueError(
-                "GenerationConfig.max_source_length must be an integer >= 1 or None, "
-                f"got {self.max_source_length!r}"
-            )
+                optional = " or None" if name.startswith("max_") else ""
+                raise ValueError(f"GenerationConfig.{name} must be an integer >= 1{optional}, got {value!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ValueError(
                 f"GenerationConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
@@ -86,14 +85,20 @@ class GenerationConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GenerationConfig:
         """Build from a mapping; unknown keys are an error that lists the valid ones."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown GenerationConfig keys {unknown}; valid keys: {valid}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_settings(self, settings: PromptSettings) -> GenerationConfig:
+        """A copy whose unset lengths are the ones the model was trained with (`settings`, from the
+        prepared data's manifest); a set one that differs from them is logged as an override."""
+        return replace(
+            self,
+            max_source_length=settings.resolve("max_source_length", self.max_source_length),
+            max_new_tokens=settings.resolve("max_target_length", self.max_new_tokens, "max_new_tokens")
+            or DEFAULT_MAX_NEW_TOKENS,
+        )
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -113,6 +118,8 @@ class ModelSpec:
     """base: Hub name or folder; lora: adapter folder (or a training output with adapter/); full: folder."""
     base: str | None = None
     """lora only: base model to load instead of adapter_config.json's base_model_name_or_path."""
+    force: bool = False
+    """lora only: load the adapter even onto a base whose fingerprint differs from its training base's."""
 
     def __post_init__(self) -> None:
         check_name("ModelSpec.name (it becomes a file name)", self.name, ValueError)
@@ -123,6 +130,8 @@ class ModelSpec:
             raise ValueError(f"ModelSpec.path is empty for model {self.name!r}")
         if self.base is not None and self.kind != "lora":
             raise ValueError(f"ModelSpec.base is only used with kind='lora', got kind={self.kind!r}")
+        if self.force and self.kind != "lora":
+            raise ValueError(f"ModelSpec.force is only used with kind='lora', got kind={self.kind!r}")
 
     def resolved_path(self) -> Path | str:
         """The folder to load, accepting a training output dir (with adapter/ or model/) too."""
@@ -214,7 +223,13 @@ def _load_model_with_info(
 def _load_lora(spec: ModelSpec, adapter_dir: Path, gen: GenerationConfig, tokenizer_path: Path | str | None,
                info: dict[str, Any]) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Base + adapter (merged unless `gen.merge_adapter` is off); fills `info` with the adapter's figures."""
-    from lora_module import AdapterLoadError, FingerprintMismatchError, LoraModel, read_adapter_config
+    from lora_module import (
+        AdapterLoadError,
+        FingerprintMismatchError,
+        LoraModel,
+        base_fingerprint,
+        read_adapter_config,
+    )
 
     adapter_cfg = read_adapter_config(adapter_dir)
     base_name = spec.base or adapter_cfg.get("base_model_name_or_path")
@@ -225,11 +240,14 @@ def _load_lora(spec: ModelSpec, adapter_dir: Path, gen: GenerationConfig, tokeni
         )
     base, base_path = _load_base_of_adapter(spec, str(base_name), adapter_dir, gen)
     try:
-        lora = LoraModel.from_pretrained(base, str(adapter_dir))
+        lora = LoraModel.from_pretrained(base, str(adapter_dir), force=spec.force)
     except FingerprintMismatchError as e:
+        trained_on = str(adapter_cfg.get("base_fingerprint"))[:12]
         raise FingerprintMismatchError(
-            f"model {spec.name!r}: adapter {adapter_dir} was trained on a different base than "
-            f"{base_path} (set ModelSpec.base / --lora-base to the right base model): {e}"
+            f"model {spec.name!r}: adapter {adapter_dir} was trained on a different base than {base_path} "
+            f"(fingerprint {trained_on}, this base {base_fingerprint(base)[:12]}); "
+            "pass the right base with --lora-base (ModelSpec.base), or --force (ModelSpec.force=True) to "
+            "evaluate it on this base anyway"
         ) from e
     except AdapterLoadError as e:
         raise AdapterLoadError(
@@ -351,7 +369,7 @@ def generate(
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
-            max_new_tokens=config.max_new_tokens,
+            max_new_tokens=config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
             num_beams=config.num_beams,
             do_sample=False,
             pad_token_id=pad_id,

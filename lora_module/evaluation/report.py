@@ -16,38 +16,54 @@ numbers are not comparable. Usually called through `lora_module.evaluation.evalu
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lora_module.evaluation.rouge import DEFAULT_RESAMPLES, DEFAULT_SEED, ROUGE_LABELS, ROUGE_TYPES, paired_bootstrap
+from lora_module.errors import PipelineError
+from lora_module.evaluation.rouge import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    ROUGE_LABELS,
+    ROUGE_TYPES,
+    SENTENCE_SPLITTER,
+    paired_bootstrap,
+)
+from lora_module.files import write_atomic, write_json_atomic, write_with
 
 REPORT_FILES = ("report.json", "report.md", "rouge.png", "predictions.csv")
 
 
-class ReportInputError(ValueError):
+class ReportInputError(PipelineError, ValueError):
     """Evaluations that cannot be combined (missing, malformed, or computed on different data)."""
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON via a temporary file + rename, so readers never see half a file."""
-    _write_atomic(path, json.dumps(payload, indent=2, default=str).encode())
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], style: str = "markdown",
+                 indent: str = "") -> str:
+    """The one table formatter: Markdown, or plain text with aligned columns (first left, rest right)."""
+    if style == "markdown":
+        lines = [header, ["---"] * len(header), *rows]
+        return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    return "\n".join(
+        indent + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                           for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+        for line in [header, *rows]
+    )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def rouge_table(rows: Mapping[str, Mapping[str, Any]], style: str = "markdown", indent: str = "") -> str:
+    """ROUGE means (x100) and trainable parameters; `rows`: model -> {rouge type: mean, "trainable": n}."""
+    body = []
+    for name, r in rows.items():
+        trainable = f"{r['trainable']:,}" if isinstance(r.get("trainable"), int) else "-"
+        body.append([name, *(f"{100 * r[t]:.2f}" for t in ROUGE_TYPES), trainable])
+    return format_table(["model", *(ROUGE_LABELS[t] for t in ROUGE_TYPES), "trainable params"], body,
+                        style, indent)
 
 
 def load_eval(path: str | os.PathLike) -> dict:
@@ -161,33 +177,55 @@ def build_report(
     evals = dict(zip(names, loaded, strict=True))
     if baseline is not None and baseline not in evals:
         baseline = None
-    out_dir = Path(out_dir)
     first = loaded[0]
+    report = {
+        "task": task,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": first["data"],
+        "split": first["split"],
+        "n": len(first["examples"]["index"]),
+        "baseline": baseline,
+        "rouge_types": list(ROUGE_TYPES),
+        "bootstrap": {"n_resamples": n_resamples, "confidence": 0.95, "seed": seed},
+        "models": [_model_row(name, ev, evals, baseline) for name, ev in evals.items()],
+        "comparisons": _comparisons(evals, baseline, n_resamples, seed),
+        "notes": _notes(evals, baseline),
+        "files": list(REPORT_FILES),
+    }
+    out_dir = Path(out_dir)
+    json_path = write_json_atomic(out_dir / "report.json", report)
+    write_atomic(out_dir / "report.md", _markdown(report))
+    _write_chart(report, out_dir / "rouge.png")
+    _write_predictions(evals, out_dir / "predictions.csv")
+    return json_path
 
-    models = []
-    for name, ev in evals.items():
-        row: dict[str, Any] = {
-            "name": name,
-            "kind": ev["model"]["kind"],
-            "path": ev["model"].get("path"),
-            "rouge": ev["rouge"],
-            "params": ev["params"],
-            "fingerprints": ev["fingerprints"],
-            "generation": ev.get("generation"),
-            "timing": ev.get("timing"),
-            "empty_predictions": ev.get("empty_predictions"),
-            "training_metrics": ev.get("training_metrics"),
-            "eval_file": ev["_path"],
+
+def _model_row(name: str, ev: dict, evals: dict[str, dict], baseline: str | None) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "name": name,
+        "kind": ev["model"]["kind"],
+        "path": ev["model"].get("path"),
+        "rouge": ev["rouge"],
+        "params": ev["params"],
+        "fingerprints": ev["fingerprints"],
+        "generation": ev.get("generation"),
+        "timing": ev.get("timing"),
+        "empty_predictions": ev.get("empty_predictions"),
+        "training_metrics": ev.get("training_metrics"),
+        "eval_file": ev["_path"],
+    }
+    if baseline is not None:
+        base_rouge = evals[baseline]["rouge"]
+        row["change_vs_baseline_points"] = {
+            t: 100.0 * (ev["rouge"][t]["mean"] - base_rouge[t]["mean"]) for t in ROUGE_TYPES
         }
-        if baseline is not None:
-            base_rouge = evals[baseline]["rouge"]
-            row["change_vs_baseline_points"] = {
-                t: 100.0 * (ev["rouge"][t]["mean"] - base_rouge[t]["mean"]) for t in ROUGE_TYPES
-            }
-        models.append(row)
+    return row
 
+
+def _notes(evals: dict[str, dict], baseline: str | None) -> list[str]:
+    """Warnings for the reader: mixed decoding settings, adapters on another base than the baseline."""
     notes = []
-    gens = {json.dumps(e.get("generation"), sort_keys=True) for e in loaded if e.get("generation")}
+    gens = {json.dumps(e.get("generation"), sort_keys=True) for e in evals.values() if e.get("generation")}
     if len(gens) > 1:
         notes.append("models were decoded with different generation settings (see report.json)")
     if baseline is not None:
@@ -199,27 +237,7 @@ def build_report(
                     f"adapter {name!r} sits on a base (fingerprint {fp[:12]}) other than the baseline "
                     f"{baseline!r} ({base_fp[:12]}): its change vs the baseline mixes two bases"
                 )
-
-    report = {
-        "task": task,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data": first["data"],
-        "split": first["split"],
-        "n": len(first["examples"]["index"]),
-        "baseline": baseline,
-        "rouge_types": list(ROUGE_TYPES),
-        "bootstrap": {"n_resamples": n_resamples, "confidence": 0.95, "seed": seed},
-        "models": models,
-        "comparisons": _comparisons(evals, baseline, n_resamples, seed),
-        "notes": notes,
-        "files": list(REPORT_FILES),
-    }
-    json_path = out_dir / "report.json"
-    write_json_atomic(json_path, report)
-    _write_atomic(out_dir / "report.md", _markdown(report).encode())
-    _write_chart(report, out_dir / "rouge.png")
-    _write_predictions(evals, out_dir / "predictions.csv")
-    return json_path
+    return notes
 
 
 def _markdown(report: dict) -> str:
@@ -238,63 +256,53 @@ def _markdown(report: dict) -> str:
         f"{decoding}. Scores are ROUGE F-measures (rouge_score, stemming, best of the references); "
         f"brackets hold 95% bootstrap intervals ({report['bootstrap']['n_resamples']} resamples).",
         "",
-        "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | trainable parameters | adapter size on disk |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"ROUGE-Lsum: sentences split with {SENTENCE_SPLITTER}, one per line as rouge_score expects.",
+        "",
+        _scores_table(report["models"]),
     ]
-    for m in report["models"]:
-        cells = [_score_cell(m["rouge"][t]) for t in ROUGE_TYPES]
-        disk = _human_bytes(m["params"].get("disk_bytes"))
-        if m["kind"] == "full" and m["params"].get("disk_bytes") is not None:
-            disk += " (whole model)"
-        lines.append(
-            f"| {m['name']} ({m['kind']}) | "
-            + " | ".join(cells)
-            + f" | {_params_text(m['params'])} | {disk} |"
-        )
+    labels = [ROUGE_LABELS[t] for t in ROUGE_TYPES]
     if report["baseline"] is not None:
-        lines += [
-            "",
-            f"## Change vs {report['baseline']} (ROUGE points)",
-            "",
-            "| model | " + " | ".join(ROUGE_LABELS[t] for t in ROUGE_TYPES) + " |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for m in report["models"]:
-            if m["name"] == report["baseline"]:
-                continue
-            delta = m["change_vs_baseline_points"]
-            lines.append(f"| {m['name']} | " + " | ".join(f"{delta[t]:+.2f}" for t in ROUGE_TYPES) + " |")
+        rows = [[m["name"], *(f"{m['change_vs_baseline_points'][t]:+.2f}" for t in ROUGE_TYPES)]
+                for m in report["models"] if m["name"] != report["baseline"]]
+        lines += ["", f"## Change vs {report['baseline']} (ROUGE points)", "",
+                  format_table(["model", *labels], rows)]
     if report["comparisons"]:
-        lines += [
-            "",
-            "## Paired comparisons (A - B in ROUGE points, 95% bootstrap interval, bootstrap p-value)",
-            "",
-            "| A vs B | " + " | ".join(ROUGE_LABELS[t] for t in ROUGE_TYPES) + " |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for c in report["comparisons"]:
-            cells = []
-            for t in ROUGE_TYPES:
-                r = c["metrics"][t]
-                cells.append(
-                    f"{100 * r['mean_diff']:+.2f} [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}] "
-                    f"p={_p_text(r['p_value'], report['bootstrap']['n_resamples'])}"
-                )
-            lines.append(f"| {c['a']} vs {c['b']} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Fingerprints",
-        "",
-        "| model | data | base | model weights | adapter sha256 |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for m in report["models"]:
-        f = m["fingerprints"]
-        shown = [f"`{(f.get(k) or '-')[:12]}`" for k in ("data", "base", "model", "adapter_sha256")]
-        lines.append(f"| {m['name']} | " + " | ".join(shown) + " |")
+        title = "## Paired comparisons (A - B in ROUGE points, 95% bootstrap interval, bootstrap p-value)"
+        lines += ["", title, "", format_table(["A vs B", *labels], _comparison_rows(report))]
+    fingerprints = [[m["name"], *(f"`{(m['fingerprints'].get(k) or '-')[:12]}`"
+                                  for k in ("data", "base", "model", "adapter_sha256"))]
+                    for m in report["models"]]
+    lines += ["", "## Fingerprints", "",
+              format_table(["model", "data", "base", "model weights", "adapter sha256"], fingerprints)]
     for note in report["notes"]:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
+
+
+def _scores_table(models: list[dict]) -> str:
+    rows = []
+    for m in models:
+        disk = _human_bytes(m["params"].get("disk_bytes"))
+        if m["kind"] == "full" and m["params"].get("disk_bytes") is not None:
+            disk += " (whole model)"
+        rows.append([f"{m['name']} ({m['kind']})", *(_score_cell(m["rouge"][t]) for t in ROUGE_TYPES),
+                     _params_text(m["params"]), disk])
+    labels = [ROUGE_LABELS[t] for t in ROUGE_TYPES]
+    return format_table(["model", *labels, "trainable parameters", "adapter size on disk"], rows)
+
+
+def _comparison_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for c in report["comparisons"]:
+        cells = []
+        for t in ROUGE_TYPES:
+            r = c["metrics"][t]
+            cells.append(
+                f"{100 * r['mean_diff']:+.2f} [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}] "
+                f"p={_p_text(r['p_value'], report['bootstrap']['n_resamples'])}"
+            )
+        rows.append([f"{c['a']} vs {c['b']}", *cells])
+    return rows
 
 
 def _write_chart(report: dict, path: Path) -> None:
@@ -319,9 +327,7 @@ def _write_chart(report: dict, path: Path) -> None:
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _write_predictions(evals: dict[str, dict], path: Path) -> None:
@@ -329,13 +335,11 @@ def _write_predictions(evals: dict[str, dict], path: Path) -> None:
     n_refs = max((len(r) for r in first["references"]), default=0)
     header = ["index", "input"] + [f"reference_{k + 1}" for k in range(n_refs)]
     header += [f"output_{name}" for name in evals]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for i, idx in enumerate(first["index"]):
-            refs = list(first["references"][i]) + [""] * (n_refs - len(first["references"][i]))
-            outputs = [ev["examples"]["prediction"][i] for ev in evals.values()]
-            writer.writerow([idx, first["prompt"][i], *refs, *outputs])
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    for i, idx in enumerate(first["index"]):
+        refs = list(first["references"][i]) + [""] * (n_refs - len(first["references"][i]))
+        outputs = [ev["examples"]["prediction"][i] for ev in evals.values()]
+        writer.writerow([idx, first["prompt"][i], *refs, *outputs])
+    write_atomic(path, text.getvalue())

@@ -1,17 +1,17 @@
-"""Command line for the adapter registry: which adapter serves each task, how good it is, and
-manual promotion. Tracking URI: `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else the embedded
-SQLite store under `$LORA_PIPELINE_HOME` (see lora_module.registry).
+"""The adapter registry's commands: which adapter serves each task, how good it is, and manual
+promotion. Tracking URI: `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else the embedded SQLite
+store under `$LORA_PIPELINE_HOME` (see lora_module.registry).
 
-    python -m lora_module.registry.cli list                       # tasks, versions, aliases, ROUGE
-    python -m lora_module.registry.cli list summary               # versions of one task
-    python -m lora_module.registry.cli show summary @champion     # or a version number: show summary 3
-    python -m lora_module.registry.cli register summary runs/x/adapter --report runs/x/eval --train-dir runs/x
-    python -m lora_module.registry.cli promote summary 3 --reason "human review passed"
-    python -m lora_module.registry.cli demote summary --reason "regression reported"   # drops @champion
-    python -m lora_module.registry.cli predict summary --text "Summarize: ..." [--file prompts.txt]
+    lora-pipeline list                       # tasks, versions, aliases, ROUGE
+    lora-pipeline list summary               # versions of one task
+    lora-pipeline show summary @champion     # or a version number: show summary 3
+    lora-pipeline register summary runs/x/adapter --report runs/x/eval --train-dir runs/x
+    lora-pipeline promote summary 3 --reason "human review passed"
+    lora-pipeline demote summary --reason "regression reported"   # drops @champion
+    lora-pipeline predict summary --text "Summarize: ..." [--file prompts.txt]
 
 A task `T` means the registered model `T-lora`; `--model-name` names another one.
-Exit status: 0 on success, 1 with a one-line `error: ...` for bad input or an unreachable registry.
+Exit status: 0 on success, 2 with a one-line `error: ...` for bad input or an unreachable registry.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,16 +27,16 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from lora_module.errors import AdapterLoadError
+from lora_module.errors import PipelineError, report_error
 from lora_module.registry import (
     CHAMPION,
     configure_tracking,
-    load_registered,
     model_name_for,
     register_adapter,
 )
-from lora_module.registry.gate import RegistryUnavailableError, RetryPolicy
-from lora_module.registry.inputs import RegistrationInputError
+from lora_module.registry.aliases import name_filter
+from lora_module.registry.gate import RetryPolicy
+from lora_module.registry.loading import load_predictor
 
 
 def _name(args: argparse.Namespace) -> str:
@@ -82,7 +81,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             return 0
     header = ["version", "aliases", args.metric, "base", "gate", "mode", "test data", "created (UTC)"]
     for name in names:
-        versions = policy.call(lambda n=name: client.search_model_versions(f"name='{n}'"),
+        # name_filter: a model left from before names were checked (`o'brien`) must not break `list`.
+        versions = policy.call(lambda n=name: client.search_model_versions(name_filter(n)),
                                f"list {name}", uri)
         versions = sorted(versions, key=lambda mv: int(mv.version))
         # Search results do not carry aliases: read them from the registered model.
@@ -187,16 +187,15 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lora_module.evaluation.generation import GenerationConfig, generate
-
     texts = _read_texts(args)
     ref = f"models:/{args.model_name}" if args.model_name else args.task
-    model, tokenizer = load_registered(
+    predictor = load_predictor(
         ref, version=args.version, alias=args.alias, base=args.base, force=args.force,
         tracking_uri=args.tracking_uri, retries=args.retries, backoff=args.backoff,
     )
-    outputs = generate(model, tokenizer, texts, GenerationConfig(
-        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size))
+    # The same path as the served model: the task's prompt template, prompts cut as in training.
+    outputs = predictor.predict(texts, {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
+                                        "batch_size": args.batch_size})
     if args.json:
         print(json.dumps([{"input": t, "output": o} for t, o in zip(texts, outputs, strict=True)], indent=2))
     else:
@@ -204,77 +203,84 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the module docstring's line breaks and appends each option's default to its help."""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    """Where the registry is and how hard to retry: options of every command."""
+    parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (if not given: "
+                        "$MLFLOW_TRACKING_URI, else the SQLite store under the pipeline home)")
+    parser.add_argument("--retries", type=int, default=RetryPolicy.retries,
+                        help="retries of each registry call (the default outlasts a server restart)")
+    parser.add_argument("--backoff", type=float, default=RetryPolicy.backoff,
+                        help=f"first retry wait in seconds, doubled up to {RetryPolicy.max_backoff:g} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lora_module.registry.cli",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tracking-uri",
-                   help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else local SQLite)")
-    p.add_argument("--retries", type=int, default=3, help="retries of each registry call (default 3)")
-    p.add_argument("--backoff", type=float, default=1.0,
-                   help="first retry wait in seconds, doubled each time")
+    """One parser whose subcommands are the `lora-pipeline` registry commands."""
+    p = argparse.ArgumentParser(prog="lora-pipeline", description=__doc__, formatter_class=_Formatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     def task_cmd(name: str, help_: str, task_required: bool = True) -> argparse.ArgumentParser:
-        s = sub.add_parser(name, help=help_)
+        s = sub.add_parser(name, help=help_, description=help_, formatter_class=_Formatter)
         s.add_argument("task", nargs=None if task_required else "?",
                        help="task name (registered model <task>-lora)")
         s.add_argument("--model-name", help="registered model name, instead of <task>-lora")
+        _common(s)
         return s
 
     s = task_cmd("list", "tasks (registered models) with versions, aliases and metrics", task_required=False)
-    s.add_argument("--metric", default="rougeL")
+    s.add_argument("--metric", default="rougeL", help="ROUGE type shown in the table")
     s.set_defaults(func=cmd_list)
     s = task_cmd("show", "one version: tags, lineage, gate decision, report table")
     s.add_argument("version", help="version number or @alias (e.g. @champion)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the version's record as JSON")
     s.set_defaults(func=cmd_show)
     s = task_cmd("register", "register an adapter folder (+ report, training output) as a new version")
-    s.add_argument("adapter_dir")
+    s.add_argument("adapter_dir", help="adapter folder in PEFT format")
     s.add_argument("--report", help="report.json of the evaluation (or its folder)")
     s.add_argument("--train-dir", help="training output folder (config.yaml, metrics.json)")
-    s.add_argument("--data-fingerprint")
-    s.add_argument("--tokenizer-dir", help="tokenizer to ship with the model (default: the prepared data's)")
+    s.add_argument("--data-fingerprint",
+                   help="fingerprint of the prepared data (if not given: from the report)")
+    s.add_argument("--tokenizer-dir",
+                   help="tokenizer to ship with the model (if not given: the prepared data's)")
     s.add_argument("--candidate",
-                   help="the report's model name for this adapter (default: found by checksum)")
-    s.add_argument("--metric", default="rougeL", help="metric of the promotion gate (default rougeL)")
+                   help="the report's model name for this adapter (if not given: found by checksum)")
+    s.add_argument("--metric", default="rougeL", help="metric of the promotion gate")
     s.set_defaults(func=cmd_register)
     s = task_cmd("promote", "give a version an alias by hand (default @champion)")
-    s.add_argument("version")
-    s.add_argument("--alias", default=CHAMPION)
+    s.add_argument("version", help="version number to promote")
+    s.add_argument("--alias", default=CHAMPION, help="alias to set")
     s.add_argument("--reason", required=True, help="why (stored in the version's manual.history tag)")
     s.set_defaults(func=cmd_promote)
     s = task_cmd("demote", "remove an alias (default @champion) by hand")
     s.add_argument("version", nargs="?", help="only if the alias still points to this version")
-    s.add_argument("--alias", default=CHAMPION)
-    s.add_argument("--reason", required=True)
+    s.add_argument("--alias", default=CHAMPION, help="alias to remove")
+    s.add_argument("--reason", required=True, help="why (stored in the version's manual.history tag)")
     s.set_defaults(func=cmd_demote)
     s = task_cmd("predict", "generate with a registered adapter")
-    s.add_argument("--version", help="version number (default: the alias)")
-    s.add_argument("--alias", default=CHAMPION)
-    s.add_argument("--text", action="append", help="input text (repeatable)")
+    s.add_argument("--version", help="version number (if not given: the alias's version)")
+    s.add_argument("--alias", default=CHAMPION, help="alias to load when no --version is given")
+    s.add_argument("--text", action="append", help="input text (repeatable), e.g. a dialogue: the "
+                   "task's prompt template is applied when the version records one")
     s.add_argument("--file", help="inputs: one per line, or .jsonl rows with 'text' / 'prompt'")
     s.add_argument("--base", help="base model folder / Hub id instead of the adapter's recorded base")
     s.add_argument("--force", action="store_true", help="load even if the base fingerprint differs")
-    s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--num-beams", type=int, default=1)
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-new-tokens", type=int, help="generated tokens per input at most (default 128)")
+    s.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
+    s.add_argument("--batch-size", type=int, help="inputs per generation batch (default 16)")
     s.add_argument("--json", action="store_true", help="print [{input, output}] as JSON")
     s.set_defaults(func=cmd_predict)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`lora-pipeline list|show|register|promote|demote|predict ...` (argv starts with the command)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RegistryUnavailableError, RegistrationInputError, AdapterLoadError, LookupError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (PipelineError, LookupError, ValueError) as e:
+        return report_error(e)
     except MlflowException as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        return report_error(e.message)

@@ -11,6 +11,13 @@ Rule: a candidate becomes `champion` only if its metric is strictly above the ba
 at least the current champion's, both measured on the same test data (same data fingerprint).
 A champion evaluated on other test data (or without the metric) is not comparable: the candidate
 is then promoted on the base comparison alone, and the reason says so. Anything else: `challenger`.
+
+Because MLflow has no compare-and-set on aliases, the registry does not apply that rule to "the
+champion it read a moment ago" but to the whole registry (`choose_aliases`): of the versions that
+are eligible (metric present, strictly above their base, not demoted by hand), those scored on the
+newest eligible version's test data compete, and the highest metric wins (a tie: the newer
+version). `challenger` is the newest other version. Every registration recomputes that choice from
+all versions, so whatever the interleaving, the last writer leaves the gate's choice.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
+
+from lora_module.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +147,90 @@ def decide_promotion(
     return no(f"{beats} but is below the current champion v{champ_ver}'s {champ_v:.4f}")
 
 
-class RegistryUnavailableError(RuntimeError):
+@dataclass(frozen=True)
+class VersionScore:
+    """What the gate needs of one registered version, read from its tags."""
+
+    version: str
+    """Version number."""
+    value: float | None
+    """Its metric (None: not evaluated)."""
+    base: float | None
+    """The base model's metric on the same test data (None: unknown)."""
+    data_fingerprint: str | None
+    """Fingerprint of the test data it was scored on (None: unknown)."""
+    demoted_from: tuple[str, ...] = ()
+    """Aliases it was last demoted from by hand (`manual.last` tag), which it may not get back."""
+
+    @classmethod
+    def from_tags(cls, version: str | int, tags: dict[str, str], metric: str) -> VersionScore:
+        """Read `rouge.<metric>`, the baseline's `rouge.<eval.baseline>.<metric>`, the test-data
+        fingerprint and a manual demotion from a version's tags (strings)."""
+        baseline = tags.get("eval.baseline")
+        fp = tags.get("eval_data_fingerprint")
+        last = tags.get("manual.last", "")
+        demoted = (last.removeprefix("demoted from ").split(":", 1)[0].strip(),) if last.startswith(
+            "demoted from ") else ()
+        return cls(str(version), _number(tags.get(f"rouge.{metric}")),
+                   _number(tags.get(f"rouge.{baseline}.{metric}")) if baseline else None,
+                   None if fp in (None, "", "unknown") else fp, demoted)
+
+    @property
+    def eligible(self) -> bool:
+        """May hold `champion`: scored, strictly above its base, not demoted from champion by hand."""
+        return (self.value is not None and self.base is not None and self.value > self.base
+                and CHAMPION not in self.demoted_from)
+
+    def as_champion(self, metric: str) -> dict[str, Any]:
+        """The `champion` argument of `decide_promotion`."""
+        return {metric: self.value, "data_fingerprint": self.data_fingerprint, "version": self.version}
+
+
+def choose_champion(versions: list[VersionScore]) -> VersionScore | None:
+    """The registry's champion: among eligible versions scored on the newest eligible version's
+    test data, the highest metric (a tie: the newer version); None when none is eligible."""
+    eligible = [v for v in versions if v.eligible]
+    if not eligible:
+        return None
+    newest = max(eligible, key=lambda v: int(v.version))
+    same_data = [v for v in eligible if newest.data_fingerprint is not None
+                 and v.data_fingerprint == newest.data_fingerprint] or [newest]
+    return max(same_data, key=lambda v: (v.value, int(v.version)))
+
+
+def choose_aliases(versions: list[VersionScore]) -> dict[str, str | None]:
+    """{"champion": version or None, "challenger": the newest other version not demoted from it}."""
+    champion = choose_champion(versions)
+    others = [v for v in versions if (champion is None or v.version != champion.version)
+              and CHALLENGER not in v.demoted_from]
+    challenger = max(others, key=lambda v: int(v.version)) if others else None
+    return {CHAMPION: champion and champion.version, CHALLENGER: challenger and challenger.version}
+
+
+def decide_in_registry(versions: list[VersionScore], mine: str, candidate: dict[str, Any],
+                       base: dict[str, Any] | None, metric: str) -> Decision:
+    """The gate's decision for version `mine`, consistent with `choose_champion(versions)`.
+
+    The reason compares `mine` with the champion the registry would have without it; when other
+    versions registered meanwhile change the outcome, the reason names the winner instead.
+    """
+    without = choose_champion([v for v in versions if v.version != mine])
+    decision = decide_promotion(candidate, base, without and without.as_champion(metric), metric)
+    winner = choose_champion(versions)
+    wins = winner is not None and winner.version == mine
+    if wins == decision.promote:
+        return decision
+    if wins:
+        reason = f"{decision.reason}; but v{mine} is the best eligible version in the registry"
+    else:
+        best = f"v{winner.version} ({metric} {winner.value:.4f})" if winner else "none"
+        reason = (f"{decision.reason}; but the registry's best eligible version on the newest test "
+                  f"data is {best}")
+    alias = CHAMPION if wins else CHALLENGER
+    return Decision(**{**decision.to_dict(), "promote": wins, "alias": alias, "reason": reason})
+
+
+class RegistryUnavailableError(PipelineError, RuntimeError):
     """The MLflow tracking server / registry could not be reached after all retries."""
 
 
@@ -159,14 +251,14 @@ def is_transient(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How registry calls are retried: exponential backoff between attempts."""
+    """How registry calls are retried: capped exponential backoff between attempts."""
 
-    retries: int = 5
+    retries: int = 10
     """Extra attempts after the first one (0: fail at once)."""
     backoff: float = 1.0
     """Seconds before the first retry; doubled for each further retry."""
-    max_backoff: float = 30.0
-    """Cap on one wait, in seconds."""
+    max_backoff: float = 10.0
+    """Cap on one wait, in seconds (short enough to notice a server soon after it is back)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.retries, int) or self.retries < 0:
@@ -175,6 +267,13 @@ class RetryPolicy:
             value = getattr(self, name)
             if _number(value) is None or value < 0:
                 raise ValueError(f"RetryPolicy.{name} must be a number >= 0 seconds, got {value!r}")
+
+    @property
+    def total_wait(self) -> float:
+        """Seconds slept before giving up (without jitter): the defaults wait 1+2+4+8+10*6 = 75 s,
+        so a registration outlives a tracking server that is down for 30 s and then takes its
+        usual 8-30 s to start."""
+        return sum(min(self.max_backoff, self.backoff * 2**a) for a in range(self.retries))
 
     def wait(self, attempt: int) -> float:
         """Seconds to sleep after failed attempt number `attempt` (0-based), with 10% jitter so

@@ -7,7 +7,6 @@ bad folder fails before anything is written to the registry.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -20,6 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_module.errors import PipelineError
+from lora_module.files import sha256_file
+from lora_module.names import check_name
+from lora_module.prompt import PromptSettings
+from lora_module.training.outputs import current_outputs
+
 logger = logging.getLogger(__name__)
 
 REPORT_FILES = ("report.json", "report.md", "rouge.png", "predictions.csv")
@@ -28,16 +33,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "
 _PARAM_LIMIT = 6000  # MLflow's maximum param value length
 
 
-class RegistrationInputError(ValueError):
+class RegistrationInputError(PipelineError, ValueError):
     """A folder or report handed to the registry is missing, malformed or inconsistent."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_commit() -> str:
@@ -121,6 +118,7 @@ class RegistrationInputs:
     base_metrics: dict[str, Any] | None = None
     report_md: str | None = None
     training_run: tuple[str, str] | None = None  # (tracking uri, run id) of the training run
+    prompt: PromptSettings | None = None  # template and lengths the adapter was trained with
     timestamp_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
     def description(self, limit: int) -> str:
@@ -286,14 +284,38 @@ def _read_training(inp: RegistrationInputs, train_dir: Path) -> dict:
     return {"config": flatten(config), "metrics": metrics}
 
 
-def _find_tokenizer(adapter_dir: Path, config: dict[str, Any]) -> Path | None:
+def _check_training_matches(train: Path, training: dict, adapter: Path, cfg: dict, adapter_sha: str) -> None:
+    """Refuse a training folder whose config.yaml or metrics.json describe another adapter."""
+    config, metrics = training["config"], training["metrics"]
+    for key, field_name in (("model.lora.r", "r"), ("model.lora.lora_alpha", "lora_alpha")):
+        if key in config and field_name in cfg and config[key] != cfg[field_name]:
+            raise RegistrationInputError(
+                f"training folder {train} does not match adapter {adapter}: config.yaml {key}={config[key]}"
+                f" but adapter_config.json {field_name}={cfg[field_name]}; pass the training folder that"
+                " produced this adapter"
+            )
+    trained_sha = metrics.get("adapter_sha256")
+    if trained_sha and trained_sha != adapter_sha:
+        raise RegistrationInputError(
+            f"training folder {train} does not match adapter {adapter}: metrics.json adapter_sha256"
+            f" {trained_sha[:12]} but the adapter's weights have {adapter_sha[:12]}; pass the training"
+            " folder that produced this adapter"
+        )
+
+
+def _prepared_dir(tokenizer_dir: Path | None, config: dict[str, Any]) -> Path | None:
+    """The prepared data folder the adapter was trained on: the given tokenizer's folder, else the
+    training config's `data.prepared_dir`."""
+    candidates = [tokenizer_dir.parent] if tokenizer_dir is not None else []
+    candidates += [Path(v) for k, v in config.items() if k.endswith("prepared_dir") and isinstance(v, str)]
+    return next((p for p in candidates if (p / "manifest.json").is_file()), None)
+
+
+def _find_tokenizer(adapter_dir: Path, prepared: Path | None) -> Path | None:
     """The prepared data's tokenizer (what evaluation used), unless the adapter folder has one."""
     if any((adapter_dir / f).is_file() for f in _TOKENIZER_FILES):
         return None  # shipped inside the adapter artifact already
-    for k, v in config.items():
-        if k.endswith("prepared_dir") and isinstance(v, str) and (Path(v) / "tokenizer").is_dir():
-            return Path(v) / "tokenizer"
-    return None
+    return prepared / "tokenizer" if prepared is not None and (prepared / "tokenizer").is_dir() else None
 
 
 def read_inputs(
@@ -308,9 +330,10 @@ def read_inputs(
     candidate: str | None = None,
 ) -> RegistrationInputs:
     """Check the paths and compute everything a registration logs (see RegistrationInputs)."""
-    if not isinstance(task, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", task):
-        raise RegistrationInputError(f"task {task!r} is not valid: use letters, digits, '_', '-', '.'")
-    adapter = resolve_adapter_dir(adapter_dir)
+    check_name("task name", task, RegistrationInputError)
+    # Resolved once (training outputs are links into one export): every file read below comes from
+    # the same export even if a training run publishes a new one meanwhile.
+    adapter = resolve_adapter_dir(adapter_dir).resolve()
     cfg = _read_json(adapter / "adapter_config.json", "adapter config")
     report = Path(report_path) if report_path is not None else None
     if report is not None and report.is_dir():
@@ -318,30 +341,56 @@ def read_inputs(
     if report is not None and not report.is_file():
         raise RegistrationInputError(
             f"report_path {report} does not exist (expected build_report's report.json or its folder)")
-    train = Path(train_dir) if train_dir is not None else None
+    # One export of a training output, read as a whole (a concurrent publish cannot mix two).
+    train = current_outputs(train_dir) if train_dir is not None else None
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
     if tok is not None and not tok.is_dir():
         raise RegistrationInputError(f"tokenizer_dir {tok} is not a folder")
     inp = RegistrationInputs(task, adapter.resolve(), report and report.resolve(), train and train.resolve(),
                              tok, cfg)
-
-    meta = cfg.get("lora_pipeline") if isinstance(cfg.get("lora_pipeline"), dict) else {}
     for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "task_type",
               "base_model_name_or_path", "base_fingerprint"):
         value = cfg.get(k)
         inp.params[f"adapter.{k}"] = json.dumps(value) if isinstance(value, list) else str(value)
     training = _read_training(inp, train) if train is not None else {"config": {}, "metrics": {}}
+    prepared = _prepared_dir(tok, training["config"])
     if inp.tokenizer_dir is None:
-        inp.tokenizer_dir = _find_tokenizer(adapter, training["config"])
+        inp.tokenizer_dir = _find_tokenizer(adapter, prepared)
+    if prepared is not None:
+        manifest = _read_json(prepared / "manifest.json", "prepared data manifest")
+        inp.prompt = PromptSettings.from_manifest(manifest)
+    _tag_version(inp, adapter, cfg, training, data_fingerprint)
+    if train is not None:
+        _check_training_matches(train, training, adapter, cfg, inp.version_tags["adapter_sha256"])
+    if report is not None:
+        _read_report(inp, inp.report_path, metric, candidate, inp.version_tags["adapter_sha256"])
+    else:
+        inp.version_tags["eval_data_fingerprint"] = "unknown"
+    train_fp = (data_fingerprint or training["metrics"].get("data_fingerprint")
+                or _meta(cfg).get("data_fingerprint") or inp.candidate_metrics.get("data_fingerprint"))
+    inp.version_tags["data_fingerprint"] = str(train_fp or "unknown")
+    if "training_run_id" in inp.run_tags:
+        inp.version_tags["training_run_id"] = inp.run_tags["training_run_id"]
+    tags = inp.version_tags
+    inp.run_tags.update({"task": task, "adapter_dir": str(inp.adapter_dir),
+                         "adapter_sha256": tags["adapter_sha256"], "mode": tags["mode"]})
+    return inp
 
+
+def _meta(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Our metadata block of adapter_config.json (empty when absent)."""
+    return cfg.get("lora_pipeline") if isinstance(cfg.get("lora_pipeline"), dict) else {}
+
+
+def _tag_version(inp: RegistrationInputs, adapter: Path, cfg: dict[str, Any], training: dict,
+                 data_fingerprint: str | None) -> None:
+    """Version tags that describe the adapter itself (base, LoRA settings, checksum, code)."""
     weights = adapter / "adapter_model.safetensors"
-    adapter_sha = sha256_file(weights)
-    mode = meta.get("finetune") or training["metrics"].get("finetune") or next(
+    mode = _meta(cfg).get("finetune") or training["metrics"].get("finetune") or next(
         (v for k, v in training["config"].items() if k.endswith("finetune")), None) or "lora"
     targets = cfg.get("target_modules")
-    train_fp = data_fingerprint or training["metrics"].get("data_fingerprint") or meta.get("data_fingerprint")
     inp.version_tags.update({
-        "task": task,
+        "task": inp.task,
         "base_model": str(cfg.get("base_model_name_or_path") or "unknown"),
         "base_fingerprint": str(cfg.get("base_fingerprint") or "unknown"),
         "lora.r": str(cfg.get("r")),
@@ -349,18 +398,7 @@ def read_inputs(
         "lora.targets": ",".join(targets) if isinstance(targets, list) else str(targets),
         "lora.rslora": str(bool(cfg.get("use_rslora"))),
         "mode": str(mode),
-        "adapter_sha256": adapter_sha,
+        "adapter_sha256": sha256_file(weights),
         "adapter_bytes": str(weights.stat().st_size),
         "git_commit": git_commit(),
     })
-    if report is not None:
-        _read_report(inp, inp.report_path, metric, candidate, adapter_sha)
-    else:
-        inp.version_tags["eval_data_fingerprint"] = "unknown"
-    report_fp = inp.candidate_metrics.get("data_fingerprint")
-    inp.version_tags["data_fingerprint"] = str(train_fp or report_fp or "unknown")
-    if "training_run_id" in inp.run_tags:
-        inp.version_tags["training_run_id"] = inp.run_tags["training_run_id"]
-    inp.run_tags.update({"task": task, "adapter_dir": str(inp.adapter_dir), "adapter_sha256": adapter_sha,
-                         "mode": str(mode)})
-    return inp

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,11 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from lora_module.names import check_name
+from lora_module.registry.bases import BaseRecord, resolve_base
 from lora_module.registry.gate import CHAMPION, RetryPolicy
 from lora_module.registry.register import _NOT_FOUND, configure_tracking, model_name_for
+
 
 # ---- loading ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class RegisteredAdapter:
     """The tokenizer shipped with the version, if any."""
     tags: dict[str, str]
     """The version's tags (lineage, ROUGE figures, gate decision)."""
+    prompt_dir: Path | None = None
+    """The folder holding the prompt settings logged with the version, if any (pyfunc.PROMPT_FILE)."""
+    base_dir: Path | None = None
+    """The folder holding the version's base record, if any (`bases.BASE_FILE`)."""
 
     @property
     def model_uri(self) -> str:
@@ -93,9 +99,10 @@ def download_adapter(
         lambda: mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst), tracking_uri=uri),
         f"download {name} v{mv.version}", uri))
-    tokenizer = local / "artifacts" / "tokenizer"
+    tokenizer, prompt, base = (local / "artifacts" / part for part in ("tokenizer", "prompt", "base"))
     return RegisteredAdapter(name, str(mv.version), local / "artifacts" / "adapter",
-                             tokenizer if tokenizer.is_dir() else None, dict(mv.tags or {}))
+                             tokenizer if tokenizer.is_dir() else None, dict(mv.tags or {}),
+                             prompt if prompt.is_dir() else None, base if base.is_dir() else None)
 
 
 def load_registered(
@@ -114,14 +121,30 @@ def load_registered(
     `task_or_uri`: a task (`<task>-lora@champion` by default) or a `models:/` URI; `base`: a
     folder / Hub id / loaded model to use instead of the adapter's recorded base (`quantize="nf4"`
     loads it in 4 bit). A base with a different weights fingerprint raises
-    FingerprintMismatchError unless `force`.
+    FingerprintMismatchError unless `force`. `load_predictor` also gives the prompt settings.
     """
-    from lora_module.registry.pyfunc import load_adapter_with_base
+    predictor = _load(task_or_uri, version, alias, base, force, tracking_uri, retries, backoff, quantize)
+    return predictor.model, predictor.tokenizer
+
+
+def load_predictor(task_or_uri: str, **options: Any) -> Any:
+    """A registered adapter with the prompt settings it was trained with (`pyfunc.AdapterPredictor`,
+    whose `predict` applies them); `options`: the keyword arguments of `load_registered`."""
+    return _load(task_or_uri, **options)
+
+
+def _load(task_or_uri: str, version: str | int | None = None, alias: str | None = CHAMPION, base: Any = None,
+          force: bool = False, tracking_uri: str | None = None, retries: int = 3, backoff: float = 1.0,
+          quantize: str | None = None) -> Any:
+    from lora_module.registry.pyfunc import AdapterPredictor, load_adapter_with_base, read_prompt_settings
 
     with tempfile.TemporaryDirectory(prefix="lora-registry-") as tmp:
         reg = download_adapter(task_or_uri, tmp, version, alias, tracking_uri, retries, backoff)
-        return load_adapter_with_base(reg.adapter_dir, base=base, force=force,
-                                      tokenizer_dir=reg.tokenizer_dir, quantize=quantize)
+        if base is None:  # the recorded folder, else the logged copy, else the Hub id (`bases`)
+            base = resolve_base(BaseRecord.read(reg.base_dir))
+        model, tokenizer = load_adapter_with_base(reg.adapter_dir, base=base, force=force,
+                                                  tokenizer_dir=reg.tokenizer_dir, quantize=quantize)
+        return AdapterPredictor(model, tokenizer, read_prompt_settings(reg.prompt_dir))
 
 
 class MultiTaskModel:
@@ -156,7 +179,7 @@ class MultiTaskModel:
 
     @staticmethod
     def adapter_name(task: str) -> str:
-        return re.sub(r"[^A-Za-z0-9_-]", "_", task)
+        return check_name("task name", task)
 
     @property
     def tasks(self) -> list[str]:

@@ -6,8 +6,7 @@
     res.version, res.alias, res.decision["reason"]
     model, tokenizer = load_registered("dialogsum")          # models:/dialogsum-lora@champion
 
-Command line: `python -m lora_module.registry.cli --help` (list, show, register, promote,
-demote, predict).
+Command line: `lora-pipeline list|show|register|promote|demote|predict` (lora_module.registry.cli).
 
 Tracking: the store of a `lora_module.home.PipelineHome` (`register_adapter(..., home=...)`, else
 `PipelineHome.from_env()`): `$MLFLOW_TRACKING_URI` (for example an `http://` server) or the
@@ -16,20 +15,24 @@ embedded SQLite file `<home>/mlflow.db` with artifacts in `<home>/mlartifacts/<e
 One registration = one MLflow run in the task's experiment `lora-<task>`, beside its training
 runs (params from the resolved training config, loss curves, ROUGE metrics and report files) +
 the adapter logged as a pyfunc model
-(`registry_pyfunc.LoraAdapterModel`) + a new version of `<task>-lora` carrying lineage tags and
-the report's Markdown table as description. The promotion gate (`registry_gate.decide_promotion`)
-then gives the version the `champion` or `challenger` alias. Every MLflow call is retried with
-exponential backoff; when the registry stays down the error names its URI and nothing on disk is
-touched, so the same call can be re-run later.
+(`pyfunc.LoraAdapterModel`) + a new version of `<task>-lora` carrying lineage tags and the
+report's Markdown table as description. The aliases are then recomputed from every version of the
+model (`aliases.converge_aliases`, under `aliases.registration_lock`), so registrations from
+several machines leave the gate's `champion`; the version's `gate.*` tags record its decision.
+
+Faults: every MLflow call is retried with capped exponential backoff (about 75 s by default, more
+than a server restart); when the registry stays down the error names its URI and nothing on disk
+is touched. The run and the version carry the registration's identity (adapter checksum, training
+run, model name) from creation, and the run is marked FINISHED last, so re-running the same call
+completes a version whose run never finished instead of adding one; an attempt that died before
+its version ends FAILED, and logged models whose upload broke off end FAILED, never PENDING.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import re
-import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,23 +40,28 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
 from lora_module.home import PipelineHome, artifact_location_for, ensure_store_folder, experiment_name_for
+from lora_module.names import check_name
+from lora_module.registry.aliases import converge_aliases, name_filter, read_state, registration_lock
 from lora_module.registry.gate import (
     CHAMPION,
     Decision,
     RegistryUnavailableError,
     RetryPolicy,
+    choose_champion,
+    decide_in_registry,
     decide_promotion,
 )
-from lora_module.registry.inputs import RegistrationInputs, read_inputs
+from lora_module.registry.inputs import RegistrationInputError, RegistrationInputs, read_inputs
 from lora_module.registry.pyfunc import log_adapter_model
-
 
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
 _DESCRIPTION_LIMIT = 5000  # the registry's description column is String(5000)
+_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+_URI_ENV_LOCK = threading.Lock()
 
 
 # ---- tracking -----------------------------------------------------------------------------------
@@ -65,8 +73,18 @@ def configure_tracking(uri: str | None = None) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    # mlflow.set_*_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI for subprocesses; put
+    # them back, or a later PipelineHome.from_env() in this process would take whichever store was
+    # configured last for the user's choice (the training subprocess gets its store as an argument).
+    with _URI_ENV_LOCK:
+        saved = {key: os.environ.get(key) for key in _URI_ENV}
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return uri
 
 
@@ -111,42 +129,26 @@ def _ensure_registered_model(client: MlflowClient, name: str, task: str) -> None
             raise
 
 
-@contextlib.contextmanager
-def _model_lock(name: str, lock_dir: Path) -> Iterator[None]:
-    """Serialise the read-champion / decide / set-alias sequence of one registered model.
-
-    MLflow has no compare-and-set on aliases, so two registrations deciding at once could both
-    move `champion`. An flock on a file under the pipeline home covers threads and processes on
-    this machine (each `open` is its own lock owner); registrations from several machines into one
-    server are not serialised by it.
-    """
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    safe = re.sub(r"[^\w.-]", "_", name)
-    with open(lock_dir / f"{safe}.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 # ---- registration -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RegistrationResult:
-    """What one `register_adapter` call created."""
+    """What one `register_adapter` call created (or completed)."""
 
     model_name: str
     """Registered model name (`<task>-lora` unless given)."""
     version: str
-    """The new version number."""
+    """The version number."""
     alias: str
-    """Alias the version received: 'champion' or 'challenger'."""
+    """Alias the gate gave the version: 'champion' or 'challenger' (a newer version may take
+    `challenger` later)."""
     decision: dict[str, Any]
     """`Decision.to_dict()` of the promotion gate."""
     run_id: str
     """MLflow run holding params, metrics, report files and the logged model."""
     tracking_uri: str
     """Where it was registered."""
+    resumed: bool = False
+    """True when this call completed a version an earlier, interrupted call had created."""
 
     @property
     def model_uri(self) -> str:
@@ -191,11 +193,54 @@ def _log_metrics(client: MlflowClient, run_id: str, inp: RegistrationInputs, cal
         call(lambda c=chunk: client.log_batch(run_id, metrics=c), "log metrics")
 
 
+def _identity(inp: RegistrationInputs, name: str) -> dict[str, str]:
+    """What makes two registration attempts the same registration: the adapter's checksum, its
+    training run and the registered model. Tags of the run and of the version, set at creation."""
+    return {"adapter_sha256": inp.version_tags["adapter_sha256"],
+            "training_run_id": inp.run_tags.get("training_run_id", "none"), "registered_model": name}
+
+
+def _unfinished_version(client: MlflowClient, name: str, identity: dict[str, str]) -> Any | None:
+    """The oldest version of this registration whose run never finished (an interrupted attempt)."""
+    found = client.search_model_versions(
+        f"{name_filter(name)} and tags.adapter_sha256 = '{identity['adapter_sha256']}'")
+    for mv in sorted(found, key=lambda mv: int(mv.version)):
+        same_run = (mv.tags or {}).get("training_run_id", "none") == identity["training_run_id"]
+        if same_run and client.get_run(mv.run_id).info.status != RunStatus.to_string(RunStatus.FINISHED):
+            return mv
+    return None
+
+
+def _fail_pending_models(client: MlflowClient, experiment_id: str, run_id: str) -> None:
+    """Mark the run's logged models still PENDING (an upload that broke off) as FAILED."""
+    for model in client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"):
+        if model.status == LoggedModelStatus.PENDING:
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+
+
+def _close_abandoned_runs(client: MlflowClient, experiment_id: str, identity: dict[str, str]) -> None:
+    """Earlier attempts of this registration that died before creating a version: their runs end
+    FAILED and their partial logged models FAILED (a new attempt starts over)."""
+    runs = client.search_runs([experiment_id], " and ".join(
+        [f"tags.{k} = '{v}'" for k, v in identity.items()] + ["attributes.status != 'FINISHED'"]))
+    for run in runs:
+        _fail_pending_models(client, experiment_id, run.info.run_id)
+        if run.info.status != "FAILED":
+            client.set_terminated(run.info.run_id, "FAILED")
+
+
+def _log_model(client: MlflowClient, experiment_id: str, run_id: str, inp: RegistrationInputs) -> str:
+    """Log the adapter model (after failing a previous try's partial one); returns its model id."""
+    _fail_pending_models(client, experiment_id, run_id)
+    return log_adapter_model(run_id, inp.adapter_dir, inp.tokenizer_dir, prompt=inp.prompt,
+                             experiment_id=experiment_id).model_id
+
+
 def _create_version(client: MlflowClient, name: str, run_id: str, model_id: str, tags: dict[str, str],
                     description: str) -> str:
     # Idempotent under retries: a request that reached the server before the connection broke
     # already created the version; a second one would leave a duplicate.
-    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    existing = client.search_model_versions(f"{name_filter(name)} and run_id='{run_id}'")
     if existing:
         return str(existing[0].version)
     mv = client.create_model_version(
@@ -214,27 +259,31 @@ def register_adapter(
     model_name: str | None = None,
     metric: str = "rougeL",
     tracking_uri: str | None = None,
-    retries: int = 5,
-    backoff: float = 1.0,
+    retries: int = RetryPolicy.retries,
+    backoff: float = RetryPolicy.backoff,
     *,
     tokenizer_dir: str | os.PathLike | None = None,
     candidate: str | None = None,
-    max_backoff: float = 30.0,
+    max_backoff: float = RetryPolicy.max_backoff,
     home: PipelineHome | None = None,
 ) -> RegistrationResult:
-    """Log, register and gate one adapter; returns the new version and the gate's decision.
+    """Log, register and gate one adapter; returns its version and the gate's decision.
 
     `adapter_dir`: PEFT-format folder (or a training output holding `adapter/`); `report_path`:
     `report.json` of `build_report` (or its folder); `train_dir`: training output with
     `config.yaml` / `metrics.json`; `candidate`: the report's model name for this adapter (found
     by adapter checksum, else the only `lora` model). Without a report the version is registered
     but only ever a challenger. `home`: the pipeline home (its store unless `tracking_uri` is
-    given, its lock folder); None: `PipelineHome.from_env()`. Raises RegistryUnavailableError
-    after `retries` retries.
+    given, its lock folder); None: `PipelineHome.from_env()`.
+
+    Re-running after a failure completes the version the failed call created (same adapter
+    checksum and training run) instead of adding one. Each registry call is retried (by default
+    for about 75 s, longer than a server restart); then RegistryUnavailableError.
     """
     inp = read_inputs(task, adapter_dir, report_path, train_dir, data_fingerprint, metric,
                       tokenizer_dir=tokenizer_dir, candidate=candidate)
-    name = model_name or model_name_for(task)
+    # Checked before anything is created: MLflow's registry filters are quoted strings (no `o'brien`).
+    name = check_name("registered model name", model_name or model_name_for(task), RegistrationInputError)
     home = home or PipelineHome.from_env()
     uri = configure_tracking(tracking_uri or home.tracking_uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -249,7 +298,7 @@ def register_adapter(
         raise RegistryUnavailableError(
             f"{e}. Nothing on disk was changed: the adapter ({inp.adapter_dir}) and report "
             f"({inp.report_path or 'none'}) are kept; re-run the registration (register_adapter or "
-            "`python -m lora_module.registry.cli register ...`) once the registry is reachable"
+            "`lora-pipeline register ...`) once the registry is reachable: it completes this attempt"
         ) from e
 
 
@@ -259,30 +308,63 @@ def _register(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs
     experiment = experiment_name_for(task)
     experiment_id = call(lambda: ensure_experiment(client, uri, experiment),
                          f"create experiment {experiment}")
-    inp.copy_training_curves(client, uri, call)
-    run = call(lambda: client.create_run(experiment_id, run_name=f"register-{task}", tags=inp.run_tags),
-               "create run")
-    run_id = run.info.run_id
+    call(lambda: _ensure_registered_model(client, name, task), f"create registered model {name}")
+    identity = _identity(inp, name)
+    found = call(lambda: _unfinished_version(client, name, identity), "look for an unfinished attempt")
+    if found is None:
+        call(lambda: _close_abandoned_runs(client, experiment_id, identity), "close abandoned attempts")
+        inp.copy_training_curves(client, uri, call)
+        run = call(lambda: client.create_run(experiment_id, run_name=f"register-{task}",
+                                             tags={**inp.run_tags, **identity}), "create run")
+        run_id, version = run.info.run_id, None
+    else:
+        run_id, version = found.run_id, str(found.version)
+        print(f"{name} v{version}: completing the interrupted registration of run {run_id}")
     try:
-        _log_params_and_files(client, run_id, inp, call)
-        logged = call(lambda: log_adapter_model(run_id, inp.adapter_dir, inp.tokenizer_dir),
-                      "log adapter model")
-        _log_metrics(client, run_id, inp, call)
-        call(lambda: _ensure_registered_model(client, name, task), f"create registered model {name}")
-        with _model_lock(name, lock_dir):
-            champion = call(lambda: champion_info(client, name, metric), "read champion")
-            decision = decide_promotion(inp.candidate_metrics, inp.base_metrics, champion, metric)
-            tags = {**inp.version_tags, **decision.as_tags(), "run_id": run_id}
-            version = call(
-                lambda: _create_version(client, name, run_id, logged.model_id, tags, inp.description(
-                    _DESCRIPTION_LIMIT)), f"create version of {name}")
-            call(lambda: client.set_registered_model_alias(name, decision.alias, version),
-                 f"set alias {decision.alias} on {name} v{version}")
-        print(f"{name} v{version}: {decision.summary()}")
-        call(lambda: client.set_tag(run_id, "registered_version", f"{name}/{version}"), "tag run")
-        call(lambda: client.set_terminated(run_id, "FINISHED"), "finish run")
+        if version is None:
+            _log_params_and_files(client, run_id, inp, call)
+            model_id = call(lambda: _log_model(client, experiment_id, run_id, inp), "log adapter model")
+            _log_metrics(client, run_id, inp, call)
+            tags = {**inp.version_tags, **identity, **_pending_gate_tags(client, name, inp, metric, call),
+                    "run_id": run_id}
+            description = inp.description(_DESCRIPTION_LIMIT)
+            version = call(lambda: _create_version(client, name, run_id, model_id, tags, description),
+                           f"create version of {name}")
+        else:
+            tags = dict(found.tags or {})
+            call(lambda: client.update_run(run_id, status="RUNNING"), "reopen run")
+            call(lambda: _fail_pending_models(client, experiment_id, run_id), "close partial models")
+        decision = _complete(client, name, version, run_id, inp, metric, call, lock_dir, tags)
     except BaseException:
         with contextlib.suppress(Exception):  # best effort: the registry may be the thing that failed
+            _fail_pending_models(client, experiment_id, run_id)
             client.set_terminated(run_id, "FAILED")
         raise
-    return RegistrationResult(name, version, decision.alias, decision.to_dict(), run_id, uri)
+    return RegistrationResult(name, version, decision.alias, decision.to_dict(), run_id, uri,
+                              resumed=found is not None)
+
+
+def _pending_gate_tags(client: MlflowClient, name: str, inp: RegistrationInputs, metric: str,
+                      call: Callable[..., Any]) -> dict[str, str]:
+    """The gate's tags as the registry stands before the version exists, with `gate.decision`
+    "pending" until `_complete` confirms them (usually by rewriting that one tag alone)."""
+    champion = choose_champion(read_state(client, name, metric, call)[0])
+    decision = decide_promotion(inp.candidate_metrics, inp.base_metrics,
+                                champion and champion.as_champion(metric), metric)
+    return {**decision.as_tags(), "gate.decision": "pending"}
+
+
+def _complete(client: MlflowClient, name: str, version: str, run_id: str, inp: RegistrationInputs,
+              metric: str, call: Callable[..., Any], lock_dir: Path, tags: dict[str, str]) -> Decision:
+    """Aliases from the registry's full state, then the gate's tags that differ from `tags` (the
+    version's), then the run FINISHED (last: a run not FINISHED marks a registration to complete)."""
+    with registration_lock(name, lock_dir):
+        scores = converge_aliases(client, name, metric, call)
+    decision = decide_in_registry(scores, version, inp.candidate_metrics, inp.base_metrics, metric)
+    for key, value in decision.as_tags().items():
+        if tags.get(key) != value:
+            call(lambda k=key, v=value: client.set_model_version_tag(name, version, k, v), f"tag v{version}")
+    print(f"{name} v{version}: {decision.summary()}")
+    call(lambda: client.set_tag(run_id, "registered_version", f"{name}/{version}"), "tag run")
+    call(lambda: client.set_terminated(run_id, "FINISHED"), "finish run")
+    return decision

@@ -1,11 +1,15 @@
-"""The Lightning CLI of the training stage: `python -m lora_module fit|validate|test|predict --config X.yaml`.
+"""The Lightning CLI of the training stage: `lora-pipeline fit|validate|test|predict-ckpt --config X.yaml`.
 
-    python -m lora_module fit --config deploy/configs/demo_summary_lora.yaml \\
+    lora-pipeline fit --config deploy/configs/demo_summary_lora.yaml \\
         --data.prepared_dir .lora_pipeline/data/demo_summary-0123abcd4567 --model.output_dir runs/s1
-    python -m lora_module fit --config deploy/configs/demo_summary_lora.yaml --print_config
-    python -m lora_module fit ... --ckpt_path runs/s1/checkpoints/last.ckpt     # resume
-    python -m lora_module validate --config ... --ckpt_path runs/s1/checkpoints/last.ckpt
-    python -m lora_module fit ... --trainer.logger false                        # no MLflow
+    lora-pipeline fit --help                                                  # every option, its default
+    lora-pipeline fit --config deploy/configs/demo_summary_lora.yaml --print_config
+    lora-pipeline fit ... --ckpt_path runs/s1/checkpoints/last.ckpt          # resume
+    lora-pipeline validate --config ... --ckpt_path runs/s1/checkpoints/last.ckpt
+    lora-pipeline predict-ckpt --config ... --ckpt_path ...   # Lightning `predict`: predictions.jsonl
+    lora-pipeline fit ... --trainer.logger false                             # no MLflow
+
+`run_fit` (lora_module.training.launcher) starts the same CLI as `python -m lora_module.training fit`.
 
 The configuration is checked completely before anything is built: jsonargparse rejects unknown keys
 and wrong types/literals (e.g. `finetune: wrong`), and `check_config` runs the LoRA and data checks
@@ -19,22 +23,34 @@ store that MLflow 3 refuses.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from jsonargparse import Namespace, lazy_instance
+from jsonargparse import ArgumentError, Namespace, lazy_instance
+from jsonargparse._common import debug_mode_active
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
 from lora_module.config import LoraConfig
-from lora_module.training.datamodule import PreparedDataModule
-from lora_module.errors import LoraConfigError
+from lora_module.qlora import check_model_source
+from lora_module.training.datamodule import PreparedDataModule, check_prepared_dir
+from lora_module.errors import (
+    BAD_INPUT_STATUS,
+    LoraConfigError,
+    PipelineError,
+    check_output_dir,
+    one_line,
+    report_error,
+)
 from lora_module.home import PipelineHome, artifact_location_for, ensure_store_folder
 from lora_module.training.module import FineTuneModule
+from lora_module.training.resume import CheckpointMismatchError
 
 DEFAULT_EXPERIMENT = "lora_pipeline"
+INVALID = "invalid configuration: "  # the start of the errors of check_config and check_inputs
 
 
 class PipelineMLFlowLogger(MLFlowLogger):
@@ -71,14 +87,39 @@ class PipelineMLFlowLogger(MLFlowLogger):
 
 
 class OutputDirConfig(SaveConfigCallback):
-    """Writes the resolved config of a `fit` run to `<model.output_dir>/config.yaml` (rank 0 only)."""
+    """Hands the resolved config of a `fit` run to the module, which exports it as config.yaml.
+
+    Not written at the start: a run into an existing output folder would otherwise put its new
+    config beside the previous run's adapter and metrics until (or, if killed, forever) it ends.
+    """
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit":
-            return
-        out = Path(pl_module.hparams.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, out / "config.yaml", skip_none=False, overwrite=True, multifile=False)
+        if stage == "fit":
+            pl_module.resolved_config = self.parser.dump(self.config, skip_none=False)
+
+
+class CheckpointPathError(PipelineError, ValueError):
+    """`--ckpt_path` names no checkpoint file."""
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    """`last` -> `<output_dir>/checkpoints/last.ckpt`; raises CheckpointPathError if it is missing."""
+    if ckpt_path is None or ckpt_path in ("best", "hpc") or ckpt_path.startswith("registry"):
+        return ckpt_path
+    if ckpt_path == "last":
+        last = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise CheckpointPathError(
+                f"--ckpt_path last: nothing to resume, {last} does not exist (model.output_dir={output_dir});"
+                " drop --ckpt_path to train from the start"
+            )
+        return str(last)
+    if "://" not in ckpt_path and not Path(ckpt_path).is_file():  # remote URLs: Lightning's fsspec
+        raise CheckpointPathError(
+            f"--ckpt_path {ckpt_path} does not exist; pass a checkpoint file such as"
+            f" {Path(output_dir) / 'checkpoints' / 'last.ckpt'}, or 'last'"
+        )
+    return ckpt_path
 
 
 def check_config(config: Namespace) -> None:
@@ -100,6 +141,32 @@ def check_config(config: Namespace) -> None:
     lr = model.get("learning_rate")
     if lr is not None and not lr > 0:
         raise ValueError(f"model.learning_rate must be > 0, got {lr}")
+    if model.get("output_dir"):
+        check_output_dir(model.output_dir, "model.output_dir")
+
+
+def check_inputs(config: Namespace) -> None:
+    """File checks of a run about to start, before anything is built or written: the prepared data and a
+    local base model exist. (Not part of check_config: a config checked ahead of a flow names folders that
+    the flow has yet to make.)"""
+    prepared = (config.get("data") or Namespace()).get("prepared_dir")
+    if prepared is not None:
+        check_prepared_dir(prepared)
+    base = (config.get("model") or Namespace()).get("model_name_or_path")
+    if base:
+        check_model_source(base, "model.model_name_or_path")
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """A parser whose usage errors print one `error:` line, not jsonargparse's ~80 lines of usage first."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or debug_mode_active():  # nested parsing, or JSONARGPARSE_DEBUG: raise
+            super().error(message, ex)
+        if not message.startswith(INVALID):  # our own checks name what is valid; parser errors do not
+            message += f" (`{self.prog.replace(' [options]', '')} --help` lists the valid options)"
+        sys.stderr.write(f"error: {one_line(message)}\n")
+        self.exit(BAD_INPUT_STATUS)
 
 
 class LoraCLI(LightningCLI):
@@ -107,6 +174,7 @@ class LoraCLI(LightningCLI):
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any):
         kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("parser_class", OneLineErrorParser)
         kwargs.setdefault("save_config_callback", OutputDirConfig)
         kwargs.setdefault("save_config_kwargs", {"save_to_log_dir": False})
         super().__init__(
@@ -134,8 +202,21 @@ class LoraCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         try:
             check_config(config)
-        except ValueError as e:
-            self.parser.error(f"invalid configuration: {e}")
+            if self.subcommand:
+                check_inputs(config)
+                # `last` is resolved here, not by Lightning: it looks only among the Trainer's own
+                # checkpoint callbacks (ours comes from the module), and finding none it trains from
+                # scratch with a warning, overwriting last.ckpt.
+                config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), config.model.output_dir)
+        except (ValueError, PipelineError) as e:
+            self.parser.error(f"{INVALID}{e}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; the error of a checkpoint that does not fit the configured model names the file."""
+        try:
+            super()._run_subcommand(subcommand)
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f"--ckpt_path {self.config[subcommand].ckpt_path}: {e}") from None
 
 
 class ConfigOnlyCLI(LoraCLI):
@@ -148,14 +229,36 @@ class ConfigOnlyCLI(LoraCLI):
         """Parsing must not seed the caller's RNGs nor set PL_GLOBAL_SEED in its environment."""
 
 
-def parse_config(args: Sequence[str]) -> Namespace:
-    """The parsed, checked configuration for CLI `args` without subcommand, e.g. ["--config", "x.yaml"]."""
+class ConfigParseError(PipelineError, ValueError):
+    """A training configuration that does not parse or check (the parser's one-line message)."""
+
+
+def parse_config(args: Sequence[str], quiet: bool = False) -> Namespace:
+    """The parsed, checked configuration for CLI `args` without subcommand, e.g. ["--config", "x.yaml"].
+
+    A bad configuration prints one `error:` line and exits with status 2, like the command; with
+    `quiet` it raises ConfigParseError holding that line instead (for callers that list problems).
+    """
     with warnings.catch_warnings():
         # Lightning warns when a process that has its own sys.argv (pytest, a flow) passes args.
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        return ConfigOnlyCLI(args=args, run=False).config
+        if not quiet:
+            return ConfigOnlyCLI(args=args, run=False).config
+        try:
+            return ConfigOnlyCLI(args=args, run=False, parser_kwargs={"exit_on_error": False}).config
+        except ArgumentError as e:
+            raise ConfigParseError(one_line(str(e))) from None
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of `python -m lora_module`."""
-    LoraCLI(args=args)
+    """Run the CLI on `args` (None: sys.argv), which start with fit, validate, test or predict.
+
+    The entry of `lora-pipeline fit|validate|test|predict-ckpt` and of `python -m lora_module.training`.
+    """
+    with warnings.catch_warnings():
+        # The `lora-pipeline` command passes its own argv on (as args): not the mistake warned about.
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        try:
+            LoraCLI(args=args)
+        except PipelineError as e:  # bad input found while building or running: one line, no traceback
+            raise SystemExit(report_error(e)) from None

@@ -28,10 +28,22 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lora_module.errors import InputNotFoundError
 from lora_pipeline.data import load_prepared, load_tokenizer
 
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
 IGNORE_INDEX = -100
+
+
+def check_prepared_dir(prepared_dir: str | Path) -> Path:
+    """The folder as a Path if data preparation wrote it (it has manifest.json), else InputNotFoundError."""
+    path = Path(prepared_dir)
+    if not (path / "manifest.json").is_file():
+        raise InputNotFoundError(
+            f"data.prepared_dir={str(prepared_dir)!r} is not a prepared-data folder (no manifest.json);"
+            " run `lora-pipeline prepare` first and pass the folder it prints"
+        )
+    return path
 
 
 class PaddingCollator:
@@ -192,14 +204,8 @@ class PreparedDataModule(L.LightningDataModule):
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
-        path = Path(prepared_dir)
-        if not (path / "manifest.json").is_file():
-            raise FileNotFoundError(
-                f"data.prepared_dir={str(prepared_dir)!r} is not a prepared-data folder (no manifest.json);"
-                " run data preparation first (data.prepare) and pass the folder it returns"
-            )
         self.save_hyperparameters()
-        self.prepared_dir = path
+        self.prepared_dir = check_prepared_dir(prepared_dir)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -279,13 +285,8 @@ class PreparedDataModule(L.LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self._split(split).select_columns(list(MODEL_COLUMNS))
-        return DataLoader(
-            ds,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            collate_fn=self._collator(),
-            num_workers=self.num_workers,
-        )
+        return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self._collator(),
+                          num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")

@@ -1,6 +1,6 @@
 """The demo base model: a small T5 that first learns the demo corpus's language by denoising.
 
-    python -m lora_module.training.demo_base runs/demo_base            # builds (or reuses) and prints the folder
+    lora-pipeline demo-base runs/demo_base            # builds (or reuses) and prints the folder
     from lora_module.training.demo_base import build_demo_base
     base_dir = build_demo_base("runs/demo_base", corpus_size=2000, seed=0, steps=300)
 
@@ -39,11 +39,12 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
+from lora_module.files import move_aside, publish_dir
 from lora_pipeline.data.tokenizer import NUM_SENTINELS, train_tokenizer
 
 MANIFEST = "demo_base.json"
 # Bump when the build procedure changes in a way the parameters do not show.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 OBJECTIVES = ("span", "denoise", "mixed")
 
 
@@ -82,6 +83,12 @@ class DemoBaseConfig:
     objective: str = "mixed"
     """"span" (T5: targets are the masked spans), "denoise" (targets are the whole original sequence,
     as in BART) or "mixed" (alternate the two step by step)."""
+    instruction_steps: int = 300
+    """Optimizer steps on the instruction mixture after denoising (0: a denoising-only base)."""
+    instruction_rows: int = 2000
+    """(prompt, answer) pairs in the instruction mixture (lora_pipeline.data.demo_instructions)."""
+    max_prompt_tokens: int = 256
+    """Instruction prompts are cut to this many tokens."""
 
     def __post_init__(self) -> None:
         for name in ("seed", "corpus_seed"):
@@ -89,11 +96,14 @@ class DemoBaseConfig:
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"DemoBaseConfig.{name} must be an integer >= 0, got {value!r}")
         sizes = ("corpus_size", "steps", "batch_size", "seq_len", "d_model", "num_layers", "num_heads",
-                 "d_ff")
+                 "d_ff", "instruction_rows", "max_prompt_tokens")
         for name in sizes:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DemoBaseConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.instruction_steps, int) or self.instruction_steps < 0:
+            raise ValueError(f"DemoBaseConfig.instruction_steps must be an integer >= 0, "
+                             f"got {self.instruction_steps!r}")
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"DemoBaseConfig.d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
@@ -130,12 +140,14 @@ def corpus_texts(corpus_size: int, seed: int) -> list[str]:
 
 def tokenizer_texts(corpus_size: int, seed: int, pretrain_texts: list[str]) -> list[str]:
     """Pretraining texts plus the topic labels and prompt templates, so the task prompts of both demo
-    tasks tokenize into whole words (the data stage reuses this tokenizer for the prepared data)."""
+    tasks and of the instruction mixture tokenize into whole words (the data stage reuses this
+    tokenizer for the prepared data). Only the tokenizer sees the labels: no training step does."""
     from lora_pipeline.data.config import DEFAULT_TEMPLATES
     from lora_pipeline.data.demo_corpus import generate
+    from lora_pipeline.data.demo_instructions import all_phrasings
 
     topics = [row["topic"] for row in generate(corpus_size, seed)]
-    templates = [t.replace("{dialogue}", "") for t in DEFAULT_TEMPLATES.values()]
+    templates = [t.replace("{dialogue}", "") for t in DEFAULT_TEMPLATES.values()] + all_phrasings()
     return pretrain_texts + topics + templates * 50
 
 
@@ -216,51 +228,76 @@ def make_model(config: DemoBaseConfig, vocab_size: int) -> T5ForConditionalGener
     return model
 
 
+def _lr_schedule(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over 5% of `total` steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, total // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def encode_instructions(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], max_prompt: int
+                        ) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids cut to `max_prompt` tokens, answer ids), each ending with </s>."""
+    prompts = tokenizer([p for p, _ in pairs], max_length=max_prompt, truncation=True)["input_ids"]
+    answers = tokenizer([a for _, a in pairs], max_length=64, truncation=True)["input_ids"]
+    return list(zip(prompts, answers, strict=True))
+
+
+def _padded(rows: list[list[int]], fill: int) -> torch.Tensor:
+    width = max(map(len, rows))
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows])
+
+
 def pretrain(
     model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, texts: list[str],
-    config: DemoBaseConfig, log_every: int = 50,
+    config: DemoBaseConfig, log_every: int = 50, instructions: list[tuple[list[int], list[int]]] | None = None,
 ) -> list[float]:
-    """Denoising pretraining in a plain torch loop; returns the loss of every step.
+    """Denoising pretraining, then instruction tuning, in a plain torch loop; returns every step's loss.
 
     Why not span corruption alone: in a run this short the decoder settles on predicting likely
     span tokens without reading the encoder (its loss was the same with another text's input), and
     fine-tuning from such a base learned slower than from random weights. Reconstruction steps give
-    the decoder targets that depend on the whole input.
+    the decoder targets that depend on the whole input. The `config.instruction_steps` steps after
+    them train on `instructions` (encoded (prompt, answer) pairs), as FLAN-T5 follows T5.
     """
     rows = pack(tokenizer, texts, config.seq_len)  # [n, seq_len]
     sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])
     if tokenizer.unk_token_id in sentinels:
         raise ValueError("tokenizer lacks the <extra_id_N> sentinels needed for span corruption")
-    eos = tokenizer.eos_token_id
-    rng = random.Random(config.seed)
+    instruct_steps = config.instruction_steps if instructions else 0
+    eos, rng = tokenizer.eos_token_id, random.Random(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
-    warmup = max(1, config.steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, config.steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = _lr_schedule(opt, config.steps + instruct_steps)
     model.train()
     losses: list[float] = []
-    order = torch.randperm(len(rows), generator=gen)
-    cursor = 0
+    order, cursor = torch.randperm(len(rows), generator=gen), 0
     t0 = time.perf_counter()
-    for step in range(config.steps):
-        if cursor + config.batch_size > len(order):
-            order, cursor = torch.randperm(len(rows), generator=gen), 0
-        batch = rows[order[cursor : cursor + config.batch_size]].tolist()
-        cursor += config.batch_size
-        pairs = [span_corrupt(r, sentinels, eos, config.noise_density, config.mean_span, rng) for r in batch]
-        input_ids = torch.tensor([p[0] for p in pairs])  # [B, L_in]
-        if config.objective == "denoise" or (config.objective == "mixed" and step % 2):
-            labels = torch.tensor([[*r, eos] for r in batch])  # [B, seq_len + 1]: the original text
+    for step in range(config.steps + instruct_steps):
+        if step >= config.steps:
+            batch = [instructions[i] for i in torch.randint(len(instructions), (config.batch_size,),
+                                                            generator=gen).tolist()]
+            input_ids = _padded([p for p, _ in batch], tokenizer.pad_token_id)  # [B, L_prompt]
+            labels = _padded([a for _, a in batch], -100)  # [B, L_answer], padding ignored by the loss
+            attention_mask = (input_ids != tokenizer.pad_token_id).long()
         else:
-            labels = torch.tensor([p[1] for p in pairs])  # [B, L_tgt]: sentinel + masked span, ...
-        loss = model(input_ids=input_ids, labels=labels).loss
+            if cursor + config.batch_size > len(order):
+                order, cursor = torch.randperm(len(rows), generator=gen), 0
+            batch = rows[order[cursor : cursor + config.batch_size]].tolist()
+            cursor += config.batch_size
+            pairs = [span_corrupt(r, sentinels, eos, config.noise_density, config.mean_span, rng) for r in batch]
+            input_ids, attention_mask = torch.tensor([p[0] for p in pairs]), None  # [B, L_in]
+            if config.objective == "denoise" or (config.objective == "mixed" and step % 2):
+                labels = torch.tensor([[*r, eos] for r in batch])  # [B, seq_len + 1]: the original text
+            else:
+                labels = torch.tensor([p[1] for p in pairs])  # [B, L_tgt]: sentinel + masked span, ...
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -269,9 +306,8 @@ def pretrain(
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             recent = sum(losses[-log_every:]) / log_every
-            elapsed = time.perf_counter() - t0
-            print(f"[demo_base] step {step + 1}/{config.steps} loss {recent:.3f} ({elapsed:.0f} s)",
-                  flush=True)
+            print(f"[demo_base] step {step + 1}/{config.steps + instruct_steps} loss {recent:.3f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
     model.eval()
     return losses
 
@@ -300,7 +336,10 @@ def build_demo_base(
     config = DemoBaseConfig(corpus_size=corpus_size, seed=seed, steps=steps, **overrides)  # type: ignore[arg-type]
     texts = corpus_texts(config.corpus_size, config.corpus_seed)
     tok_texts = tokenizer_texts(config.corpus_size, config.corpus_seed, texts)
-    fp = fingerprint(config, tok_texts)
+    from lora_pipeline.data.demo_instructions import generate_instructions
+
+    pairs = generate_instructions(config.instruction_rows, config.corpus_seed) if config.instruction_steps else []
+    fp = fingerprint(config, tok_texts + [text for pair in pairs for text in pair])
     final = Path(out_dir) / f"demo-t5-{fp[:12]}"
     if _complete(final, fp):
         return final
@@ -314,7 +353,8 @@ def build_demo_base(
     tokenizer = AutoTokenizer.from_pretrained(tmp)
     model = make_model(config, len(tokenizer))
     t_tok = time.perf_counter() - t0
-    losses = pretrain(model, tokenizer, texts, config, log_every=log_every)
+    instructions = encode_instructions(tokenizer, pairs, config.max_prompt_tokens) if pairs else None
+    losses = pretrain(model, tokenizer, texts, config, log_every=log_every, instructions=instructions)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     window = max(1, min(50, len(losses) // 4))
@@ -331,9 +371,8 @@ def build_demo_base(
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if final.exists():
-        # An incomplete folder left by a crashed older build: keep it, under another name.
-        final.rename(final.with_name(f"{final.name}.incomplete-{int(time.time())}"))
-    tmp.rename(final)
+        move_aside(final)  # an incomplete folder left by a crashed older build: keep it, under another name
+    publish_dir(tmp, final)
     return final
 
 
@@ -343,16 +382,17 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build (or reuse) the demo base T5 model.")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--corpus-size", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=300)
+    """`lora-pipeline demo-base OUT_DIR [...]`: build (or reuse), then print the folder and its manifest."""
+    parser = argparse.ArgumentParser(prog="lora-pipeline demo-base",
+                                     description="Build (or reuse) the demo base T5 model.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("out_dir", type=Path,
+                        help="folder that holds the builds (each in demo-t5-<fingerprint>/)")
+    parser.add_argument("--corpus-size", type=int, default=2000,
+                        help="demo corpus examples for the tokenizer and pretraining")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weight init, batch order and span masks")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of denoising pretraining")
     args = parser.parse_args(argv)
     path = build_demo_base(args.out_dir, args.corpus_size, args.seed, args.steps)
     print(path)
     print(json.dumps(read_manifest(path), indent=2))
-
-
-if __name__ == "__main__":
-    main()

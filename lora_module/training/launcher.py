@@ -24,11 +24,13 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from lora_module.errors import PipelineError
+from lora_module.training.outputs import current_outputs
+
 TAIL_LINES = 60
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PipelineError, RuntimeError):
     """The training subprocess failed; the message holds the command, exit code and the log's tail."""
 
 
@@ -56,7 +58,7 @@ def run_fit(
     tracking_uri: str | None = None,
     experiment: str | None = None,
 ) -> Path:
-    """Train with `python -m lora_module fit --config config_path *overrides`; returns the output dir.
+    """Train in a subprocess, `python -m lora_module.training fit --config config_path *overrides`.
 
     Args:
         config_path: Training YAML (e.g. deploy/configs/demo_summary_lora.yaml).
@@ -68,11 +70,9 @@ def run_fit(
         output_dir: The run's `model.output_dir`, passed to the CLI; when given, the config is not
             parsed here (the caller checked it already; a bad one fails in the subprocess). None:
             parse the config for its output_dir, failing here on a bad one.
-        tracking_uri: MLflow store of the training run (the logger's `tracking_uri`); None: the
-            config's, else the logger's default.
-        experiment: MLflow experiment of the training run (the logger's `experiment_name`), e.g.
-            `lora-<task>`; None: the config's. Both need the config's logger to be an MLflow
-            logger (the default), not `false`.
+        tracking_uri, experiment: MLflow store and experiment (e.g. `lora-<task>`) of the training
+            run, set on the config's MLflow logger (so that logger must not be `false`); None: the
+            config's, else the logger's defaults.
 
     Raises:
         TrainingError: the config does not parse, the process fails, or the expected outputs are missing.
@@ -93,21 +93,16 @@ def run_fit(
     if resume and last.exists() and not any(o.startswith("--ckpt_path") for o in overrides):
         overrides += ["--ckpt_path", str(last)]
     cmd = [sys.executable, "-m", "lora_module.training", "fit", "--config", str(config_path), *overrides]
-
-    child_env = {**os.environ, **(env or {})}
-    # The child must import this project whatever its working directory.
-    child_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(PROJECT_ROOT), child_env.get("PYTHONPATH")) if p
-    )
     log_path = out / "logs" / "fit.log"
-    rc, tail = _run_logged(cmd, child_env, log_path, timeout)
+    rc, tail = _run_logged(cmd, {**os.environ, **(env or {})}, log_path, timeout)
     if rc != 0:
         raise TrainingError(
             f"training failed with exit code {rc}: {' '.join(cmd)}\n"
             f"--- last {len(tail)} lines of {log_path} ---\n{''.join(tail)}"
         )
-    missing = [p for p in ("metrics.json", "config.yaml") if not (out / p).exists()]
-    if not ((out / "adapter").is_dir() or (out / "model").is_dir()):
+    done = current_outputs(out)  # one export, read as a whole (training.outputs)
+    missing = [p for p in ("metrics.json", "config.yaml") if not (done / p).exists()]
+    if not ((done / "adapter").is_dir() or (done / "model").is_dir()):
         missing.append("adapter/ or model/")
     if missing:
         raise TrainingError(f"training exited 0 but {out} lacks {missing}; see {log_path}")

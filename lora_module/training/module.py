@@ -1,14 +1,18 @@
 """FineTuneModule: one LightningModule that trains LoRA, QLoRA (LoRA over an NF4 base) or the whole model.
 
-    python -m lora_module fit --config deploy/configs/demo_summary_lora.yaml      # through the CLI
+    lora-pipeline fit --config deploy/configs/demo_summary_lora.yaml      # through the CLI
     module = FineTuneModule("path/to/t5", finetune="lora", lora=LoraConfig(r=8), output_dir="runs/x")
     L.Trainer(max_steps=100).fit(module, datamodule=PreparedDataModule("prepared/dir"))
 
 What a fit leaves in `output_dir` (written by global rank 0 only):
   adapter/        PEFT-format adapter (lora, qlora)   or   model/  save_pretrained model + tokenizer (full)
   metrics.json    finetune, trainable/total params, train/val loss, steps, tokens/s, adapter bytes, ...
-  config.yaml     the resolved configuration (written by the CLI; the hyperparameters otherwise)
+  config.yaml     the resolved configuration (from the CLI; the hyperparameters otherwise)
   checkpoints/    last.ckpt (lora/qlora: trainable tensors + optimizer state only)
+The first three are links into exports/<id>/ and appear together or not at all (training.outputs).
+
+A run resumed from a mid-epoch checkpoint ends with the adapter of the uninterrupted run: the
+loader skips the trained batches (its position is restored) and dropout is seeded per step.
 
 A non-finite training loss raises `NonFiniteLossError` before the optimizer applies that update,
 so the checkpoints on disk are all from good steps.
@@ -16,10 +20,8 @@ so the checkpoints on disk are all from good steps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -32,12 +34,23 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lora_module import LoraConfig, get_lora_model, load_base_model
+from lora_module.config import torch_dtype
+from lora_module.errors import PipelineError
+from lora_module.evaluation.generation import DEFAULT_MAX_NEW_TOKENS
+from lora_module.files import sha256_file
+from lora_module.prompt import PromptSettings
+from lora_module.training.outputs import publish
+from lora_module.training.resume import (
+    CheckpointMismatchError,
+    check_lora_layout,
+    step_seed,
+    total_optimizer_steps,
+)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(PipelineError, RuntimeError):
     """The training loss became NaN or infinite; training stopped before applying that update."""
 
 
@@ -61,10 +74,35 @@ class WarmupDecay:
         return 1.0 - progress
 
 
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def _local_path_or_name(name_or_path: str) -> str:
     """Absolute path for a local folder (later stages may run elsewhere), else the Hub name unchanged."""
     p = Path(name_or_path)
     return str(p.resolve()) if p.exists() else name_or_path
+
+
+def _checked_hparams(finetune: str, lora: LoraConfig | dict | None, learning_rate: float, warmup_steps: int,
+                     warmup_ratio: float, checkpoint_every_n_steps: int | None) -> LoraConfig:
+    """The LoRA config (from a dict, or the default), after checking the values Lightning's CLI cannot."""
+    if finetune not in ("lora", "qlora", "full"):
+        raise ValueError(f"model.finetune must be one of 'lora', 'qlora', 'full', got {finetune!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
+    if warmup_steps < 0 or not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(
+            "model.warmup_steps must be >= 0 and model.warmup_ratio in [0, 1),"
+            f" got {warmup_steps} and {warmup_ratio}"
+        )
+    if checkpoint_every_n_steps is not None and checkpoint_every_n_steps < 1:
+        raise ValueError(
+            f"model.checkpoint_every_n_steps must be >= 1 or null, got {checkpoint_every_n_steps}"
+        )
+    if isinstance(lora, dict):
+        lora = LoraConfig.from_dict(lora)
+    return lora if lora is not None else LoraConfig()
 
 
 class FineTuneModule(L.LightningModule):
@@ -86,7 +124,7 @@ class FineTuneModule(L.LightningModule):
         double_quant: bool = True,
         trust_remote_code: bool = False,
         checkpoint_every_n_steps: int | None = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         output_dir: str = ".lora_pipeline/runs/default",
     ):
         """
@@ -106,56 +144,51 @@ class FineTuneModule(L.LightningModule):
             trust_remote_code: Allow model code from the Hub repository (only for models you trust).
             checkpoint_every_n_steps: Write checkpoints/last.ckpt every N optimizer steps (None: at each
                 validation and epoch end).
-            max_new_tokens: Generation length for the `predict` subcommand.
+            max_new_tokens: Generation length for the `predict` subcommand (None: the prepared data's
+                max_target_length).
             output_dir: This run's outputs: adapter/ or model/, metrics.json, config.yaml, checkpoints/.
         """
         super().__init__()
-        if finetune not in ("lora", "qlora", "full"):
-            raise ValueError(f"model.finetune must be one of 'lora', 'qlora', 'full', got {finetune!r}")
-        if isinstance(lora, dict):
-            lora = LoraConfig.from_dict(lora)
-        lora = lora if lora is not None else LoraConfig()
-        if not learning_rate > 0:
-            raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
-        if warmup_steps < 0 or not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(
-                "model.warmup_steps must be >= 0 and model.warmup_ratio in [0, 1),"
-                f" got {warmup_steps} and {warmup_ratio}"
-            )
-        if checkpoint_every_n_steps is not None and checkpoint_every_n_steps < 1:
-            raise ValueError(
-                f"model.checkpoint_every_n_steps must be >= 1 or null, got {checkpoint_every_n_steps}"
-            )
+        lora = _checked_hparams(finetune, lora, learning_rate, warmup_steps, warmup_ratio,
+                                checkpoint_every_n_steps)
         self.save_hyperparameters(ignore=["lora"])
         self.hparams["lora"] = lora.to_dict()
         self.finetune = finetune
         self.lora_config = lora
         # The trainable state is small for LoRA: checkpoints hold only it, so loading them is not strict.
         self.strict_loading = finetune == "full"
+        self.model = self._build_model()
+        self._check_trainable()
+        self._reset_counters()
 
+    def _build_model(self) -> torch.nn.Module:
+        """The base (NF4 for qlora) with LoRA injected, or the whole model trainable; in train mode."""
+        hp = self.hparams
         base = load_base_model(
-            model_name_or_path,
-            quantize="nf4" if finetune == "qlora" else None,
-            double_quant=double_quant,
-            torch_dtype=DTYPES[torch_dtype] if torch_dtype else None,
-            trust_remote_code=trust_remote_code,
+            hp.model_name_or_path,
+            quantize="nf4" if self.finetune == "qlora" else None,
+            double_quant=hp.double_quant,
+            torch_dtype=torch_dtype(hp.torch_dtype),
+            trust_remote_code=hp.trust_remote_code,
         )
         self.is_encoder_decoder = bool(base.config.is_encoder_decoder)
-        if gradient_checkpointing:
+        if hp.gradient_checkpointing:
             # Non-reentrant checkpointing back-propagates into LoRA layers even though the
             # (frozen) embeddings' outputs do not require grad.
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.config.use_cache = False
-        if finetune == "full":
+        if self.finetune == "full":
             for p in base.parameters():
                 p.requires_grad_(True)
-            self.model = base
+            model = base
         else:
-            self.model = get_lora_model(base, lora)
+            model = get_lora_model(base, self.lora_config)
         # from_pretrained returns eval mode; Lightning keeps submodule modes, so switch explicitly.
-        self.model.train()
-        self._check_trainable()
+        model.train()
+        return model
 
+    def _reset_counters(self) -> None:
+        """Per-run state: fingerprint cache, loss sums, throughput, predictions, resume bookkeeping."""
         self._base_fingerprint: str | None = None
         self._nonfinite = torch.zeros((), dtype=torch.bool)
         self._epoch_loss_sum = torch.zeros(())
@@ -203,23 +236,15 @@ class FineTuneModule(L.LightningModule):
     def forward(self, **batch: Any) -> Any:
         return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
 
-    def _step_seed(self, batch_idx: int) -> int:
-        """Seed of one micro-batch's dropout, from (base seed, step, epoch, batch, rank) and nothing else.
-
-        Dropout then draws the same masks whether or not the run was resumed in between: the
-        global RNG stream also feeds DataLoader iterators and validation, which a resume replays
-        differently, and Lightning does not checkpoint RNG states.
-        """
-        if self._rng_base_seed is None:
-            self._rng_base_seed = torch.initial_seed()
-        key = f"{self._rng_base_seed}:{self.global_step}:{self.current_epoch}:{batch_idx}:{self.global_rank}"
-        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         on_gpu = self.device.type != "cpu"
         devices = [self.device.index or 0] if on_gpu else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type if on_gpu else "cuda"):
-            torch.manual_seed(self._step_seed(batch_idx))
+            # Same dropout masks with or without a resume in between (training.resume).
+            if self._rng_base_seed is None:
+                self._rng_base_seed = torch.initial_seed()
+            step = (self.global_step, self.current_epoch, batch_idx, self.global_rank)
+            torch.manual_seed(step_seed(self._rng_base_seed, *step))
             loss = self(**batch).loss
         detached = loss.detach()
         # Checked once per optimizer step (on_before_optimizer_step): no GPU sync per micro-batch.
@@ -285,7 +310,7 @@ class FineTuneModule(L.LightningModule):
         generated = self.model.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            max_new_tokens=self.hparams.max_new_tokens,
+            max_new_tokens=self._max_new_tokens(),
             do_sample=False,
             num_beams=1,
             pad_token_id=tokenizer.pad_token_id,
@@ -297,6 +322,12 @@ class FineTuneModule(L.LightningModule):
             {"prompt": p, "prediction": t.strip(), "references": r}
             for p, t, r in zip(batch["prompt"], texts, batch["references"], strict=True)
         ]
+
+    def _max_new_tokens(self) -> int:
+        """model.max_new_tokens, else the prepared data's max_target_length, else evaluation's default."""
+        settings = PromptSettings.from_manifest(getattr(self.trainer.datamodule, "manifest", None) or {})
+        value = settings.resolve("max_target_length", self.hparams.max_new_tokens, "model.max_new_tokens")
+        return value or DEFAULT_MAX_NEW_TOKENS
 
     def on_predict_batch_end(
         self, outputs: list[dict], batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -325,7 +356,7 @@ class FineTuneModule(L.LightningModule):
         optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]], lr=hp.learning_rate, eps=hp.adam_epsilon
         )
-        total = self.trainer.estimated_stepping_batches
+        total = total_optimizer_steps(self.trainer)  # not estimated_stepping_batches: see resume.py
         if not math.isfinite(total):
             raise ValueError(
                 "set trainer.max_steps or trainer.max_epochs: the LR schedule needs a finite length"
@@ -364,29 +395,40 @@ class FineTuneModule(L.LightningModule):
         return state
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lora_pipeline"] = {"finetune": self.finetune, "base_fingerprint": self.base_fingerprint()}
+        checkpoint["lora_pipeline"] = {
+            "finetune": self.finetune,
+            "base_fingerprint": self.base_fingerprint(),
+            "lora_r": None if self.finetune == "full" else self.lora_config.r,
+            # What a resume needs to continue exactly: dropout seeds and the metrics' running sums.
+            "rng_base_seed": self._rng_base_seed,
+            "epoch": self.current_epoch,
+            "epoch_loss_sum": float(self._epoch_loss_sum),
+            "epoch_loss_n": self._epoch_loss_n,
+            "tokens_total": self._tokens_total,
+            "train_seconds": self._train_seconds,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lora_pipeline", {})
         if saved.get("finetune", self.finetune) != self.finetune:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"checkpoint was written with finetune={saved['finetune']!r}, this run has {self.finetune!r}"
             )
-        if self.finetune == "full":
-            return
-        expected = {n for n, p in self.named_parameters() if p.requires_grad}
-        got = set(checkpoint["state_dict"])
-        if got != expected:
-            raise ValueError(
-                "checkpoint does not match this model's LoRA layout (another r or target_modules?):"
-                f" missing {sorted(expected - got)[:3]}, unexpected {sorted(got - expected)[:3]}"
-            )
-        want = saved.get("base_fingerprint")
-        if want and want != self.base_fingerprint():
-            raise ValueError(
-                f"checkpoint was trained on another base model (fingerprint {want[:12]}, this base"
-                f" {self.base_fingerprint()[:12]}); check model.model_name_or_path"
-            )
+        if self.finetune != "full":
+            own = {n: p.shape for n, p in self.named_parameters() if p.requires_grad}
+            check_lora_layout(own, checkpoint["state_dict"], saved.get("lora_r"), self.lora_config.r)
+            want = saved.get("base_fingerprint")
+            if want and want != self.base_fingerprint():
+                raise CheckpointMismatchError(
+                    f"checkpoint was trained on another base model (fingerprint {want[:12]}, this base"
+                    f" {self.base_fingerprint()[:12]}); check model.model_name_or_path"
+                )
+        self._rng_base_seed = saved.get("rng_base_seed", self._rng_base_seed)
+        self._resumed_epoch = saved.get("epoch")
+        self._epoch_loss_sum = torch.tensor(saved.get("epoch_loss_sum", 0.0))
+        self._epoch_loss_n = saved.get("epoch_loss_n", 0)
+        self._tokens_total = saved.get("tokens_total", 0)
+        self._train_seconds = saved.get("train_seconds", 0.0)
 
     # ---- end of fit -----------------------------------------------------------------------------
 
@@ -451,28 +493,39 @@ class FineTuneModule(L.LightningModule):
             "base_fingerprint": self.base_fingerprint(),
             "checkpoint": str(out / "checkpoints" / "last.ckpt"),
         }
-        if self.finetune == "full":
-            target = out / "model"
-            metrics["model_bytes"] = self._save_atomically(target, self._save_full_model)
-        else:
-            target = out / "adapter"
-            metrics["adapter_bytes"] = self._save_atomically(target, self._save_adapter(metrics))
-            metrics["adapter_dir"] = str(target)
         mlflow = next((lg for lg in self.loggers if isinstance(lg, MLFlowLogger)), None)
         if mlflow is not None:
             metrics["mlflow_run_id"] = mlflow.run_id
             metrics["mlflow_tracking_uri"] = getattr(mlflow, "_tracking_uri", None)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        if not (out / "config.yaml").exists():
-            # Without the CLI (plain Trainer) the hyperparameters are the resolved config.
-            (out / "config.yaml").write_text(yaml.safe_dump({"model": dict(self.hparams)}, sort_keys=False))
+        # adapter/ or model/, metrics.json and config.yaml appear together (one atomic switch).
+        folder = publish(out, self._write_outputs(out, metrics))
         if mlflow is not None:
             run = mlflow.experiment
-            run.log_artifact(mlflow.run_id, str(out / "metrics.json"))
-            run.log_artifact(mlflow.run_id, str(out / "config.yaml"))
+            run.log_artifact(mlflow.run_id, str(folder / "metrics.json"))
+            run.log_artifact(mlflow.run_id, str(folder / "config.yaml"))
             if self.finetune != "full":
-                run.log_artifacts(mlflow.run_id, str(target), artifact_path="adapter")
+                run.log_artifacts(mlflow.run_id, str(folder / "adapter"), artifact_path="adapter")
         rank_zero_info(f"training outputs written to {out}")
+
+    def _write_outputs(self, out: Path, metrics: dict[str, Any]):
+        """The writer of one export folder: adapter/ or model/, then metrics.json and config.yaml."""
+
+        def write(folder: Path) -> None:
+            if self.finetune == "full":
+                self._save_full_model(folder / "model")
+                metrics["model_bytes"] = _folder_bytes(folder / "model")
+            else:
+                self._save_adapter(metrics)(folder / "adapter")
+                metrics["adapter_bytes"] = _folder_bytes(folder / "adapter")
+                # Lets a reader check that metrics.json describes the adapter beside it.
+                metrics["adapter_sha256"] = sha256_file(folder / "adapter" / "adapter_model.safetensors")
+                metrics["adapter_dir"] = str(out / "adapter")
+            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            # Without the CLI (plain Trainer) the hyperparameters are the resolved config.
+            config = self.resolved_config or yaml.safe_dump({"model": dict(self.hparams)}, sort_keys=False)
+            (folder / "config.yaml").write_text(config)
+
+        return write
 
     def _save_adapter(self, metrics: dict[str, Any]):
         def save(path: Path) -> None:
@@ -497,17 +550,3 @@ class FineTuneModule(L.LightningModule):
                 self.hparams.model_name_or_path, trust_remote_code=self.hparams.trust_remote_code
             )
         tokenizer.save_pretrained(path)
-
-    @staticmethod
-    def _save_atomically(target: Path, save) -> int:
-        """Write into a temp folder, then swap it in: a crash never leaves a half-written export."""
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save(tmp)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-        return sum(f.stat().st_size for f in target.rglob("*") if f.is_file())

@@ -87,11 +87,15 @@ def publish(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     write(tmp)
     folder = exports / export_id
     tmp.rename(folder)
-    for name in PUBLISHED:
+    present = [name for name in PUBLISHED if (folder / name).exists()]
+    for name in present:
         link = out / name
         if not (link.is_symlink() and os.readlink(link) == f"{CURRENT}/{name}"):
             _symlink_atomically(f"{CURRENT}/{name}", link)
     _symlink_atomically(f"{EXPORTS}/{export_id}", out / CURRENT)
+    for name in set(PUBLISHED) - set(present):  # e.g. `model` after a LoRA run: no dangling links
+        if (out / name).is_symlink():
+            (out / name).unlink()
     for old in exports.iterdir():
         if old != folder:
             shutil.rmtree(old, ignore_errors=True)

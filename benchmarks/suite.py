@@ -1,8 +1,8 @@
-"""Run every benchmark and write benchmarks/RESULTS.md + RESULTS.json.
+"""`lora-pipeline bench`: run every benchmark and write benchmarks/RESULTS.md + RESULTS.json.
 
-    .venv/bin/python -m benchmarks                 # full size, CPU here (tens of minutes on 2 cores)
-    .venv/bin/python -m benchmarks --quick         # tiny settings (a smoke run, not figures to quote)
-    .venv/bin/python -m benchmarks --only lora_core inference   # re-measure these, keep the others' entries
+    lora-pipeline bench                            # full size, CPU here (tens of minutes on 2 cores)
+    lora-pipeline bench --quick                    # tiny settings (a smoke run, not figures to quote)
+    lora-pipeline bench --only lora_core inference # re-measure these, keep the others' entries
 
 Each benchmark measures its contenders side by side in one process and reports ratios with
 their goals. A benchmark that crashes is recorded as failed with its error; the others still run.
@@ -15,11 +15,12 @@ import importlib
 import json
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 from lora_pipeline.benchmarks.common import OUT_DIR, machine_info
 
-BENCHMARKS = ("lora_core", "training", "inference", "data", "eval", "pipeline", "gpu")
+BENCHMARKS = ("lora_core", "training", "recipe", "inference", "data", "eval", "pipeline", "gpu")
 HERE = Path(__file__).resolve().parent
 
 
@@ -31,7 +32,8 @@ def run_all(names: tuple[str, ...] = BENCHMARKS, quick: bool = False, out_dir: P
     for name in names:
         t0 = time.perf_counter()
         try:
-            json_path = importlib.import_module(f"lora_pipeline.benchmarks.bench_{name}").run(quick=quick, out_dir=out)
+            bench = importlib.import_module(f"lora_pipeline.benchmarks.bench_{name}")
+            json_path = bench.run(quick=quick, out_dir=out)
             payload = json.loads(Path(json_path).read_text())
             entries.append({"name": name, "ok": True, "seconds": time.perf_counter() - t0, "result": payload,
                             "markdown": Path(json_path).with_suffix(".md").read_text()})
@@ -69,7 +71,7 @@ def _markdown(machine: dict, quick: bool, entries: list[dict]) -> str:
     lines = [
         "# Benchmark results",
         "",
-        f"Written by `python -m benchmarks{' --quick' if quick else ''}`. Every figure is a ratio of two "
+        f"Written by `lora-pipeline bench{' --quick' if quick else ''}`. Every figure is a ratio of two "
         "contenders measured side by side in the same run; absolute timings are in RESULTS.json.",
         "",
         f"- CPU: {machine['cpu']} ({machine['cores']} threads used by torch)",
@@ -105,9 +107,19 @@ def _markdown(machine: dict, quick: bool, entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny settings")
-    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these")
-    args = parser.parse_args()
-    print(run_all(tuple(args.only or BENCHMARKS), quick=args.quick).read_text())
+def main(argv: Sequence[str] | None = None) -> None:
+    """`lora-pipeline bench [--quick] [--only NAME ...]`: run, write the results, print RESULTS.md."""
+    parser = argparse.ArgumentParser(prog="lora-pipeline bench", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings: a smoke run, not figures to quote (default: off, full size)")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME",
+                        help=f"run only these, keeping the others' earlier entries; from {list(BENCHMARKS)} "
+                             "(None: all)")
+    parser.add_argument("--results-dir", type=Path, default=HERE,
+                        help=f"where RESULTS.md and RESULTS.json are written (default: {HERE})")
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR,
+                        help=f"where each benchmark writes its own JSON + Markdown (default: {OUT_DIR})")
+    args = parser.parse_args(argv)
+    print(run_all(tuple(args.only or BENCHMARKS), quick=args.quick, out_dir=args.out_dir,
+                  results_dir=args.results_dir).read_text())

@@ -1,0 +1,65 @@
+"""What lets a fit killed mid-epoch resume to the adapter of the uninterrupted run (FineTuneModule uses it).
+
+    lora-pipeline fit --config deploy/configs/demo_summary_lora.yaml ... --ckpt_path last
+
+Three things would otherwise differ after a resume:
+- the batches: the train loader's position is saved in checkpoints and restored, but only if
+  the trainer has not built its loader before the restore, which `estimated_stepping_batches`
+  does when max_epochs is set; `total_optimizer_steps` computes the LR schedule's length without it;
+- the dropout masks: Lightning does not checkpoint RNG states, and the global stream also feeds
+  DataLoader iterators and validation, which a resume replays differently; `step_seed` derives
+  each micro-batch's seed from (run seed, step, epoch, batch, rank) alone;
+- the model: `check_lora_layout` refuses a checkpoint of another LoRA r or layout in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+
+from lora_module.errors import PipelineError
+
+
+class CheckpointMismatchError(PipelineError, ValueError):
+    """The checkpoint to resume from was written for another model (finetune mode, LoRA r or layout, base)."""
+
+
+def total_optimizer_steps(trainer: Any) -> float:
+    """Optimizer steps of the whole fit, as `trainer.estimated_stepping_batches` counts them, but from
+    a throwaway loader of the datamodule: the trainer's own loader must be built after the restore."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if trainer.max_epochs == -1 or datamodule is None:
+        return trainer.estimated_stepping_batches  # reads max_steps only, or plain loaders (not resumable)
+    batches = len(datamodule.train_dataloader())
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    total = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+    return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
+
+
+def step_seed(base_seed: int, step: int, epoch: int, batch_idx: int, rank: int) -> int:
+    """A 63-bit seed for one micro-batch that depends on these numbers and nothing else."""
+    key = f"{base_seed}:{step}:{epoch}:{batch_idx}:{rank}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def check_lora_layout(
+    own: dict[str, torch.Size], state: dict[str, torch.Tensor], saved_r: int | None, r: int
+) -> None:
+    """The checkpoint's adapter tensors have this model's names and shapes, else one clear error."""
+    shapes_differ = [n for n in own.keys() & state.keys() if tuple(state[n].shape) != tuple(own[n])]
+    if saved_r is not None and saved_r != r or shapes_differ:
+        got = saved_r if saved_r is not None else f"? (tensor shape {tuple(state[shapes_differ[0]].shape)})"
+        raise CheckpointMismatchError(
+            f"checkpoint has LoRA r={got} but the config has model.lora.r={r}:"
+            " resume with the r it was trained with, or start a new run (another model.output_dir)"
+        )
+    if own.keys() != state.keys():
+        raise CheckpointMismatchError(
+            "checkpoint does not match this model's LoRA layout (another target_modules?):"
+            f" missing {sorted(own.keys() - state.keys())[:3]},"
+            f" unexpected {sorted(state.keys() - own.keys())[:3]}"
+        )

@@ -1,0 +1,416 @@
+"""The registry under faults: a real `mlflow server` killed at three points of a registration, and
+two machines (two pipeline homes) racing to register into one server.
+
+    .venv/bin/pytest tests/test_registry_faults.py -q              # about 3 minutes
+    .venv/bin/pytest tests/test_registry_faults.py -q -m "not slow" # the pure gate / retry checks
+
+Kill points (the server's process group gets SIGKILL from a hook at that moment, then comes back
+on the same SQLite store and port): right after the version is created, during the logged model's
+upload, and between two alias writes. Whatever the point, the end state is one version for the
+adapter, complete tags, the gate's aliases, its run FINISHED (an abandoned attempt's run FAILED)
+and no logged model left PENDING. The race: in each of 20 rounds two threads, each with its own
+pipeline home (so no shared file lock: only the registry itself is shared), register candidates
+with different scores at once; after each round the champion is the best eligible version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
+from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+from mlflow_server import MlflowServer, free_port
+from registry_helpers import make_candidate, weights_sha
+
+import lora_module.registry.register as register_module
+from lora_module.home import PipelineHome
+from lora_module.registry import register_adapter
+from lora_module.registry.aliases import LIMIT_PREFIX, registration_lock
+from lora_module.registry.cli import main as cli_main
+from lora_module.registry.gate import (
+    RegistryUnavailableError,
+    RetryPolicy,
+    VersionScore,
+    choose_aliases,
+    choose_champion,
+    decide_in_registry,
+)
+from lora_module.registry.inputs import RegistrationInputError
+
+GATE_TAGS = ("gate.decision", "gate.alias", "gate.reason", "gate.json")
+LINEAGE_TAGS = ("task", "adapter_sha256", "training_run_id", "base_fingerprint", "rouge.rougeL",
+                "eval_data_fingerprint", "run_id")
+
+
+# ---- the state-based gate and the retry budget (pure, fast) -------------------------------------
+def _v(version: int, value: float | None, base: float | None = 0.1, fp: str | None = "A",
+       demoted: tuple[str, ...] = ()) -> VersionScore:
+    return VersionScore(str(version), value, base, fp, demoted)
+
+
+def test_champion_is_the_best_eligible_version_on_the_newest_test_data():
+    assert choose_champion([]) is None
+    assert choose_champion([_v(1, 0.05), _v(2, None)]) is None  # below base / not evaluated
+    assert choose_champion([_v(1, 0.5), _v(2, 0.3), _v(3, 0.4)]).version == "1"
+    assert choose_champion([_v(1, 0.5), _v(2, 0.5)]).version == "2"  # a tie: the newer
+    # Newest eligible version scored on test data B: only B versions compete, A is not comparable.
+    assert choose_champion([_v(1, 0.9), _v(2, 0.3, fp="B"), _v(3, 0.4, fp="B")]).version == "3"
+    assert choose_champion([_v(1, 0.9), _v(2, 0.3, fp="B"), _v(3, 0.4)]).version == "1"
+    assert choose_champion([_v(1, 0.9), _v(2, 0.3, fp=None)]).version == "2"  # unknown data: alone
+    # Demoted by hand from champion: never again by the gate; ineligible versions are skipped.
+    assert choose_champion([_v(1, 0.5), _v(2, 0.9, demoted=("champion",)), _v(3, 0.01)]).version == "1"
+
+
+def test_aliases_challenger_is_the_newest_other_version():
+    assert choose_aliases([_v(1, 0.5), _v(2, 0.3), _v(3, 0.01)]) == {"champion": "1", "challenger": "3"}
+    assert choose_aliases([_v(1, 0.5)]) == {"champion": "1", "challenger": None}
+    assert choose_aliases([_v(1, 0.01), _v(2, 0.5, demoted=("challenger",))]) == {
+        "champion": "2", "challenger": "1"}
+
+
+def test_decision_agrees_with_the_registry_choice():
+    cand = {"rougeL": 0.4, "data_fingerprint": "A"}
+    base = {"rougeL": 0.1}
+    # Sequential: v3 beats champion v1 on the same data.
+    d = decide_in_registry([_v(1, 0.3), _v(2, 0.2), _v(3, 0.4)], "3", cand, base, "rougeL")
+    assert d.promote and "champion v1" in d.reason
+    d = decide_in_registry([_v(1, 0.3), _v(3, 0.4), _v(4, 0.6)], "3", cand, base, "rougeL")
+    assert not d.promote and "below the current champion v4" in d.reason
+    # v4, scored on new test data B, was registered by another machine meanwhile: compared with v4
+    # alone v3 wins (not comparable), but v4 is the newest and decides which data counts.
+    d = decide_in_registry([_v(1, 0.3), _v(3, 0.4), _v(4, 0.2, fp="B")], "3", cand, base, "rougeL")
+    assert not d.promote and d.alias == "challenger" and "newest test data is v4 (rougeL 0.2000)" in d.reason
+
+
+def test_version_score_reads_version_tags():
+    tags = {"rouge.rougeL": "0.400000", "eval.baseline": "base", "rouge.base.rougeL": "0.125000",
+            "eval_data_fingerprint": "fp", "manual.last": "demoted from champion: regression"}
+    s = VersionScore.from_tags(7, tags, "rougeL")
+    assert (s.version, s.value, s.base, s.data_fingerprint) == ("7", 0.4, 0.125, "fp")
+    assert s.demoted_from == ("champion",)
+    assert not s.eligible
+    assert VersionScore.from_tags(1, {"eval_data_fingerprint": "unknown"}, "rougeL").data_fingerprint is None
+
+
+def test_default_retry_budget_outlasts_a_30_second_restart():
+    policy = RetryPolicy()
+    assert policy.total_wait >= 45  # 1+2+4+8+10*6 = 75 s of waits, capped at 10 s each
+    assert max(policy.wait(a) for a in range(policy.retries)) <= policy.max_backoff * 1.1
+    params = inspect.signature(register_adapter).parameters  # the registration uses the same defaults
+    assert (params["retries"].default, params["max_backoff"].default) == (policy.retries, policy.max_backoff)
+    assert RetryPolicy(retries=2, backoff=0.5).total_wait == 1.5
+
+
+def test_model_name_with_a_quote_is_refused_before_anything_exists(tiny_t5_dir, tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    home = PipelineHome.from_env(tmp_path / "home")
+    adapter, report, _ = make_candidate(tmp_path / "c", tiny_t5_dir, seed=3, lora_hits=4)
+    with pytest.raises(RegistrationInputError, match=r"invalid registered model name \"o'brien\".*pattern"):
+        register_adapter("demo", adapter, report, model_name="o'brien", retries=0, home=home)
+    assert not (home.root / "mlflow.db").exists() and not home.root.exists()
+    # A model left by an older version of the code (before names were checked) does not break `list`.
+    uri = register_module.configure_tracking(home.tracking_uri)
+    MlflowClient(uri).create_registered_model("o'brien")
+    register_adapter("demo", adapter, report, retries=0, home=home)
+    capsys.readouterr()
+    assert cli_main(["list", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "o'brien (task ?): 0 version(s)" in out and "demo-lora (task demo): 1 version(s)" in out
+
+
+# ---- a real server, killed ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    t0 = time.monotonic()
+    with MlflowServer(root / "server") as srv:
+        print(f"mlflow server started in {time.monotonic() - t0:.1f} s")
+        yield srv
+
+
+def _home(server: MlflowServer, name: str) -> PipelineHome:
+    return PipelineHome.from_env(server.root.parent / name, server.uri)
+
+
+def _check_end_state(server: MlflowServer, model: str, adapter_sha: str, champion: str) -> tuple[str, list]:
+    """Exactly one complete version for the adapter, the expected champion, every run of the
+    experiment FINISHED or FAILED, no logged model PENDING. Returns (version, runs)."""
+    client = MlflowClient(server.uri)
+    mine = [mv for mv in client.search_model_versions(f"name='{model}'")
+            if mv.tags.get("adapter_sha256") == adapter_sha]
+    assert len(mine) == 1, f"{len(mine)} versions of {model} for one adapter"
+    mv = mine[0]
+    missing = [t for t in (*LINEAGE_TAGS, *GATE_TAGS) if t not in mv.tags]
+    assert not missing, f"{model} v{mv.version} lacks tags {missing}"
+    assert mv.tags["gate.decision"] in ("promoted", "not_promoted")  # no longer "pending"
+    assert str(client.get_registered_model(model).aliases["champion"]) == champion
+    run = client.get_run(mv.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["registered_version"] == f"{model}/{mv.version}"
+    exp = run.info.experiment_id
+    runs = client.search_runs([exp], f"tags.adapter_sha256 = '{adapter_sha}'")
+    assert {r.info.status for r in runs} <= {"FINISHED", "FAILED"}
+    models = client.search_logged_models([exp])
+    pending = [m.model_id for m in models if m.status == LoggedModelStatus.PENDING]
+    assert not pending, f"logged models left PENDING: {pending}"
+    return str(mv.version), runs
+
+
+def _kill_once(server: MlflowServer, then=None):
+    """A hook body: kill the server the first time it is reached (and start `then` in a thread)."""
+    fired = threading.Event()
+
+    def fire() -> None:
+        if fired.is_set():
+            return
+        fired.set()
+        server.kill()
+        if then is not None:
+            threading.Thread(target=then, daemon=True).start()
+
+    return fire, fired
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_kill_after_version_created_then_rerun_completes_it(server, tiny_t5_dir, tmp_path, monkeypatch):
+    adapter, report, _ = make_candidate(tmp_path / "c", tiny_t5_dir, seed=11, lora_hits=5)
+    home = _home(server, "home-a")
+    fire, fired = _kill_once(server)
+    real = register_module._create_version
+
+    def create_then_kill(*args, **kwargs):
+        version = real(*args, **kwargs)
+        fire()
+        return version
+
+    monkeypatch.setattr(register_module, "_create_version", create_then_kill)
+    with pytest.raises(RegistryUnavailableError, match="re-run the registration"):
+        register_adapter("killa", adapter, report, retries=1, backoff=0.1, home=home)
+    assert fired.is_set()
+    monkeypatch.setattr(register_module, "_create_version", real)
+    server.start()
+    res = register_adapter("killa", adapter, report, retries=2, backoff=0.5, home=home)
+    assert res.resumed and (res.version, res.alias) == ("1", "champion")
+    version, runs = _check_end_state(server, "killa-lora", weights_sha(adapter), "1")
+    assert version == "1" and [r.info.status for r in runs] == ["FINISHED"]  # the same run, completed
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_kill_during_model_upload_then_rerun_starts_over_cleanly(server, tiny_t5_dir, tmp_path, monkeypatch):
+    adapter, report, _ = make_candidate(tmp_path / "c", tiny_t5_dir, seed=12, lora_hits=5)
+    home = _home(server, "home-a")
+    fire, fired = _kill_once(server)
+    real_files, real_file = HttpArtifactRepository.log_artifacts, HttpArtifactRepository.log_artifact
+    uploading = threading.local()
+
+    def log_artifacts(self, local_dir, artifact_path=None):  # the logged model's folder
+        uploading.count = 0
+        try:
+            return real_files(self, local_dir, artifact_path)
+        finally:
+            uploading.count = None
+
+    def log_artifact(self, local_file, artifact_path=None):
+        if getattr(uploading, "count", None) is not None:
+            uploading.count += 1
+            if uploading.count == 3:  # two files are up, the rest of the model is not
+                fire()
+        return real_file(self, local_file, artifact_path)
+
+    monkeypatch.setattr(HttpArtifactRepository, "log_artifacts", log_artifacts)
+    monkeypatch.setattr(HttpArtifactRepository, "log_artifact", log_artifact)
+    with pytest.raises(RegistryUnavailableError):
+        register_adapter("killb", adapter, report, retries=1, backoff=0.1, home=home)
+    assert fired.is_set()
+    server.start()
+    client = MlflowClient(server.uri)
+    exp = client.get_experiment_by_name("lora-killb").experiment_id
+    assert any(m.status == LoggedModelStatus.PENDING for m in client.search_logged_models([exp]))
+    res = register_adapter("killb", adapter, report, retries=2, backoff=0.5, home=home)
+    assert not res.resumed and res.version == "1"
+    _, runs = _check_end_state(server, "killb-lora", weights_sha(adapter), "1")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]  # the broken attempt FAILED
+    models = client.search_logged_models([exp])
+    assert sorted(str(m.status) for m in models) == sorted(map(str, [LoggedModelStatus.FAILED,
+                                                                     LoggedModelStatus.READY]))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_kill_between_alias_writes_default_retries_outlast_a_30s_outage(server, tiny_t5_dir, tmp_path,
+                                                                         monkeypatch):
+    home = _home(server, "home-a")
+    a1, r1, _ = make_candidate(tmp_path / "c1", tiny_t5_dir, seed=13, lora_hits=3)
+    a2, r2, _ = make_candidate(tmp_path / "c2", tiny_t5_dir, seed=14, lora_hits=6)
+    assert register_adapter("killc", a1, r1, retries=2, backoff=0.5, home=home).alias == "champion"
+    outage = {}
+
+    def restart_after_30s() -> None:  # down for 30 s, then its usual start-up
+        time.sleep(30.0)
+        server.start()
+        outage["seconds"] = time.monotonic() - outage["killed"]
+
+    fire, fired = _kill_once(server, then=restart_after_30s)
+    real = MlflowClient.set_registered_model_alias
+
+    def set_alias_then_kill(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        outage.setdefault("killed", time.monotonic())
+        fire()
+        return out
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", set_alias_then_kill)
+    res = register_adapter("killc", a2, r2, home=home)  # the default retry policy
+    assert fired.is_set() and outage["seconds"] >= 30, outage
+    assert (res.version, res.alias, res.resumed) == ("2", "champion", False)
+    _check_end_state(server, "killc-lora", weights_sha(a2), "2")
+    aliases = MlflowClient(server.uri).get_registered_model("killc-lora").aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"champion": "2", "challenger": "1"}
+    print(f"outage {outage['seconds']:.1f} s survived with the default retries "
+          f"({RetryPolicy().total_wait:.0f} s budget)")
+
+
+# ---- two machines, one registry ---------------------------------------------------------------------
+ROUNDS = 20
+
+
+def _rounds() -> list[tuple[str, int, int]]:
+    """(test data fingerprint, hits of machine A, hits of machine B) per round: the test data
+    changes every 4 rounds, so some rounds must keep an older champion and some must replace it."""
+    import random
+
+    rng = random.Random(7)
+    return [(f"data-{r // 4}", *rng.sample(range(2, 9), 2)) for r in range(ROUNDS)]
+
+
+def _expected_champion(history: list[tuple[str, str, int]]) -> str:
+    """The gate's rule, restated: every version beats its base (1/8); on the newest version's test
+    data, the most hits wins, a tie going to the newer version. history: (version, fp, hits)."""
+    newest_fp = max(history, key=lambda h: int(h[0]))[1]
+    same = [h for h in history if h[1] == newest_fp]
+    return max(same, key=lambda h: (h[2], int(h[0])))[0]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_machines_race_twenty_rounds_champion_is_always_the_best(server, tiny_t5_dir, tmp_path,
+                                                                      monkeypatch):
+    homes = [_home(server, "machine-a"), _home(server, "machine-b")]
+    # The worst interleaving: both registrations reach the alias step at the same moment (a
+    # read-decide-set there loses about half the contested rounds).
+    align, real_lock = threading.Barrier(2), register_module.registration_lock
+
+    def aligned_lock(name, lock_dir):
+        with contextlib.suppress(threading.BrokenBarrierError):
+            align.wait(timeout=60)
+        return real_lock(name, lock_dir)
+
+    monkeypatch.setattr(register_module, "registration_lock", aligned_lock)
+    plan = _rounds()
+    cands = {}
+    for r, (fp, *hits) in enumerate(plan):
+        for m, h in enumerate(hits):
+            adapter, report, _ = make_candidate(tmp_path / f"r{r}m{m}", tiny_t5_dir, seed=100 + 2 * r + m,
+                                                lora_hits=h, data_fingerprint=fp)
+            cands[r, m] = (adapter, report)
+    barrier = threading.Barrier(2)
+
+    def register(r: int, m: int):
+        barrier.wait()
+        adapter, report = cands[r, m]
+        return register_adapter("race", adapter, report, retries=6, backoff=0.2, max_backoff=2.0,
+                                home=homes[m])
+
+    client = MlflowClient(server.uri)
+    history, wrong = [], []
+    with ThreadPoolExecutor(2) as pool:
+        for r, (fp, *hits) in enumerate(plan):
+            results = list(pool.map(lambda m, r=r: register(r, m), range(2)))
+            history += [(res.version, fp, h) for res, h in zip(results, hits, strict=True)]
+            aliases = {k: str(v) for k, v in client.get_registered_model("race-lora").aliases.items()}
+            champion = _expected_champion(history)
+            challenger = str(max(int(v) for v, _, _ in history if v != champion))
+            if aliases != {"champion": champion, "challenger": challenger}:
+                wrong.append((r, aliases.get("champion") == champion,
+                              f"round {r}: {aliases}, expected v{champion} / v{challenger}"))
+    right = ROUNDS - sum(not champion_ok for _, champion_ok, _ in wrong)
+    print(f"racing rounds with the right champion: {right}/{ROUNDS}; "
+          f"both aliases right: {ROUNDS - len(wrong)}/{ROUNDS}")
+    assert not wrong, f"{[w for *_, w in wrong]}; history (version, test data, hits): {history}"
+
+
+# ---- Prefect's global concurrency limit, held by a real Prefect server -----------------------------
+def _hold_twice(lock_dir_root) -> list[tuple[float, float]]:
+    """Two threads (two homes: no shared file lock) hold `registration_lock` for 1 s each."""
+    spans, start = [], threading.Barrier(2)
+
+    def hold(m: int) -> None:
+        start.wait()
+        with registration_lock("race-lora", lock_dir_root / f"home-{m}" / "locks"):
+            t0 = time.monotonic()
+            time.sleep(1.0)
+            spans.append((t0, time.monotonic()))
+
+    # Prefect's settings live in context variables, which pool threads do not inherit: copy them.
+    contexts = [contextvars.copy_context() for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda m: contexts[m].run(hold, m), range(2)))
+    return sorted(spans)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_prefect_limit_serialises_the_alias_step_across_machines(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: None}):  # no Prefect API: only per-home file locks
+        (a, b) = _hold_twice(tmp_path / "without")
+        assert b[0] < a[1], "without Prefect the two homes' alias steps overlap"
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api}
+    with open(tmp_path / "prefect.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port), "--no-ui", "--analytics-off"], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not _healthy(f"{api}/health"):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "prefect.log").read_text()
+            time.sleep(0.5)
+        with temporary_settings({PREFECT_API_URL: api}):
+            (a, b) = _hold_twice(tmp_path / "with")
+            assert b[0] >= a[1], f"alias steps overlapped under the Prefect limit: {a}, {b}"
+            with get_client(sync_client=True) as client:
+                limit = client.read_global_concurrency_limit_by_name(f"{LIMIT_PREFIX}race-lora")
+            assert (limit.limit, limit.active_slots) == (1, 0)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
