@@ -15,6 +15,9 @@ Memory is reported two ways:
 - `rss_delta_bytes` (full size only): peak resident set during two train steps minus the resident
   set just before them (Linux VmHWM, reset through /proc/self/clear_refs), each contender in a
   fresh subprocess; it includes allocator overhead and the weights' copies, so it is noisier.
+Profile: one more train step of full, PEFT and ours under torch.profiler; the Markdown lists the
+operators with the most self CPU time per step. PEFT's column is also what our LoraLinear computed
+before it scaled the r-wide hidden instead of the output and added in place (it copied PEFT's steps).
 Writes benchmarks/out/bench_lora_core.{json,md}.
 """
 
@@ -107,6 +110,44 @@ def train_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             "total": activations + grads + states}
 
 
+PROFILED = ("full", "peft", "ours")
+
+
+def profile_ops(built: dict, batch: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """Self CPU milliseconds and calls per operator over one train step of each profiled contender."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ops = {}
+    for name in PROFILED:
+        model, optimizer = built[name]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            train_step(model, optimizer, batch)
+        ops[name] = {e.key: {"self_cpu_ms": e.self_cpu_time_total / 1000, "calls": e.count}
+                     for e in prof.key_averages()}
+    return ops
+
+
+def profile_markdown(ops: dict[str, dict[str, dict[str, float]]], top: int = 12) -> str:
+    """The operators in any contender's top `top` by self CPU time, one column pair per contender."""
+    names = set()
+    for per_op in ops.values():
+        names |= set(sorted(per_op, key=lambda k: -per_op[k]["self_cpu_ms"])[:top])
+    rows = sorted(names, key=lambda k: -max(o.get(k, {}).get("self_cpu_ms", 0) for o in ops.values()))
+    head = " | ".join(f"{c} ms | {c} calls" for c in ops)
+    lines = ["### Profile: operators by self CPU time, one train step", "",
+             f"| operator | {head} |", "| --- |" + " --- | --- |" * len(ops)]
+    for op in [*rows, "total"]:
+        cells = []
+        for per_op in ops.values():
+            if op == "total":
+                cells += [f"{sum(v['self_cpu_ms'] for v in per_op.values()):.0f}", "-"]
+            else:
+                entry = per_op.get(op, {"self_cpu_ms": 0.0, "calls": 0})
+                cells += [f"{entry['self_cpu_ms']:.0f}", str(entry["calls"])]
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def rss_in_subprocess(contender: str) -> dict[str, int | None]:
     """Peak-RSS growth over two train steps of one contender, in a fresh interpreter."""
     cmd = [sys.executable, "-m", "lora_pipeline.benchmarks.bench_lora_core", "--rss", contender,
@@ -166,6 +207,7 @@ def run(quick: bool = False, out_dir: Path | None = None, threads: int | None = 
     seconds = time_interleaved(steps, repeats=setting["repeats"], warmup=setting["warmup"])
     cpu_seconds = {name: statistics.median(v[setting["warmup"]:]) for name, v in cpu_samples.items()}
     memory = {name: train_state_bytes(model, optimizer, batch) for name, (model, optimizer) in built.items()}
+    ops = profile_ops(built, batch)
     built.clear()  # free the three models before the memory subprocesses
     gc.collect()
     if not quick:
@@ -193,10 +235,13 @@ def run(quick: bool = False, out_dir: Path | None = None, threads: int | None = 
         figures.append(Figure("LoRA (ours) / full fine-tuning peak-RSS growth", rss["ours"] / rss["full"]))
     raw = {"setting": setting, "lora": LORA, "quick": quick, "torch_threads": torch.get_num_threads(),
            "step_seconds": seconds, "step_cpu_seconds": cpu_seconds,
-           "memory_bytes": memory, "parameters": counts, "first_step_loss": first_loss,
+           "memory_bytes": memory, "parameters": counts, "first_step_loss": first_loss, "profile_ops": ops,
            "memory_note": "total = gradients + AdamW state + activations saved for backward "
                           "(weights excluded); rss_delta = ru_maxrss growth over 3 steps in a new process"}
-    return write_results("bench_lora_core", figures, raw, out_dir)
+    path = write_results("bench_lora_core", figures, raw, out_dir)
+    markdown = path.with_suffix(".md")
+    markdown.write_text(markdown.read_text() + "\n" + profile_markdown(ops))
+    return path
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def train_rows(prepared: str, setting: dict) -> list[dict]:
     dataset, _ = load_prepared(prepared)
     n = setting["steps"] * setting["batch"]
     if len(dataset["train"]) < n:
-        raise ValueError(f"the prepared train split has {len(dataset['train'])} rows, the benchmark needs {n}")
+        raise ValueError(f"the prepared train split has {len(dataset['train'])} rows, needs {n}")
     rows = dataset["train"].select(range(n)).select_columns(["input_ids", "attention_mask", "labels"])
     return rows.to_list()
 
@@ -155,13 +155,20 @@ class LoopRecord:
 # ---- the contenders --------------------------------------------------------------------------
 
 def run_recipe(kind: str, inputs: dict, setting: dict, out: Path) -> dict:
-    """Seq2SeqTrainer + PEFT LoRA, padded to max_length (`recipe_max_length`) or per batch (`recipe_dynamic`)."""
+    """Seq2SeqTrainer + PEFT LoRA on rows padded to max_length (`recipe_max_length`) or per batch."""
     t0 = time.perf_counter()
     import datasets
     import peft
     import transformers
-    from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments,
-                              T5ForConditionalGeneration, TrainerCallback, default_data_collator)
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+        T5ForConditionalGeneration,
+        TrainerCallback,
+        default_data_collator,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(Path(inputs["prepared"]) / "tokenizer")
     rows = train_rows(inputs["prepared"], setting)
@@ -191,10 +198,11 @@ def run_recipe(kind: str, inputs: dict, setting: dict, out: Path) -> dict:
         grouping = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in fields
                     else {"group_by_length": True})
     args = Seq2SeqTrainingArguments(
-        output_dir=str(out / "trainer"), per_device_train_batch_size=setting["batch"], max_steps=setting["steps"],
-        learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        logging_steps=max(1, setting["steps"] // 4), save_strategy="no", report_to="none", seed=0,
-        disable_tqdm=True, remove_unused_columns=False, **grouping)
+        output_dir=str(out / "trainer"), per_device_train_batch_size=setting["batch"],
+        max_steps=setting["steps"], learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, logging_steps=max(1, setting["steps"] // 4),
+        save_strategy="no", report_to="none", seed=0, disable_tqdm=True, remove_unused_columns=False,
+        **grouping)
     collator = (default_data_collator if kind == "recipe_max_length"
                 else DataCollatorForSeq2Seq(tokenizer, model=base, label_pad_token_id=-100))
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, data_collator=collator,
@@ -202,7 +210,8 @@ def run_recipe(kind: str, inputs: dict, setting: dict, out: Path) -> dict:
     result = trainer.train()
     model.save_pretrained(out / "adapter")
     return {"wall_seconds": time.perf_counter() - t0, **record.as_dict(), "steps": trainer.state.global_step,
-            "train_loss": result.training_loss, "tokens": non_pad_tokens(train_rows(inputs["prepared"], setting)),
+            "train_loss": result.training_loss,
+            "tokens": non_pad_tokens(train_rows(inputs["prepared"], setting)),
             "padded_tokens": sum(len(r["input_ids"]) + len(r["labels"]) for r in rows),
             "adapter": str(out / "adapter")}
 
@@ -212,9 +221,10 @@ def ours_config(inputs: dict, setting: dict, out: Path) -> dict:
     n = setting["steps"] * setting["batch"]
     return {
         "seed_everything": 0,
-        "trainer": {"accelerator": "auto", "devices": 1, "precision": "32-true", "max_steps": setting["steps"],
-                    "gradient_clip_val": 1.0, "logger": False, "enable_progress_bar": False,
-                    "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
+        "trainer": {"accelerator": "auto", "devices": 1, "precision": "32-true",
+                    "max_steps": setting["steps"], "gradient_clip_val": 1.0, "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "num_sanity_val_steps": 0, "limit_val_batches": 0,
                     "log_every_n_steps": max(1, setting["steps"] // 4)},
         "model": {"model_name_or_path": inputs["base"], "finetune": "lora", "lora": LORA, "learning_rate": LR,
                   "weight_decay": 0.0, "warmup_steps": 0, "scheduler": "linear", "output_dir": str(out)},
@@ -264,7 +274,9 @@ def run_contender(name: str, inputs: dict, setting: dict, work: Path) -> dict:
 def contender_in_subprocess(name: str, inputs: dict, setting_name: str, work: Path) -> dict:
     """One contender in a fresh interpreter: its memory peak is its own, nothing is shared or warm."""
     cmd = [sys.executable, "-m", "lora_pipeline.benchmarks.bench_recipe", "--contender", name,
-           "--work", str(work), "--inputs", json.dumps(inputs)] + (["--quick"] if setting_name == "quick" else [])
+           "--work", str(work), "--inputs", json.dumps(inputs)]
+    if setting_name == "quick":
+        cmd.append("--quick")
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"contender {name} failed (exit {done.returncode}): {done.stderr[-2000:]}")
@@ -343,8 +355,9 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Path:
                                   direction=">=", unit="",
                                   detail={"ours": rouge["ours"][key], r: rouge[r][key]}))
     cuda = torch.cuda.is_available()
-    raw = {"setting": setting, "lora": LORA, "learning_rate": LR, "quick": quick, "data_source": inputs["source"],
-           "device": "cuda" if cuda else "cpu", "torch_threads": torch.get_num_threads(),
+    raw = {"setting": setting, "lora": LORA, "learning_rate": LR, "quick": quick,
+           "data_source": inputs["source"], "device": "cuda" if cuda else "cpu",
+           "torch_threads": torch.get_num_threads(),
            "contenders": results, "rouge": rouge, "paired_bootstrap": paired,
            "cuda_peak_memory": "measured (contenders' cuda_peak_bytes)" if cuda
            else "not measured: no CUDA GPU on this machine",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lora_pipeline.benchmarks.common import OUT_DIR, machine_info
 
-BENCHMARKS = ("lora_core", "training", "recipe", "inference", "data", "eval", "pipeline", "gpu")
+BENCHMARKS = ("lora_core", "training", "recipe", "inference", "serving", "data", "eval", "pipeline", "gpu")
 HERE = Path(__file__).resolve().parent
 
 

@@ -19,6 +19,7 @@ through local files with renamed columns and several references.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ast
 import inspect
 import json
@@ -152,7 +153,7 @@ def _add_inspect(sub: Any) -> None:
     insp.add_argument("--tokenizer", default=DataConfig.tokenizer,
                       help="tokenizer for the lengths: a name, a folder, or 'demo' (trained on these rows)")
     insp.add_argument("--split", action="append", default=None,
-                      help="Hub split to inspect (repeatable; default: every split)")
+                      help="Hub split to inspect (repeatable; none given: every split)")
     insp.add_argument("--hub_config", default=None, help="Hub data set configuration (subset) name")
     insp.add_argument("--hub_revision", default=None, help="Hub revision (branch, tag or commit)")
 
@@ -166,6 +167,10 @@ def _inspect(args: argparse.Namespace) -> None:
 def _prepare(args: argparse.Namespace) -> None:
     given = {f: getattr(args, f) for f in DataConfig.field_names() if hasattr(args, f)}
     cfg = DataConfig.from_yaml(args.config, overrides=given) if args.config else DataConfig.from_dict(given)
+    if cfg.output_root is None:  # the edge: default to the pipeline home's data folder
+        from lora_module.home import PipelineHome
+
+        cfg = dataclasses.replace(cfg, output_root=str(PipelineHome.from_env().data_dir))
     prepared = prepare(cfg)
     print(json.dumps(prepared.manifest, indent=2) if args.json else summary(prepared))
 

@@ -35,9 +35,11 @@ DEMO_DATA = {"demo_train_size": 1200, "demo_validation_size": 48, "demo_test_siz
              "max_source_length": 192}
 DEMO_TRAIN = ["--trainer.max_steps", "200", "--trainer.log_every_n_steps", "25",
               "--trainer.enable_progress_bar", "false", "--data.batch_size", "16"]
-# 200 steps are few: learning rates above the configs' (set for longer runs) make the most of them.
-DEMO_FULL = ["--model.learning_rate", "1e-3"]
-DEMO_LORA = ["--model.learning_rate", "3e-3"]
+# Per-method overrides on top of DEMO_TRAIN: none. Learning rates are each task's and method's own, in
+# deploy/configs/demo_<task>_<full|lora>.yaml, chosen by a sweep on the validation split at these 200
+# steps (benchmarks/RESULTS.md, "Demo").
+DEMO_FULL: list[str] = []
+DEMO_LORA: list[str] = []
 STAGES = ("base_model", "prepare", "evaluate_base", "train_full", "evaluate_full", "train_lora",
           "evaluate_lora", "report", "register")
 
@@ -67,12 +69,33 @@ def configure_environment(home: PipelineHome) -> None:
         os.environ.setdefault(key, value)
 
 
+def recovered_share(rouge: dict[str, dict[str, Any]], metric: str = "rouge1") -> float | None:
+    """(LoRA - base) / (full - base): the share of full fine-tuning's gain over the base that LoRA
+    recovers (None without a full baseline or when full fine-tuning gained nothing)."""
+    if not {"base", "full", "lora"} <= set(rouge):
+        return None
+    gain = rouge["full"][metric] - rouge["base"][metric]
+    return (rouge["lora"][metric] - rouge["base"][metric]) / gain if gain > 0 else None
+
+
+def recovered_line(result: dict[str, Any]) -> list[str]:
+    """The printout's line for one task: recovered share of the ROUGE-1 gain and parameters trained."""
+    share = recovered_share(result["rouge"])
+    if share is None:
+        return []
+    lora = result["train_metrics"].get("lora") or {}
+    trained = lora.get("trainable_params")
+    total = lora.get("total_params")
+    size = f", training {100 * trained / total:.2f}% of the parameters" if trained and total else ""
+    return [f"  LoRA recovers {100 * share:.0f}% of full fine-tuning's ROUGE-1 gain over the base{size}"]
+
+
 def render(summary: dict[str, Any], wall: float, flow_wall: float, home: PipelineHome) -> str:
     """The demo's closing printout: ROUGE tables, registered versions, timings and where to look."""
     out = ["", "=" * 78, "LoRA pipeline demo: results", "=" * 78]
     for name, r in summary["results"].items():
         out += ["", f"Task {name!r}: ROUGE (x100) on {r['rouge_n']} test examples",
-                rouge_table(r["rouge"], "text", "  "),
+                rouge_table(r["rouge"], "text", "  "), *recovered_line(r),
                 f"  registered {r['model_name']} v{r['version']} as {r['alias']!r}: {r['decision']}",
                 f"  report: {r['report_md']}"]
     for name, err in summary["failed"].items():

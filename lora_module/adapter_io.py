@@ -1,8 +1,11 @@
 """Adapter files in PEFT's format, atomic validated loading, and the base-model fingerprint.
 
-An adapter folder holds `adapter_config.json` (PEFT keys + our `base_fingerprint` and
-`lora_pipeline` metadata, which PEFT ignores) and `adapter_model.safetensors` with keys
-`base_model.model.<module path>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r].
+An adapter folder holds `adapter_config.json` (PEFT's keys only, so PEFT loads it without
+"Unexpected keyword arguments" warnings), `adapter_model.safetensors` with keys
+`base_model.model.<module path>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r], and our sidecar
+`lora_pipeline.json` (`base_fingerprint` and the `lora_pipeline` metadata block), which PEFT never
+reads. `read_adapter_config` returns the PEFT config with the sidecar's two keys merged in; older
+adapters that hold those keys inside adapter_config.json read the same.
 
 Loading is split in two: `plan_adapter_load` reads and checks everything (files, tensors, module
 paths, shapes, fingerprint) without touching the model; only then does LoraModel install the
@@ -28,6 +31,7 @@ from lora_module.errors import AdapterLoadError, FingerprintMismatchError, LoraC
 from lora_module.files import write_with
 
 CONFIG_NAME = "adapter_config.json"
+METADATA_NAME = "lora_pipeline.json"  # our keys, beside the PEFT config rather than inside it
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
@@ -108,24 +112,26 @@ def save_adapter(model: nn.Module, path: Path, config: LoraConfig, tensors: dict
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "base_fingerprint": fingerprint,
-        "lora_pipeline": extra,
     }
     try:
         text = json.dumps(payload, indent=2, sort_keys=True)
+        sidecar = json.dumps({"base_fingerprint": fingerprint, "lora_pipeline": extra}, indent=2,
+                             sort_keys=True)
     except TypeError as e:
         raise TypeError(f"metadata must be JSON-serialisable, got {metadata!r}: {e}") from e
     path.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     # Each file through a temporary name: a crash never leaves a half-written file under the real name.
     write_with(path / WEIGHTS_NAME, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt"}))
-    write_with(path / CONFIG_NAME, lambda tmp: tmp.write_text(text + "\n"))
+    write_with(path / METADATA_NAME, lambda tmp: tmp.write_text(sidecar + "\n"))
+    write_with(path / CONFIG_NAME, lambda tmp: tmp.write_text(text + "\n"))  # last: the folder is complete
     return path
 
 
 # ---- load ---------------------------------------------------------------------------------------
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
-    """The raw adapter_config.json of an adapter folder (or of the file itself)."""
+    """adapter_config.json of an adapter folder (or the file itself), with the `base_fingerprint` and
+    `lora_pipeline` keys of its `lora_pipeline.json` sidecar merged in when there is one."""
     path = Path(path)
     file = path / CONFIG_NAME if path.is_dir() else path
     if not path.exists():
@@ -142,7 +148,20 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
         raise AdapterLoadError(f"cannot read {file}: not valid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise AdapterLoadError(f"{file} must hold a JSON object, got {type(raw).__name__}")
-    return raw
+    return {**raw, **_read_sidecar(file.parent / METADATA_NAME)}
+
+
+def _read_sidecar(file: Path) -> dict[str, Any]:
+    """The `base_fingerprint` / `lora_pipeline` keys of a sidecar file ({} when there is none)."""
+    if not file.is_file():
+        return {}
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterLoadError(f"cannot read {file}: not valid JSON ({e}); save the adapter again") from e
+    if not isinstance(meta, dict):
+        raise AdapterLoadError(f"{file} must hold a JSON object, got {type(meta).__name__}")
+    return {k: meta[k] for k in ("base_fingerprint", "lora_pipeline") if k in meta}
 
 
 def read_adapter_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:

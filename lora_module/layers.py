@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ def is_linear4bit(module: nn.Module) -> bool:
 
 
 def _is_power_of_two(value: float) -> bool:
-    """True for 2**k (k any integer): scaling by it is exact in floating point (barring overflow or underflow)."""
+    """True for 2**k (k any integer): scaling by it is exact in floating point (barring over/underflow)."""
     return value > 0 and math.frexp(value)[0] == 0.5
 
 
@@ -62,6 +63,20 @@ def dequantized_linear(module: nn.Module, dtype: torch.dtype | None = None) -> n
     return linear
 
 
+@dataclass(frozen=True)
+class RowWeights:
+    """Every adapter's weights for a mixed batch and which columns each row uses (none: no adapter)."""
+
+    a: torch.Tensor
+    """Every adapter's A stacked: [adapters * r, in]."""
+    b: torch.Tensor
+    """Every adapter's B side by side: [out, adapters * r]."""
+    mask: torch.Tensor
+    """Per row, 1 on its adapter's r columns, else 0: [rows, 1, adapters * r]."""
+    scaling: torch.Tensor
+    """Per row: [rows, 1, 1]."""
+
+
 class LoraLinear(nn.Module):
     """Wraps a frozen linear layer; holds one (A, B, dropout, scaling) per adapter name."""
 
@@ -82,6 +97,9 @@ class LoraLinear(nn.Module):
         # Set by LoraModel.mixed_batch: (adapter name, rows) per group of a mixed-adapter batch, rows a
         # slice or an index tensor; None outside such a batch.
         self.row_groups: list[tuple[str, slice | torch.Tensor]] | None = None
+        # Set with row_groups when a batch mixes many adapters: every row's own A and B (one bmm per
+        # layer instead of one pair of matmuls per adapter); used for [rows, tokens, in] inputs.
+        self.row_weights: RowWeights | None = None
 
     # Model code sometimes reads `layer.weight` (T5 checks wo.weight.dtype): answer with the base's.
     @property
@@ -147,21 +165,46 @@ class LoraLinear(nn.Module):
         return (result + lora_out).to(torch_result_dtype)
 
     def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each group of rows through its own adapter (PEFT's `_mixed_batch_forward`, same arithmetic);
-        adapters this layer does not hold ("__base__" included) add nothing to their rows."""
+        """Each row through its own adapter: per-row weights (`row_weights`), else each group of rows
+        in turn (PEFT's `_mixed_batch_forward`, same arithmetic); adapters this layer does not hold
+        ("__base__" included) add nothing to their rows."""
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
+        rw = self.row_weights
+        if rw is not None and x.dim() == 3 and x.shape[0] == rw.mask.shape[0]:
+            # Every row through every adapter's A, the other adapters' columns zeroed, then B: two
+            # matmuls per layer whatever the number of adapters (eval only: dropout is the identity).
+            hidden = nn.functional.linear(x.to(rw.a.dtype), rw.a) * rw.mask
+            return result + (nn.functional.linear(hidden, rw.b) * rw.scaling).to(result_dtype)
         for name, rows in self.row_groups or ():
             if name not in self.lora_A:
                 continue
             lora_a = self.lora_A[name]
             sub = x[rows].to(lora_a.weight.dtype)
-            delta = (self.lora_B[name](lora_a(self.lora_dropout[name](sub))) * self.scaling[name]).to(result_dtype)
+            delta = self.lora_B[name](lora_a(self.lora_dropout[name](sub))) * self.scaling[name]
+            delta = delta.to(result_dtype)
             if isinstance(rows, slice):  # contiguous rows: a view, no gather/scatter
                 result[rows] += delta
             else:
                 result.index_add_(0, rows, delta)
         return result
+
+    def row_weights_for(self, slots: list[str | None], device: torch.device) -> RowWeights:
+        """RowWeights for rows using adapters `slots` (None or an adapter this layer lacks: no columns)."""
+        names = [n if n in self.lora_A else None for n in slots]
+        present = sorted({n for n in names if n is not None})
+        ranks = [self.lora_A[n].weight.shape[0] for n in present]
+        starts = [sum(ranks[:i]) for i in range(len(present))]
+        a = torch.cat([self.lora_A[n].weight for n in present]).to(device)
+        b = torch.cat([self.lora_B[n].weight for n in present], dim=1).to(device)
+        mask = torch.zeros(len(names), 1, a.shape[0], device=device, dtype=a.dtype)
+        scale = torch.zeros(len(names), 1, 1, device=device, dtype=a.dtype)
+        for row, n in enumerate(names):
+            if n is not None:
+                i = present.index(n)
+                mask[row, 0, starts[i] : starts[i] + ranks[i]] = 1
+                scale[row] = self.scaling[n]
+        return RowWeights(a, b, mask, scale)
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A in fp32, shape [out, in]."""

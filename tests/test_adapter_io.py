@@ -70,9 +70,14 @@ def assert_unchanged(model, before: dict) -> None:
 # ---- format --------------------------------------------------------------------------------------
 def test_saved_files_follow_peft_format(tmp_path):
     lm = trained_adapter(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config == read_adapter_config(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "lora_pipeline.json"]
+    peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    sidecar = json.loads((tmp_path / "lora_pipeline.json").read_text())
+    # PEFT's file holds PEFT's keys only; ours sit in the sidecar and are merged when read.
+    assert not {"base_fingerprint", "lora_pipeline"} & peft_config.keys()
+    config = read_adapter_config(tmp_path)
+    assert config == {**peft_config, **sidecar} and config["lora_pipeline"]["format_version"] == 1
     assert {k: config[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "bias",
                                    "use_rslora", "target_modules")} == {
         "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
@@ -284,3 +289,14 @@ def test_load_adapter_is_trainable_only_when_asked(tmp_path):
     trainable = LoraModel.from_pretrained(make_tiny_t5(), tmp_path, is_trainable=True)
     assert trainable.trainable_parameters() == source.trainable_parameters()
     assert torch.equal(logits(trainable), logits(source))
+
+
+def test_adapter_with_metadata_inside_its_peft_config_still_loads_and_checks(tmp_path):
+    """Adapters saved before the lora_pipeline.json sidecar hold our keys in adapter_config.json."""
+    trained_adapter(tmp_path)
+    merged = read_adapter_config(tmp_path)
+    (tmp_path / "lora_pipeline.json").unlink()
+    (tmp_path / "adapter_config.json").write_text(json.dumps(merged))
+    assert read_adapter_config(tmp_path) == merged
+    with pytest.raises(FingerprintMismatchError):
+        LoraModel.from_pretrained(make_tiny_t5(seed=1), tmp_path)

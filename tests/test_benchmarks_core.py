@@ -26,4 +26,10 @@ def test_bench_lora_core_quick_writes_json_and_markdown(tmp_path):
     assert abs(raw["first_step_loss"]["ours"] - raw["first_step_loss"]["peft"]) < 1e-5  # B = 0: same start
     for memory in raw["memory_bytes"].values():
         assert memory["total"] == memory["activations"] + memory["gradients"] + memory["optimizer_state"] > 0
-    assert "| ours / PEFT train step time |" in path.with_suffix(".md").read_text()
+    markdown = path.with_suffix(".md").read_text()
+    assert "| ours / PEFT train step time |" in markdown
+    # The profile: every profiled contender ran matmuls, and the table lists them with a total row.
+    assert set(raw["profile_ops"]) == {"full", "peft", "ours"}
+    assert all(ops["aten::mm"]["calls"] > 0 for ops in raw["profile_ops"].values())
+    assert "| operator | full ms | full calls | peft ms | peft calls | ours ms | ours calls |" in markdown
+    assert "| aten::mm |" in markdown and "| total |" in markdown

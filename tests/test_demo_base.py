@@ -9,10 +9,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
+from lora_pipeline.data.config import SUMMARY_TEMPLATE, TOPIC_TEMPLATE
+from lora_pipeline.data.demo_corpus import generate
+from lora_pipeline.data.demo_instructions import TASKS, generate_instructions, key_facts
+
 from lora_module.training.demo_base import (
     DemoBaseConfig,
     build_demo_base,
     corpus_texts,
+    encode_instructions,
     make_model,
     pack,
     pretrain,
@@ -21,7 +26,7 @@ from lora_module.training.demo_base import (
 )
 
 TINY = {"batch_size": 8, "seq_len": 48, "d_model": 32, "num_layers": 1, "num_heads": 2, "d_ff": 64,
-        "vocab_size": 400, "lr": 1e-2}
+        "vocab_size": 400, "lr": 1e-2, "instruction_steps": 2, "instruction_rows": 30}
 
 
 def test_span_corrupt_round_trips():
@@ -99,3 +104,68 @@ def test_build_is_cached_and_loadable(tmp_path):
     assert tok.convert_tokens_to_ids("<extra_id_0>") != tok.unk_token_id
     out = model.generate(**tok(["#Person1#: Hello"], return_tensors="pt"), max_new_tokens=3)
     assert out.shape[0] == 1
+
+
+def test_instruction_mixture_holds_other_tasks_only():
+    """FLAN's role without the evaluation tasks: no pair is a summary or a topic label, every task occurs,
+    and the key facts are taken from the dialogue itself."""
+    rows = generate(300, 1)
+    pairs = generate_instructions(300, 1)
+    assert pairs == generate_instructions(300, 1)  # seeded
+    assert len(pairs) == 300
+    eval_prompts = {SUMMARY_TEMPLATE.split("{dialogue}")[0], TOPIC_TEMPLATE.split("{dialogue}")[0]}
+    labels = {r["summary"] for r in rows} | {r["topic"] for r in rows}
+    seen = set()
+    for (prompt, answer), row in zip(pairs, rows, strict=True):
+        assert row["dialogue"] in prompt and not any(prompt.startswith(p) for p in eval_prompts)
+        assert answer not in labels and answer.strip()
+        seen |= {name for name, (phrasings, _) in TASKS.items()
+                 if any(prompt == p.format(dialogue=row["dialogue"]) for p in phrasings)}
+    assert seen == set(TASKS)
+    dialogue = rows[0]["dialogue"]
+    assert all(fact in dialogue for fact in key_facts(dialogue).split(", "))
+    with pytest.raises(ValueError, match="unknown instruction task"):
+        generate_instructions(3, 1, weights={"summary": 1.0})
+
+
+def _instruction_loss(model, batch):
+    with torch.no_grad():
+        x = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p, _ in batch], batch_first=True)
+        y = torch.nn.utils.rnn.pad_sequence([torch.tensor(a) for _, a in batch], batch_first=True,
+                                            padding_value=-100)
+        return model(input_ids=x, attention_mask=(x != 0).long(), labels=y).loss.item()
+
+
+def test_instruction_steps_teach_the_held_out_instructions(seq2seq_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(seq2seq_tokenizer_dir)
+    config = DemoBaseConfig(**{**TINY, "steps": 5, "instruction_steps": 80})
+    held_out = encode_instructions(tok, generate_instructions(24, 7), 96)
+    train = encode_instructions(tok, generate_instructions(200, 1), 96)
+    model = make_model(config, len(tok))
+    pretrain(model, tok, corpus_texts(150, 1), DemoBaseConfig(**{**TINY, "steps": 5, "instruction_steps": 0}),
+             log_every=0, instructions=train)
+    before = _instruction_loss(model.eval(), held_out)  # denoising only: 0 instruction steps
+    losses = pretrain(model, tok, corpus_texts(150, 1), config, log_every=0, instructions=train)
+    assert len(losses) == 85
+    assert _instruction_loss(model, held_out) < 0.7 * before
+
+
+def test_demo_printout_states_lora_recovered_share(tmp_path):
+    """The demo prints (LoRA - base) / (full - base) on ROUGE-1 per task, and the share of parameters trained."""
+    from lora_module.home import PipelineHome
+    from lora_pipeline.flows.demo import recovered_share, render
+
+    def row(r1, trainable=None):
+        return {"rouge1": r1, "rouge2": 0.0, "rougeL": r1, "rougeLsum": r1, "trainable": trainable}
+
+    rows = {"base": row(0.20), "full": row(0.60, 1000), "lora": row(0.56, 40)}
+    assert recovered_share(rows) == pytest.approx(0.9)
+    assert recovered_share({"base": row(0.2), "lora": row(0.5)}) is None  # no full baseline
+    assert recovered_share({**rows, "full": row(0.2)}) is None  # full gained nothing: no share
+    result = {"rouge_n": 4, "rouge": rows, "model_name": "t-lora", "version": "1", "alias": "champion",
+              "decision": "better", "report_md": "report.md", "timings": {}, "cached": {},
+              "train_metrics": {"lora": {"trainable_params": 40, "total_params": 1040}}}
+    summary = {"results": {"t": result}, "failed": {}, "seconds": 5.0, "base_seconds": 0.1, "validate_seconds": 0.1}
+    text = render(summary, 9.0, 6.0, PipelineHome(tmp_path, "http://127.0.0.1:5000"))
+    assert "LoRA recovers 90% of full fine-tuning's ROUGE-1 gain over the base, training 3.85% of the parameters" \
+        in text

@@ -141,7 +141,8 @@ def test_end_to_end_base_full_lora_via_cli(setup, capsys):
     }
 
     md = (out / "report.md").read_text()
-    assert "| lora (lora) |" in md and "3,072" in md and "Change vs base" in md and "lora vs full" in md
+    assert "| lora |" in md and "(lora)" not in md and "3,072" in md
+    assert "Change vs base" in md and "lora vs full" in md
     assert "report written" in capsys.readouterr().out
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))

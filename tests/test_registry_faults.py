@@ -49,9 +49,8 @@ from lora_module.registry.gate import (
 )
 from lora_module.registry.inputs import RegistrationInputError
 
-GATE_TAGS = ("gate.decision", "gate.alias", "gate.reason", "gate.json")
-LINEAGE_TAGS = ("task", "adapter_sha256", "training_run_id", "base_fingerprint", "rouge.rougeL",
-                "eval_data_fingerprint", "run_id")
+GATE_TAGS = ("gate.decision", "gate.reason")  # the full decision is in the run's lineage.json
+LINEAGE_TAGS = ("task", "adapter_sha256", "training_run_id", "rouge.rougeL", "eval_data_fingerprint")
 
 
 # ---- the state-based gate and the retry budget (pure, fast) -------------------------------------

@@ -44,10 +44,10 @@ def tokenizer(tiny_t5_dir):
 def _complete(client: MlflowClient, name: str, version: str) -> None:
     """A complete version: lineage + gate tags, description, finished run, downloadable adapter."""
     mv = client.get_model_version(name, version)
-    for tag in ("task", "base_fingerprint", "lora.r", "data_fingerprint", "rouge.rougeL", "gate.decision",
-                "run_id"):
+    for tag in ("task", "adapter_sha256", "data_fingerprint", "rouge.rougeL", "gate.decision", "gate.reason"):
         assert tag in mv.tags, f"{name} v{version} lacks tag {tag}"
-    assert mv.description.startswith("# ROUGE evaluation")
+    assert "lineage.json" in {a.path for a in client.list_artifacts(mv.run_id)}  # the other lineage
+    assert "\n# ROUGE evaluation" in mv.description  # after the lineage line
     assert client.get_run(mv.run_id).info.status == "FINISHED"
     files = {a.path for a in client.list_artifacts(mv.run_id, "evaluation")}
     assert "evaluation/report.json" in files

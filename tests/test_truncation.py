@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tokenizer_corpus
 from transformers import AutoTokenizer
 
-from conftest import tokenizer_corpus
 from lora_module.prompt import PromptSettings, PromptTooLongError, fit_prompt, prompt_room, template_parts
 from lora_pipeline.data import DataConfig, load_prepared, load_tokenizer, prepare
 from lora_pipeline.data.config import SUMMARY_TEMPLATE
@@ -114,7 +114,8 @@ def test_dialogsum_prompts_keep_summary_cue_at_256(dialogsum_dir, tmp_path, mode
           f"now {lost_now}, right-truncation {lost_before}")
     assert lost_now == 0
     assert lost_before == cut > 40  # every cut prompt would have lost its cue
-    assert all(t["input_tokens_cut"]["max"] >= t["input_tokens_cut"]["mean"] > 0 for t in m["truncation"].values())
+    assert all(t["input_tokens_cut"]["max"] >= t["input_tokens_cut"]["mean"] > 0
+               for t in m["truncation"].values())
 
     # Evaluation/serving: the template filled from the manifest and cut by the same function.
     settings = PromptSettings.from_manifest(m)

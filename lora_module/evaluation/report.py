@@ -195,7 +195,7 @@ def build_report(
     out_dir = Path(out_dir)
     json_path = write_json_atomic(out_dir / "report.json", report)
     write_atomic(out_dir / "report.md", _markdown(report))
-    _write_chart(report, out_dir / "rouge.png")
+    _write_chart(report, out_dir / "rouge.png", [len(r) for r in first["examples"]["references"]])
     _write_predictions(evals, out_dir / "predictions.csv")
     return json_path
 
@@ -285,7 +285,7 @@ def _scores_table(models: list[dict]) -> str:
         disk = _human_bytes(m["params"].get("disk_bytes"))
         if m["kind"] == "full" and m["params"].get("disk_bytes") is not None:
             disk += " (whole model)"
-        rows.append([f"{m['name']} ({m['kind']})", *(_score_cell(m["rouge"][t]) for t in ROUGE_TYPES),
+        rows.append([_legend_label(m), *(_score_cell(m["rouge"][t]) for t in ROUGE_TYPES),
                      _params_text(m["params"]), disk])
     labels = [ROUGE_LABELS[t] for t in ROUGE_TYPES]
     return format_table(["model", *labels, "trainable parameters", "adapter size on disk"], rows)
@@ -305,7 +305,20 @@ def _comparison_rows(report: dict) -> list[list[str]]:
     return rows
 
 
-def _write_chart(report: dict, path: Path) -> None:
+def _references_text(counts: list[int]) -> str:
+    """'1 reference each', '3 references each' or '1-3 references each' for per-example reference counts."""
+    low, high = (min(counts), max(counts)) if counts else (0, 0)
+    span = str(low) if low == high else f"{low}-{high}"
+    return f"{span} reference{'' if high == 1 else 's'} each"
+
+
+def _legend_label(model: dict) -> str:
+    """A model's label in the chart and table: its kind only when the name does not already say it
+    (`base`, not `base (base)`)."""
+    return model["name"] if model["name"] == model["kind"] else f"{model['name']} ({model['kind']})"
+
+
+def _write_chart(report: dict, path: Path, reference_counts: list[int]) -> None:
     # Figure without pyplot: no global backend state, safe in worker threads and headless runs.
     from matplotlib.figure import Figure
 
@@ -318,12 +331,13 @@ def _write_chart(report: dict, path: Path) -> None:
         low = [m["rouge"][t]["mean"] - m["rouge"][t]["ci_low"] for t in ROUGE_TYPES]
         high = [m["rouge"][t]["ci_high"] - m["rouge"][t]["mean"] for t in ROUGE_TYPES]
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(ROUGE_TYPES))]
-        ax.bar(xs, means, width, yerr=[low, high], capsize=3, label=f"{m['name']} ({m['kind']})")
+        ax.bar(xs, means, width, yerr=[low, high], capsize=3, label=_legend_label(m))
     ax.set_xticks(range(len(ROUGE_TYPES)), [ROUGE_LABELS[t] for t in ROUGE_TYPES])
     ax.set_ylabel("F-measure (95% bootstrap interval)")
     top = max(m["rouge"][t]["ci_high"] for t in ROUGE_TYPES for m in models)
     ax.set_ylim(0, min(1.0, top * 1.25 + 0.02))
-    ax.set_title(f"{report['task']}: ROUGE on {report['split']} (n={report['n']})")
+    ax.set_title(f"{report['task']}: ROUGE on {report['split']} "
+                 f"(n={report['n']}, {_references_text(reference_counts)})")
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -73,13 +73,11 @@ def ensure_base_logged(name_or_path: str, fingerprint: str, client: Any = None) 
     import mlflow
     from mlflow import MlflowClient
 
-    from lora_module.registry.register import ensure_experiment
-
     if not Path(name_or_path).is_dir():
         return BaseRecord(name_or_path, fingerprint)
     uri = mlflow.get_tracking_uri()
     client = client or MlflowClient(tracking_uri=uri)
-    experiment_id = ensure_experiment(client, uri, BASES_EXPERIMENT)
+    experiment_id = _bases_experiment(client, uri)
     found = client.search_runs(
         [experiment_id], f"tags.{_FINGERPRINT_TAG} = '{fingerprint}' and attributes.status = 'FINISHED'",
         max_results=1)
@@ -97,6 +95,22 @@ def ensure_base_logged(name_or_path: str, fingerprint: str, client: Any = None) 
     return BaseRecord(name_or_path, fingerprint, f"runs:/{run.info.run_id}/base")
 
 
+def _bases_experiment(client: Any, uri: str) -> str:
+    """The id of the bases experiment, created (artifact root as the pipeline's experiments) if missing."""
+    from mlflow.exceptions import MlflowException
+
+    from lora_module.home import artifact_location_for
+
+    exp = client.get_experiment_by_name(BASES_EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(BASES_EXPERIMENT,
+                                        artifact_location=artifact_location_for(uri, BASES_EXPERIMENT))
+    except MlflowException:  # a concurrent registration created it first
+        return client.get_experiment_by_name(BASES_EXPERIMENT).experiment_id
+
+
 def resolve_base(record: BaseRecord | None, override: str | None = None) -> str | None:
     """The folder or Hub id to load as the base (order: module docstring); None: no record, no override."""
     override = override or os.environ.get(BASE_ENV) or None
@@ -112,7 +126,7 @@ def resolve_base(record: BaseRecord | None, override: str | None = None) -> str 
 
 
 def _download(record: BaseRecord) -> Path:
-    """The logged base in the cache (downloaded on first use; concurrent workers each finish their own copy)."""
+    """The logged base in the cache (downloaded on first use; concurrent workers each download, one wins)."""
     import mlflow
 
     cache = Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "lora-bases")

@@ -35,7 +35,7 @@ from lora_module.registry import (
     register_adapter,
 )
 from lora_module.registry.aliases import name_filter
-from lora_module.registry.gate import RetryPolicy
+from lora_module.registry.gate import CHALLENGER, RetryPolicy, VersionScore
 from lora_module.registry.loading import load_predictor
 
 
@@ -55,11 +55,22 @@ def _version_ref(client: MlflowClient, name: str, ref: str) -> Any:
     return client.get_model_version(name, ref)
 
 
+def _figure(value: str | None) -> str:
+    """A metric tag rounded to 4 decimals ('-' when absent; the raw text when not a number)."""
+    if value is None:
+        return "-"
+    try:
+        return f"{float(value):.4f}"
+    except ValueError:
+        return value
+
+
 def _row(mv: Any, metric: str, aliases: list[str]) -> list[str]:
     tags = mv.tags or {}
     created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M")
-    return [str(mv.version), ",".join(sorted(aliases)) or "-", tags.get(f"rouge.{metric}", "-")[:6],
-            tags.get(f"rouge.base.{metric}", "-")[:6], tags.get("gate.decision", "-"), tags.get("mode", "-"),
+    base = tags.get(f"rouge.{tags.get('eval.baseline', 'base')}.{metric}")
+    return [str(mv.version), ",".join(sorted(aliases)) or "-", _figure(tags.get(f"rouge.{metric}")),
+            _figure(base), tags.get("gate.decision", "-"), tags.get("mode", "-"),
             tags.get("eval_data_fingerprint", "-")[:12], created]
 
 
@@ -128,15 +139,40 @@ def _record_manual(client: MlflowClient, name: str, version: str, action: str, r
     client.set_model_version_tag(name, version, "manual.last", f"{action}: {reason}")
 
 
+def _move_challenger(client: MlflowClient, name: str, champion: str) -> str | None:
+    """After a manual promotion to champion: @challenger to the newest other version (as the gate
+    would: not one demoted from it by hand), or removed when there is none; returns its version."""
+    versions = client.search_model_versions(name_filter(name))
+    others = [VersionScore.from_tags(mv.version, mv.tags or {}, "rougeL") for mv in versions]
+    others = [v for v in others if v.version != champion and CHALLENGER not in v.demoted_from]
+    aliases = client.get_registered_model(name).aliases or {}
+    if not others:
+        if CHALLENGER in aliases:
+            client.delete_registered_model_alias(name, CHALLENGER)
+        return None
+    newest = max(others, key=lambda v: int(v.version)).version
+    if str(aliases.get(CHALLENGER)) != newest:
+        client.set_registered_model_alias(name, CHALLENGER, newest)
+    return newest
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     client, uri, policy = _client(args)
     name = _name(args)
     mv = policy.call(lambda: client.get_model_version(name, args.version),
                      f"look up {name} v{args.version}", uri)
+    if args.alias == CHALLENGER and CHAMPION in (mv.aliases or []):
+        raise ValueError(f"{name} v{mv.version} is @{CHAMPION}; demote it first to make it @{CHALLENGER}")
     policy.call(lambda: client.set_registered_model_alias(name, args.alias, mv.version), "set alias", uri)
     policy.call(lambda: _record_manual(client, name, mv.version, f"promoted to {args.alias}", args.reason),
                 "tag version", uri)
-    print(f"{name} v{mv.version} is now @{args.alias} (manual: {args.reason})")
+    note = ""
+    if args.alias == CHAMPION:  # one version holds one of the two: the champion leaves @challenger
+        challenger = policy.call(lambda: _move_challenger(client, name, str(mv.version)), "move challenger",
+                                 uri)
+        note = f"; @{CHALLENGER} is v{challenger}" if challenger else f"; no @{CHALLENGER}"
+    print(f"{name} v{mv.version} is now @{args.alias} (manual: {args.reason}){note}. It holds until the next "
+          "registration of this task recomputes the aliases (see `lora-pipeline promote --help`)")
     return 0
 
 
@@ -203,6 +239,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+_PROMOTE_HELP = (
+    "Give a version an alias by hand (default @champion). Promoted to @champion, the version\n"
+    "loses @challenger, which moves to the newest other version.\n\n"
+    "The promotion holds until the next registration of this task: every registration\n"
+    "recomputes @champion and @challenger from all versions' scores (the promotion gate), so\n"
+    "then @champion goes to the gate's choice again. To keep a version from regaining an alias,\n"
+    "demote it: a version demoted by hand from an alias never gets it back automatically.")
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the module docstring's line breaks and appends each option's default to its help."""
 
@@ -250,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="rougeL", help="metric of the promotion gate")
     s.set_defaults(func=cmd_register)
     s = task_cmd("promote", "give a version an alias by hand (default @champion)")
+    s.description = _PROMOTE_HELP
     s.add_argument("version", help="version number to promote")
     s.add_argument("--alias", default=CHAMPION, help="alias to set")
     s.add_argument("--reason", required=True, help="why (stored in the version's manual.history tag)")

@@ -12,15 +12,16 @@ import logging
 import math
 import os
 import re
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_module.errors import PipelineError
+from lora_module.adapter_io import read_adapter_config
+from lora_module.errors import AdapterLoadError, PipelineError
 from lora_module.files import sha256_file
+from lora_module.lineage import git_commit
 from lora_module.names import check_name
 from lora_module.prompt import PromptSettings
 from lora_module.training.outputs import current_outputs
@@ -35,21 +36,6 @@ _PARAM_LIMIT = 6000  # MLflow's maximum param value length
 
 class RegistrationInputError(PipelineError, ValueError):
     """A folder or report handed to the registry is missing, malformed or inconsistent."""
-
-
-def git_commit() -> str:
-    """Commit of the code doing the registration (`-dirty` if tracked files changed), else 'unknown'."""
-    repo = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if not head:
-        return "unknown"
-    return f"{head}-dirty" if dirty else head
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -334,7 +320,10 @@ def read_inputs(
     # Resolved once (training outputs are links into one export): every file read below comes from
     # the same export even if a training run publishes a new one meanwhile.
     adapter = resolve_adapter_dir(adapter_dir).resolve()
-    cfg = _read_json(adapter / "adapter_config.json", "adapter config")
+    try:  # adapter_config.json with our lora_pipeline.json sidecar (base fingerprint, metadata)
+        cfg = read_adapter_config(adapter)
+    except AdapterLoadError as e:
+        raise RegistrationInputError(str(e)) from e
     report = Path(report_path) if report_path is not None else None
     if report is not None and report.is_dir():
         report = report / "report.json"
@@ -378,7 +367,7 @@ def read_inputs(
 
 
 def _meta(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Our metadata block of adapter_config.json (empty when absent)."""
+    """Our metadata block (from the lora_pipeline.json sidecar; empty when absent)."""
     return cfg.get("lora_pipeline") if isinstance(cfg.get("lora_pipeline"), dict) else {}
 
 
@@ -400,5 +389,5 @@ def _tag_version(inp: RegistrationInputs, adapter: Path, cfg: dict[str, Any], tr
         "mode": str(mode),
         "adapter_sha256": sha256_file(weights),
         "adapter_bytes": str(weights.stat().st_size),
-        "git_commit": git_commit(),
+        "git_commit": git_commit() or "unknown",
     })

@@ -156,6 +156,8 @@ class MultiTaskModel:
 
     Outputs equal those of each adapter loaded alone (`load_registered`): only the active
     adapter's LoRA branch runs. Calls are serialised by a lock (the active adapter is shared state).
+    Rows of several tasks in one batch, prompt templates applied, champions followed while serving:
+    `lora_module.registry.multitask.MultiTaskPredictor` (what the served multi-task model runs).
     """
 
     def __init__(self, base: Any, tokenizer_dir: str | os.PathLike | None = None,

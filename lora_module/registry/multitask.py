@@ -72,7 +72,7 @@ class TaskRef:
         return cls(**d)
 
     def describe(self) -> str:
-        return f"models:/{self.model}/{self.version}" if self.version else f"models:/{self.model}@{self.alias}"
+        return f"models:/{self.model}" + (f"/{self.version}" if self.version else f"@{self.alias}")
 
 
 @dataclass
@@ -107,7 +107,8 @@ class MultiTaskPredictor:
             raise ValueError(f"give one or more distinct tasks, got {tasks}")
         self.model, self.tokenizer, self.force = model, tokenizer, force
         self.refs = {r.task: r for r in refs}
-        self.refresh_seconds, self.max_input_chars, self.tracking_uri = refresh_seconds, max_input_chars, tracking_uri
+        self.refresh_seconds, self.max_input_chars = refresh_seconds, max_input_chars
+        self.tracking_uri = tracking_uri
         self.states: dict[str, TaskState] = {}
         self._lock = threading.RLock()  # the model's adapter set is shared state: load xor generate
         self._next_check = 0.0
@@ -264,7 +265,8 @@ def base_of(ref: TaskRef, tracking_uri: str | None) -> str:
         config = read_adapter_config(reg.adapter_dir)
         record = BaseRecord.read(reg.base_dir)
         if record is None:
-            record = BaseRecord(str(config.get("base_model_name_or_path")), str(config.get("base_fingerprint")))
+            record = BaseRecord(str(config.get("base_model_name_or_path")),
+                                str(config.get("base_fingerprint")))
         return str(resolve_base(record))
 
 

@@ -12,9 +12,10 @@ The model's artifacts are the PEFT-format adapter folder (`adapter`) and, when t
 used one, the prepared data's tokenizer (`tokenizer`), and the base's record (`base`). The base is
 `model_config["base"]`, else `LORA_BASE_MODEL_PATH`, else the adapter's recorded folder where it
 exists, else the copy logged once to the tracking server, else the recorded Hub id
-(`lora_module.registry.bases`), and its weights fingerprint must match the adapter's unless `model_config["force"]` is true; it is loaded
-unquantized (as in evaluation) unless `model_config["quantize"]` is "nf4". Inputs are a `text`
-column; MLflow's schema check refuses a bare list. When the registration knew the prepared data
+(`lora_module.registry.bases`), and its weights fingerprint must match the adapter's unless
+`model_config["force"]` is true; it is loaded unquantized (as in evaluation) unless
+`model_config["quantize"]` is "nf4". Inputs are a `text` column; MLflow's schema check refuses a
+bare list. When the registration knew the prepared data
 the adapter was trained on, its prompt template and `max_source_length` travel with the model
 (artifact `prompt`, `lora_module.prompt.PromptSettings`): each text is then the raw input (e.g. a
 dialogue) and the task's template is applied, exactly as the training rows were built; without

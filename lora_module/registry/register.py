@@ -15,10 +15,14 @@ embedded SQLite file `<home>/mlflow.db` with artifacts in `<home>/mlartifacts/<e
 One registration = one MLflow run in the task's experiment `lora-<task>`, beside its training
 runs (params from the resolved training config, loss curves, ROUGE metrics and report files) +
 the adapter logged as a pyfunc model
-(`pyfunc.LoraAdapterModel`) + a new version of `<task>-lora` carrying lineage tags and the
-report's Markdown table as description. The aliases are then recomputed from every version of the
-model (`aliases.converge_aliases`, under `aliases.registration_lock`), so registrations from
-several machines leave the gate's `champion`; the version's `gate.*` tags record its decision.
+(`pyfunc.LoraAdapterModel`) + a new version of `<task>-lora` carrying about a dozen tags
+(`version_lineage.version_tags`: task, ROUGE, gate decision, training run, fingerprints; the rest in
+the run's `lineage.json`) and as description a link to its training run and the report's Markdown
+table. The training run gets a `registered_version` tag and a note linking back; a training run
+logged to another tracking store than the registry's is reported with a warning. The aliases
+are then recomputed from every version of the model (`aliases.converge_aliases`, under
+`aliases.registration_lock`), so registrations from several machines leave the gate's
+`champion`; the version's `gate.*` tags record its decision.
 
 Faults: every MLflow call is retried with capped exponential backoff (about 75 s by default, more
 than a server restart); when the registry stays down the error names its URI and nothing on disk
@@ -31,6 +35,7 @@ its version ends FAILED, and logged models whose upload broke off end FAILED, ne
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -44,6 +49,7 @@ from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
 from lora_module.home import PipelineHome, artifact_location_for, ensure_store_folder, experiment_name_for
+from lora_module.lineage import same_store
 from lora_module.names import check_name
 from lora_module.registry.aliases import converge_aliases, name_filter, read_state, registration_lock
 from lora_module.registry.gate import (
@@ -57,6 +63,17 @@ from lora_module.registry.gate import (
 )
 from lora_module.registry.inputs import RegistrationInputError, RegistrationInputs, read_inputs
 from lora_module.registry.pyfunc import log_adapter_model
+from lora_module.registry.version_lineage import (
+    LINEAGE_FILE,
+    gate_tags,
+    lineage_header,
+    lineage_record,
+    link_runs,
+    registration_run_name,
+    version_tags,
+)
+
+logger = logging.getLogger(__name__)
 
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
 _DESCRIPTION_LIMIT = 5000  # the registry's description column is String(5000)
@@ -292,6 +309,13 @@ def register_adapter(
     def call(fn, what: str):
         return policy.call(fn, what, uri)
 
+    if inp.training_run is not None and not same_store(inp.training_run[0], uri):
+        logger.warning(
+            "training run %s was logged to tracking store %s, but this registration goes to %s: the "
+            "version records the run id and that store (tag training_run_store), but the MLflow UI "
+            "cannot link them. Register into the training's store (--tracking-uri %s), or train with "
+            "the same MLFLOW_TRACKING_URI", inp.training_run[1], inp.training_run[0], uri,
+            inp.training_run[0])
     try:
         return _register(client, uri, name, inp, metric, call, home.locks_dir)
     except RegistryUnavailableError as e:
@@ -314,7 +338,7 @@ def _register(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs
     if found is None:
         call(lambda: _close_abandoned_runs(client, experiment_id, identity), "close abandoned attempts")
         inp.copy_training_curves(client, uri, call)
-        run = call(lambda: client.create_run(experiment_id, run_name=f"register-{task}",
+        run = call(lambda: client.create_run(experiment_id, run_name=registration_run_name(task),
                                              tags={**inp.run_tags, **identity}), "create run")
         run_id, version = run.info.run_id, None
     else:
@@ -325,16 +349,16 @@ def _register(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs
             _log_params_and_files(client, run_id, inp, call)
             model_id = call(lambda: _log_model(client, experiment_id, run_id, inp), "log adapter model")
             _log_metrics(client, run_id, inp, call)
-            tags = {**inp.version_tags, **identity, **_pending_gate_tags(client, name, inp, metric, call),
-                    "run_id": run_id}
-            description = inp.description(_DESCRIPTION_LIMIT)
+            tags = {**version_tags(inp, metric, uri), **_pending_gate_tags(client, name, inp, metric, call)}
+            header = lineage_header(client, uri, inp, call)
+            description = header + inp.description(_DESCRIPTION_LIMIT - len(header))
             version = call(lambda: _create_version(client, name, run_id, model_id, tags, description),
                            f"create version of {name}")
         else:
             tags = dict(found.tags or {})
             call(lambda: client.update_run(run_id, status="RUNNING"), "reopen run")
             call(lambda: _fail_pending_models(client, experiment_id, run_id), "close partial models")
-        decision = _complete(client, name, version, run_id, inp, metric, call, lock_dir, tags)
+        decision = _complete(client, uri, name, version, run_id, inp, metric, call, lock_dir, tags)
     except BaseException:
         with contextlib.suppress(Exception):  # best effort: the registry may be the thing that failed
             _fail_pending_models(client, experiment_id, run_id)
@@ -351,20 +375,23 @@ def _pending_gate_tags(client: MlflowClient, name: str, inp: RegistrationInputs,
     champion = choose_champion(read_state(client, name, metric, call)[0])
     decision = decide_promotion(inp.candidate_metrics, inp.base_metrics,
                                 champion and champion.as_champion(metric), metric)
-    return {**decision.as_tags(), "gate.decision": "pending"}
+    return {**gate_tags(decision), "gate.decision": "pending"}
 
 
-def _complete(client: MlflowClient, name: str, version: str, run_id: str, inp: RegistrationInputs,
+def _complete(client: MlflowClient, uri: str, name: str, version: str, run_id: str, inp: RegistrationInputs,
               metric: str, call: Callable[..., Any], lock_dir: Path, tags: dict[str, str]) -> Decision:
     """Aliases from the registry's full state, then the gate's tags that differ from `tags` (the
     version's), then the run FINISHED (last: a run not FINISHED marks a registration to complete)."""
     with registration_lock(name, lock_dir):
         scores = converge_aliases(client, name, metric, call)
     decision = decide_in_registry(scores, version, inp.candidate_metrics, inp.base_metrics, metric)
-    for key, value in decision.as_tags().items():
+    for key, value in gate_tags(decision).items():
         if tags.get(key) != value:
             call(lambda k=key, v=value: client.set_model_version_tag(name, version, k, v), f"tag v{version}")
     print(f"{name} v{version}: {decision.summary()}")
+    record = lineage_record(inp, name, version, run_id, uri, decision)
+    call(lambda: client.log_dict(run_id, record, LINEAGE_FILE), f"upload {LINEAGE_FILE}")
     call(lambda: client.set_tag(run_id, "registered_version", f"{name}/{version}"), "tag run")
+    link_runs(client, uri, inp, name, version, run_id, call)
     call(lambda: client.set_terminated(run_id, "FINISHED"), "finish run")
     return decision

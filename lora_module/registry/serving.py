@@ -3,7 +3,8 @@
     lora-pipeline register-multitask --tasks summary topic        # -> models:/lora-tasks@champion
     lora-pipeline serve-model models:/lora-tasks@champion --port 5001
     curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\
-      -d '{"dataframe_records": [{"task": "summary", "text": "#Person1#: ..."}], "params": {"max_new_tokens": 32}}'
+      -d '{"dataframe_records": [{"task": "summary", "text": "#Person1#: ..."}],
+           "params": {"max_new_tokens": 32}}'
 
 `register-multitask` logs one pyfunc model per base (`LoraMultiTaskModel`) that names its tasks, not
 their versions: each task's champion is resolved by alias when the model loads and re-resolved while
@@ -159,7 +160,8 @@ def register_multitask(tasks: Sequence[str], name: str = DEFAULT_MULTITASK_NAME,
         tmp = Path(tmp_name)
         record = _resolve_refs(client, refs, tmp / "adapters")
         (tmp / "multitask").mkdir()
-        (tmp / "multitask" / TASKS_FILE).write_text(json.dumps({"tasks": [r.__dict__ for r in refs]}, indent=2))
+        spec = {"tasks": [r.__dict__ for r in refs]}
+        (tmp / "multitask" / TASKS_FILE).write_text(json.dumps(spec, indent=2))
         (tmp / "entry.py").write_text(_MODEL_CODE)
         code = copy_code_files(tmp / "code", ("lora_module.registry.serving",))
         run = client.create_run(experiment_id, run_name=f"{name}-" + "-".join(r.task for r in refs),
@@ -223,7 +225,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uri = configure_tracking(args.tracking_uri)
     _check_model(uri, args.model_uri)
     cmd = serve_command(args.model_uri, args.host, args.port, args.workers)
-    print(f"serving {args.model_uri} (registry {uri}) on http://{args.host}:{args.port}/invocations", flush=True)
+    print(f"serving {args.model_uri} (registry {uri}) on http://{args.host}:{args.port}/invocations",
+          flush=True)
     os.execve(cmd[0], cmd, serve_env(uri, args.base, args.refresh_seconds))
     return 0  # not reached: execve replaces this process
 
@@ -233,16 +236,22 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+TRACKING_HELP = "MLflow URI (default: $MLFLOW_TRACKING_URI, else the pipeline home's)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The `register-multitask` and `serve-model` commands."""
     p = argparse.ArgumentParser(prog="lora-pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("register-multitask", help="register one model serving several tasks on one base")
     s.add_argument("--tasks", nargs="+", required=True,
-                   help="tasks: NAME (its @champion, followed while serving), NAME@ALIAS, or NAME=VERSION (pinned)")
-    s.add_argument("--name", default=DEFAULT_MULTITASK_NAME, help="registered model name (default %(default)s)")
+                   help="tasks: NAME (its @champion, followed while serving), NAME@ALIAS, "
+                        "or NAME=VERSION (pinned)")
+    s.add_argument("--name", default=DEFAULT_MULTITASK_NAME,
+                   help="registered model name (default %(default)s)")
     s.add_argument("--alias", default=CHAMPION, help="alias given to the new version (default %(default)s)")
-    s.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else the pipeline home's)")
+    s.add_argument("--tracking-uri", help=TRACKING_HELP)
     s.set_defaults(func=cmd_register)
     s = sub.add_parser("serve-model", help="serve a registered model over HTTP (mlflow models serve)")
     s.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION (one task or lora-tasks)")
@@ -250,10 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=5001, help="port (default %(default)s)")
     s.add_argument("--workers", type=int, default=1, help="server processes, each with its own model "
                    "(default %(default)s)")
-    s.add_argument("--base", help=f"base folder or Hub id instead of the recorded one (sets {BASE_ENV})")
+    s.add_argument("--base", help=f"base folder or Hub id instead of the recorded one (sets {BASE_ENV}; "
+                   "if not given: the recorded folder, else its logged copy, else the Hub id)")
     s.add_argument("--refresh-seconds", type=float, help=f"alias re-resolution period of a multi-task "
                    f"model (sets {REFRESH_ENV}; default {DEFAULT_REFRESH_SECONDS:g}; negative: never)")
-    s.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else the pipeline home's)")
+    s.add_argument("--tracking-uri", help=TRACKING_HELP)
     s.set_defaults(func=cmd_serve)
     return p
 

@@ -7,6 +7,7 @@
     lora-pipeline fit ... --ckpt_path runs/s1/checkpoints/last.ckpt          # resume
     lora-pipeline validate --config ... --ckpt_path runs/s1/checkpoints/last.ckpt
     lora-pipeline predict-ckpt --config ... --ckpt_path ...   # Lightning `predict`: predictions.jsonl
+    lora-pipeline fit ... --trainer.logger.init_args.task summary   # MLflow experiment lora-summary
     lora-pipeline fit ... --trainer.logger false                             # no MLflow
 
 `run_fit` (lora_module.training.launcher) starts the same CLI as `python -m lora_module.training fit`.
@@ -17,8 +18,10 @@ and wrong types/literals (e.g. `finetune: wrong`), and `check_config` runs the L
 experiment given as `--trainer.logger.init_args.tracking_uri` / `.experiment_name` (the flows pass
 their pipeline home's store and the task's experiment `lora-<task>`), by default the store of
 `PipelineHome.from_env()` ($MLFLOW_TRACKING_URI, else `<home>/mlflow.db`, artifacts in
-`<home>/mlartifacts/<experiment>`) and experiment `lora_pipeline`; never the plain `./mlruns`
-store that MLflow 3 refuses.
+`<home>/mlartifacts/<experiment>`) and experiment `lora_pipeline`, or `lora-<task>` with
+`--trainer.logger.init_args.task <task>`; never the plain `./mlruns` store that MLflow 3 refuses.
+Each run is named `<task>-<method>-r<rank>-<UTC time>-<run id[:6]>` and tagged with its task, data and base
+fingerprints and git commit (lora_module.training.run_lineage).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from lora_module.errors import (
     one_line,
     report_error,
 )
-from lora_module.home import PipelineHome, artifact_location_for, ensure_store_folder
+from lora_module.home import PipelineHome, artifact_location_for, ensure_store_folder, experiment_name_for
 from lora_module.training.module import FineTuneModule
 from lora_module.training.resume import CheckpointMismatchError
 
@@ -58,22 +61,29 @@ class PipelineMLFlowLogger(MLFlowLogger):
 
     def __init__(
         self,
-        experiment_name: str = DEFAULT_EXPERIMENT,
+        experiment_name: str | None = None,
         run_name: str | None = None,
         tracking_uri: str | None = None,
         tags: dict[str, Any] | None = None,
         artifact_location: str | None = None,
+        task: str | None = None,
     ):
         """
         Args:
-            experiment_name: MLflow experiment (created if missing).
-            run_name: Name of the MLflow run (MLflow picks one when None).
+            experiment_name: MLflow experiment (created if missing); None: the task's `lora-<task>`
+                when `task` is given, else `lora_pipeline`.
+            run_name: Name of the MLflow run; None: `<task>-<method>-r<rank>-<UTC time>-<id>`, set when
+                training starts (lora_module.training.run_lineage).
             tracking_uri: Tracking server or store; None: the store of `PipelineHome.from_env()`
                 ($MLFLOW_TRACKING_URI, else the home's SQLite file).
             tags: Tags for the run.
             artifact_location: Artifact root of a newly created experiment; None: `mlartifacts/<experiment>`
                 beside the SQLite file when the store is that file, else the server's default.
+            task: Task name: tags the run `task` and picks the experiment `lora-<task>` when
+                `experiment_name` is not given (standalone `fit` then lands beside the flow's runs).
         """
+        self.task = task
+        experiment_name = experiment_name or (experiment_name_for(task) if task else DEFAULT_EXPERIMENT)
         uri = ensure_store_folder(tracking_uri or PipelineHome.from_env().tracking_uri)
         if artifact_location is None:
             artifact_location = artifact_location_for(uri, experiment_name)

@@ -46,6 +46,7 @@ from lora_module.training.resume import (
     step_seed,
     total_optimizer_steps,
 )
+from lora_module.training.run_lineage import tag_training_run
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 
@@ -451,6 +452,11 @@ class FineTuneModule(L.LightningModule):
         )
         for logger in self.loggers:
             logger.log_hyperparams({"trainable_params": trainable, "total_params": total})
+        manifest = getattr(getattr(self.trainer, "datamodule", None), "manifest", None) or {}
+        r = None if self.finetune == "full" else self.lora_config.r
+        for logger in self.loggers:
+            if isinstance(logger, MLFlowLogger) and self.trainer.is_global_zero:
+                tag_training_run(logger, self.finetune, r, manifest, self.base_fingerprint())
 
     def on_train_end(self) -> None:
         # Collectives first (every rank takes part), then rank 0 alone writes the outputs.

@@ -1,0 +1,124 @@
+"""The rank sweep flow: the recommendation rule, the plateau check, and the flow end to end on the tiny T5
+(2 ranks x 2 layer sets, two training steps each) under prefect_test_harness with the embedded MLflow."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_pipeline.flows.specs import TaskSpecError
+from lora_pipeline.flows.sweep import plateau, rank_sweep, recommend
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "deploy" / "configs"
+
+
+def point(target: str, rank: int, mean: float, half: float = 0.02, trainable: int | None = None) -> dict:
+    return {"name": f"{target}-r{rank}", "target": target, "rank": rank,
+            "trainable": trainable or rank * (100 if target == "attention" else 180),
+            "rouge": {"rouge1": {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": 50}}}
+
+
+def test_recommend_takes_the_smallest_rank_within_the_best_interval():
+    points = [point("attention", 1, 0.30), point("attention", 4, 0.47), point("attention", 16, 0.50),
+              point("all-linear", 2, 0.45), point("all-linear", 8, 0.49), point("all-linear", 64, 0.51)]
+    rec = recommend(points, "rouge1")
+    assert rec["best"]["name"] == "all-linear-r64"
+    assert rec["interval"] == pytest.approx([0.49, 0.53])
+    # r=4 (0.47) is below the best's interval [0.49, 0.53]; all-linear r=8 (0.49) is the smallest inside.
+    assert rec["point"]["name"] == "all-linear-r8"
+    # A tie on rank goes to the point with fewer trainable parameters.
+    tie = recommend([point("attention", 8, 0.50), point("all-linear", 8, 0.50)], "rouge1")
+    assert tie["point"]["name"] == "attention-r8"
+
+
+def test_plateau_check_reads_the_larger_ranks_against_r16():
+    flat = [point("attention", 16, 0.50), point("attention", 32, 0.51), point("attention", 64, 0.49)]
+    rising = [point("all-linear", 16, 0.40), point("all-linear", 32, 0.47), point("all-linear", 64, 0.50)]
+    falling = [point("x", 16, 0.50), point("x", 32, 0.40)]
+    out = plateau(flat + rising + falling + [point("short", 8, 0.4)], "rouge1")
+    assert out["attention"].startswith("holds")
+    assert out["all-linear"].startswith("does not hold, larger ranks gain")
+    assert out["x"].startswith("does not hold, larger ranks lose")
+    assert out["short"].startswith("not tested")
+
+
+def test_bad_grid_is_one_clear_error_before_any_work(tmp_path):
+    with pytest.raises(TaskSpecError, match=r"ranks must be a non-empty list of integers >= 1, got \[0\]"):
+        rank_sweep.fn(task="summary", ranks=[0], home=str(tmp_path))
+    with pytest.raises(TaskSpecError, match=r"targets must be some of \['attention', 'all-linear'\]"):
+        rank_sweep.fn(task="summary", targets=["mlp"], home=str(tmp_path))
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """A temporary Prefect server and result storage for this module's flows."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect_storage")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
+        with prefect_test_harness(server_startup_timeout=180):
+            yield storage
+
+
+def read_artifacts(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+    return asyncio.run(go())
+
+
+@pytest.mark.slow
+def test_sweep_flow_charts_recommends_and_registers(harness, tmp_path, tiny_t5_dir):
+    from mlflow import MlflowClient
+
+    spec = {"name": "tiny_sweep", "data_config": str(CONFIGS / "data_demo_summary.yaml"),
+            "lora_config": str(CONFIGS / "demo_summary_lora.yaml"), "base_model": str(tiny_t5_dir),
+            "generation": {"batch_size": 8, "max_new_tokens": 8, "max_source_length": 128},
+            "data_overrides": {"demo_train_size": 40, "demo_validation_size": 8, "demo_test_size": 12,
+                               "max_source_length": 128},
+            "train_overrides": ["--trainer.max_steps", "2", "--data.batch_size", "8",
+                                "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"],
+            "metric": "rouge1"}
+    spec_path = tmp_path / "tiny_sweep.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    home = tmp_path / "home"
+
+    out = rank_sweep(task=str(spec_path), ranks=[4, 1], targets=["attention", "all-linear"], home=str(home),
+                     max_concurrency=2)
+
+    assert out["failed"] == {}
+    assert sorted((p["target"], p["rank"]) for p in out["points"]) == [
+        ("all-linear", 1), ("all-linear", 4), ("attention", 1), ("attention", 4)]
+    by_name = {p["name"]: p for p in out["points"]}
+    # More layers and a larger rank train more parameters; every point is scored on the same 12 rows.
+    assert by_name["attention-r1"]["trainable"] < by_name["attention-r4"]["trainable"]
+    assert by_name["attention-r4"]["trainable"] < by_name["all-linear-r4"]["trainable"]
+    assert {p["rouge"]["rouge1"]["n"] for p in out["points"]} == {12}
+    assert out["recommended"]["name"] == recommend(out["points"], "rouge1")["point"]["name"]
+    chart = Path(out["chart"])
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(out["plateau"]) == {"attention", "all-linear"}  # no r=16 here: "not tested"
+
+    art = read_artifacts("rank-sweep-tiny-sweep")
+    assert art and f"Recommended: {out['recommended']['name']}" in art[0].data and "data:image/png" in art[0].data
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.data.params["recommended"] == out["recommended"]["name"]
+    assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {"rank_sweep.png", "sweep.json"}
+    # The recommended adapter went through the gate: version 1 of the task's model is that adapter.
+    version = client.get_model_version("tiny_sweep-lora", out["version"])
+    assert out["version"] == "1" and out["alias"] in {"champion", "challenger"}
+    assert "rouge1" in out["decision"]  # the gate judged it on the spec's metric
+    assert version.tags["task"] == "tiny_sweep"
+    registered = client.get_run(version.run_id)
+    assert registered.info.experiment_id == run.info.experiment_id
