@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
+from lora_module import LoraConfig, LoraModel
+from lora_module.evaluation.generation import GenerationConfig, generate
 from lora_pipeline.benchmarks.common import Figure, time_interleaved, write_results
 from lora_pipeline.data.demo_corpus import generate as demo_corpus
 from lora_pipeline.data.tokenizer import train_tokenizer
-from lora_module import LoraConfig, LoraModel
-from lora_module.evaluation.generation import GenerationConfig, generate
 
 NAME = "bench_eval"
 

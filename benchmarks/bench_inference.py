@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from lora_pipeline.benchmarks.common import Figure, main, time_interleaved, write_results
 from lora_module import LoraConfig, LoraModel
+from lora_pipeline.benchmarks.common import Figure, main, time_interleaved, write_results
 
 SETTINGS = {
     "full": {"model": {"d_model": 512, "d_kv": 64, "num_heads": 8, "d_ff": 1024, "num_layers": 6,

@@ -83,10 +83,10 @@ def _orchestrated(home: Path, base: str, quick: bool) -> dict[str, Any]:
 
 
 def _plain_task(spec: Any, home: Path, threads: int) -> dict[str, float]:
-    from lora_pipeline.data import DataConfig, prepare
     from lora_module.evaluation.evaluate import GenerationConfig, ModelSpec, evaluate_model
     from lora_module.evaluation.report import build_report
     from lora_module.training.launcher import run_fit
+    from lora_pipeline.data import DataConfig, prepare
 
     timings: dict[str, float] = {}
 

@@ -305,31 +305,9 @@ def _ratio(a: float | None, b: float | None) -> float:
     return a / b if a and b else float("nan")
 
 
-def run(quick: bool = False, out_dir: Path | None = None) -> Path:
-    """Train the three contenders, score their adapters, write JSON + Markdown; returns the JSON path."""
-    import torch
-
-    from lora_module.evaluation.rouge import paired_bootstrap, summarize
-
-    setting_name = "quick" if quick else "full"
-    setting = SETTINGS[setting_name]
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        inputs = prepare_inputs(setting, work)
-        results = {}
-        for name in CONTENDERS:
-            if setting["subprocess"]:
-                results[name] = contender_in_subprocess(name, inputs, setting_name, work)
-            else:
-                results[name] = run_contender(name, inputs, setting, work)
-        scores = {name: score_adapter(r["adapter"], inputs, setting) for name, r in results.items()}
-    rouge = {name: summarize(s) for name, s in scores.items()}
-    paired = {f"ours_vs_{r}": {k: paired_bootstrap(scores["ours"][k], scores[r][k]) for k in ROUGE_KEYS}
-              for r in CONTENDERS[:2]}
-    for r in results.values():
-        r["tokens_per_second"] = r["tokens"] / r["loop_seconds"]
-        r.pop("adapter")
-    ours, maxlen, dynamic = (results[c] for c in CONTENDERS)
+def make_figures(results: dict[str, dict], rouge: dict[str, dict]) -> list[Figure]:
+    """Ours against each recipe: wall and loop time, tokens/s, peak RSS, ROUGE inside their intervals."""
+    maxlen, dynamic, ours = (results[c] for c in CONTENDERS)
     figures = [
         Figure("ours / recipe_max_length wall time", ours["wall_seconds"] / maxlen["wall_seconds"], goal=0.5,
                detail={c: results[c]["wall_seconds"] for c in CONTENDERS}),
@@ -354,6 +332,34 @@ def run(quick: bool = False, out_dir: Path | None = None) -> Path:
             figures.append(Figure(f"ours {key} inside {r}'s 95% CI (1 = yes)", float(inside), goal=1.0,
                                   direction=">=", unit="",
                                   detail={"ours": rouge["ours"][key], r: rouge[r][key]}))
+    return figures
+
+
+def run(quick: bool = False, out_dir: Path | None = None) -> Path:
+    """Train the three contenders, score their adapters, write JSON + Markdown; returns the JSON path."""
+    import torch
+
+    from lora_module.evaluation.rouge import paired_bootstrap, summarize
+
+    setting_name = "quick" if quick else "full"
+    setting = SETTINGS[setting_name]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        inputs = prepare_inputs(setting, work)
+        results = {}
+        for name in CONTENDERS:
+            if setting["subprocess"]:
+                results[name] = contender_in_subprocess(name, inputs, setting_name, work)
+            else:
+                results[name] = run_contender(name, inputs, setting, work)
+        scores = {name: score_adapter(r["adapter"], inputs, setting) for name, r in results.items()}
+    rouge = {name: summarize(s) for name, s in scores.items()}
+    paired = {f"ours_vs_{r}": {k: paired_bootstrap(scores["ours"][k], scores[r][k]) for k in ROUGE_KEYS}
+              for r in CONTENDERS[:2]}
+    for r in results.values():
+        r["tokens_per_second"] = r["tokens"] / r["loop_seconds"]
+        r.pop("adapter")
+    figures = make_figures(results, rouge)
     cuda = torch.cuda.is_available()
     raw = {"setting": setting, "lora": LORA, "learning_rate": LR, "quick": quick,
            "data_source": inputs["source"], "device": "cuda" if cuda else "cpu",

@@ -68,11 +68,12 @@ SETTINGS = {
         "rounds": 2,
     },
     "quick": {
+        # Widths are multiples of 64, the NF4 block size: narrower layers stay unquantized (lora_module.qlora).
         "model": {
-            "d_model": 32,
-            "d_kv": 8,
+            "d_model": 64,
+            "d_kv": 16,
             "num_heads": 4,
-            "d_ff": 64,
+            "d_ff": 128,
             "num_layers": 2,
             "num_decoder_layers": 2,
             "vocab_size": 512,

@@ -19,8 +19,8 @@ through local files with renamed columns and several references.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ast
+import dataclasses
 import inspect
 import json
 import sys

@@ -27,10 +27,10 @@ from typing import Any
 import datasets
 from transformers import AutoTokenizer
 
-from lora_pipeline.data import encode, sources, validate
-from lora_pipeline.data import tokenizer as demo_tokenizer
 from lora_module.errors import InputNotFoundError
 from lora_module.files import move_aside, publish_dir, sha256_file, sha256_json, write_json_atomic
+from lora_pipeline.data import encode, sources, validate
+from lora_pipeline.data import tokenizer as demo_tokenizer
 from lora_pipeline.data.config import DEFAULT_TEMPLATES, DEMO_TOKENIZER, DataConfig, DataConfigError
 
 log = logging.getLogger(__name__)

@@ -20,10 +20,10 @@ from typing import Any
 
 import datasets
 
-from lora_pipeline.data import demo_corpus
-from lora_pipeline.data.config import FILE_FORMATS, SPLITS, DataConfig
 from lora_module.errors import PipelineError
 from lora_module.files import publish_dir, sha256_file, sha256_json
+from lora_pipeline.data import demo_corpus
+from lora_pipeline.data.config import FILE_FORMATS, SPLITS, DataConfig
 
 
 class DataSourceError(PipelineError, ValueError):

@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     ph = PipelineHome.from_env(args.home)
     ph.create()
     demo.configure_environment(ph)
-    from lora_pipeline.flows.sweep import rank_sweep, render  # after the environment: Prefect reads it on import
+    from lora_pipeline.flows.sweep import (  # after the environment: Prefect reads it on import
+        rank_sweep,
+        render,
+    )
 
     result = rank_sweep(task=args.task, ranks=args.ranks, targets=args.targets, home=str(ph.root),
                         tracking_uri=ph.tracking_uri, data_overrides=demo.DEMO_DATA,

@@ -142,25 +142,26 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
             f"adapter folder {path} is missing {CONFIG_NAME} (found: {present}); an adapter folder holds "
             f"{CONFIG_NAME} and {WEIGHTS_NAME}"
         )
+    raw = _read_json_object(file)
+    return {**raw, **_read_sidecar(file.parent / METADATA_NAME)}
+
+
+def _read_json_object(file: Path, fix: str = "") -> dict[str, Any]:
+    """The JSON object in `file`, or AdapterLoadError naming the file (and `fix`, what to do about it)."""
     try:
         raw = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterLoadError(f"cannot read {file}: not valid JSON ({e})") from e
+        raise AdapterLoadError(f"cannot read {file}: not valid JSON ({e}){fix}") from e
     if not isinstance(raw, dict):
         raise AdapterLoadError(f"{file} must hold a JSON object, got {type(raw).__name__}")
-    return {**raw, **_read_sidecar(file.parent / METADATA_NAME)}
+    return raw
 
 
 def _read_sidecar(file: Path) -> dict[str, Any]:
     """The `base_fingerprint` / `lora_pipeline` keys of a sidecar file ({} when there is none)."""
     if not file.is_file():
         return {}
-    try:
-        meta = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterLoadError(f"cannot read {file}: not valid JSON ({e}); save the adapter again") from e
-    if not isinstance(meta, dict):
-        raise AdapterLoadError(f"{file} must hold a JSON object, got {type(meta).__name__}")
+    meta = _read_json_object(file, "; save the adapter again")
     return {k: meta[k] for k in ("base_fingerprint", "lora_pipeline") if k in meta}
 
 

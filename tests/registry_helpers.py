@@ -13,8 +13,8 @@ import torch
 
 from lora_module import LoraConfig, LoraModel, load_base_model
 from lora_module.evaluation.evaluate import evaluate_predictions
-from lora_module.files import sha256_file
 from lora_module.evaluation.report import build_report
+from lora_module.files import sha256_file
 
 N_EXAMPLES = 8
 REFERENCES = [f"alice meets bob at the cafe number {i}" for i in range(N_EXAMPLES)]

@@ -39,6 +39,13 @@ def test_bench_recipe_quick_writes_three_contenders_with_positive_figures(tmp_pa
     assert padded >= raw["contenders"]["recipe_dynamic"]["padded_tokens"] == tokens.pop()
 
     figures = {f["name"]: f for f in data["figures"]}
+    # Each figure is ours over the named recipe (not the other way round).
+    c = raw["contenders"]
+    for recipe in ("recipe_max_length", "recipe_dynamic"):
+        assert figures[f"ours / {recipe} wall time"]["value"] == pytest.approx(
+            c["ours"]["wall_seconds"] / c[recipe]["wall_seconds"])
+        assert figures[f"ours / {recipe} non-pad tokens/s"]["value"] == pytest.approx(
+            c["ours"]["tokens_per_second"] / c[recipe]["tokens_per_second"])
     assert figures["ours / recipe_max_length wall time"]["goal"] == 0.5
     assert figures["ours / recipe_dynamic wall time"]["goal"] == 0.95
     timing = [f for f in data["figures"] if "CI" not in f["name"]]

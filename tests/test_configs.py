@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_pipeline.data import DataConfig
 from lora_module.training.cli import parse_config
+from lora_pipeline.data import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

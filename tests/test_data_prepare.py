@@ -13,8 +13,7 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from lora_pipeline.data import encode
-from lora_pipeline.data import DataConfig, DataSourceError, load_prepared, load_tokenizer, prepare
+from lora_pipeline.data import DataConfig, DataSourceError, encode, load_prepared, load_tokenizer, prepare
 from lora_pipeline.data.cli import main as data_cli
 
 SMALL = {"demo_train_size": 120, "demo_validation_size": 20, "demo_test_size": 20}

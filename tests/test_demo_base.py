@@ -9,10 +9,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from lora_pipeline.data.config import SUMMARY_TEMPLATE, TOPIC_TEMPLATE
-from lora_pipeline.data.demo_corpus import generate
-from lora_pipeline.data.demo_instructions import TASKS, generate_instructions, key_facts
-
 from lora_module.training.demo_base import (
     DemoBaseConfig,
     build_demo_base,
@@ -24,6 +20,9 @@ from lora_module.training.demo_base import (
     read_manifest,
     span_corrupt,
 )
+from lora_pipeline.data.config import SUMMARY_TEMPLATE, TOPIC_TEMPLATE
+from lora_pipeline.data.demo_corpus import generate
+from lora_pipeline.data.demo_instructions import TASKS, generate_instructions, key_facts
 
 TINY = {"batch_size": 8, "seq_len": 48, "d_model": 32, "num_layers": 1, "num_heads": 2, "d_ff": 64,
         "vocab_size": 400, "lr": 1e-2, "instruction_steps": 2, "instruction_rows": 30}

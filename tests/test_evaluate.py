@@ -17,7 +17,6 @@ import torch
 from conftest import make_tiny_t5, tokenizer_corpus
 from transformers import AutoTokenizer
 
-from lora_pipeline.data import DataConfig, prepare
 from lora_module import FingerprintMismatchError, LoraConfig, LoraModel, load_base_model
 from lora_module.evaluation.evaluate import (
     EvalInputError,
@@ -31,6 +30,7 @@ from lora_module.evaluation.evaluate import (
 from lora_module.evaluation.generation import generate, load_model_for_spec
 from lora_module.evaluation.report import REPORT_FILES
 from lora_module.evaluation.rouge import ROUGE_TYPES
+from lora_pipeline.data import DataConfig, prepare
 
 GEN = GenerationConfig(batch_size=8, max_new_tokens=12)
 

@@ -83,8 +83,8 @@ def test_shipped_specs_load_and_check():
 
 
 def test_invalid_parameters_fail_before_training(tmp_path, tiny_t5_dir, monkeypatch):
-    from lora_pipeline import data
     import lora_module.training.launcher
+    from lora_pipeline import data
 
     def forbidden(*a, **k):
         raise AssertionError("nothing may be prepared or trained when the parameters are invalid")

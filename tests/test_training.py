@@ -19,10 +19,15 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from lora_pipeline.data import DataConfig, prepare
 from lora_module import LoraConfig, LoraModel, load_base_model
-from lora_module.training.datamodule import EpochSampler, PaddingCollator, PreparedDataModule, ResumableDataLoader
+from lora_module.training.datamodule import (
+    EpochSampler,
+    PaddingCollator,
+    PreparedDataModule,
+    ResumableDataLoader,
+)
 from lora_module.training.module import FineTuneModule, NonFiniteLossError, WarmupDecay
+from lora_pipeline.data import DataConfig, prepare
 
 # Every linear layer, lm_head included: a random tiny model's output layer has tiny logits, and
 # adapting it is what lets a few steps of LoRA visibly fit the data.

@@ -26,9 +26,8 @@ from safetensors.torch import load_file
 from test_training import prepare_tiny
 
 from lora_module.registry.inputs import RegistrationInputError, read_inputs
-from lora_module.training import outputs
+from lora_module.training import export, outputs
 from lora_module.training.cli import main
-from lora_module.training.module import FineTuneModule
 from lora_module.training.outputs import current_outputs, publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,15 +213,15 @@ def test_export_killed_midway_leaves_previous_outputs_whole(
         raise SimulatedKill(f"killed during {fail_at}")
 
     if fail_at == "adapter save":
-        monkeypatch.setattr(FineTuneModule, "_save_adapter", lambda self, metrics: crash)
+        monkeypatch.setattr(export, "_save_adapter", lambda module, metrics: crash)
     elif fail_at == "after all files written":
-        write_outputs = FineTuneModule._write_outputs
+        write_outputs = export._write_outputs
 
-        def written_then_killed(self, out_dir, metrics):
-            write = write_outputs(self, out_dir, metrics)
+        def written_then_killed(module, out_dir, metrics):
+            write = write_outputs(module, out_dir, metrics)
             return lambda folder: (write(folder), crash())
 
-        monkeypatch.setattr(FineTuneModule, "_write_outputs", written_then_killed)
+        monkeypatch.setattr(export, "_write_outputs", written_then_killed)
     else:
         monkeypatch.setattr(outputs, "_symlink_atomically", crash)
     with pytest.raises(SimulatedKill):

@@ -10,7 +10,13 @@ Modules: `register` (versions, tags, tracking set-up), `gate` (the promotion dec
 many tasks on one base), `cli` (the registry commands).
 """
 
-from lora_module.registry.gate import CHAMPION, Decision, RegistryUnavailableError, RetryPolicy, decide_promotion
+from lora_module.registry.gate import (
+    CHAMPION,
+    Decision,
+    RegistryUnavailableError,
+    RetryPolicy,
+    decide_promotion,
+)
 from lora_module.registry.loading import (
     MultiTaskModel,
     RegisteredAdapter,

@@ -38,8 +38,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import MLFlowLogger
 
 from lora_module.config import LoraConfig
-from lora_module.qlora import check_model_source
-from lora_module.training.datamodule import PreparedDataModule, check_prepared_dir
 from lora_module.errors import (
     BAD_INPUT_STATUS,
     LoraConfigError,
@@ -49,6 +47,8 @@ from lora_module.errors import (
     report_error,
 )
 from lora_module.home import PipelineHome, artifact_location_for, ensure_store_folder, experiment_name_for
+from lora_module.qlora import check_model_source
+from lora_module.training.datamodule import PreparedDataModule, check_prepared_dir
 from lora_module.training.module import FineTuneModule
 from lora_module.training.resume import CheckpointMismatchError
 

@@ -28,7 +28,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -37,9 +36,8 @@ from lora_module import LoraConfig, get_lora_model, load_base_model
 from lora_module.config import torch_dtype
 from lora_module.errors import PipelineError
 from lora_module.evaluation.generation import DEFAULT_MAX_NEW_TOKENS
-from lora_module.files import sha256_file
 from lora_module.prompt import PromptSettings
-from lora_module.training.outputs import publish
+from lora_module.training.export import export_outputs
 from lora_module.training.resume import (
     CheckpointMismatchError,
     check_lora_layout,
@@ -73,16 +71,6 @@ class WarmupDecay:
         if self.kind == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0 - progress
-
-
-def _folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _local_path_or_name(name_or_path: str) -> str:
-    """Absolute path for a local folder (later stages may run elsewhere), else the Hub name unchanged."""
-    p = Path(name_or_path)
-    return str(p.resolve()) if p.exists() else name_or_path
 
 
 def _checked_hparams(finetune: str, lora: LoraConfig | dict | None, learning_rate: float, warmup_steps: int,
@@ -468,91 +456,5 @@ class FineTuneModule(L.LightningModule):
         train_loss = float(loss_sum / n) if float(n) > 0 else None
         tokens_per_sec = float(tokens / seconds) if float(seconds) > 0 else None
         if self.trainer.is_global_zero:
-            self._export(train_loss, tokens_per_sec, float(seconds), int(tokens))
+            export_outputs(self, train_loss, tokens_per_sec, float(seconds), int(tokens))
         strategy.barrier("lora_pipeline_export")
-
-    def _export(
-        self, train_loss: float | None, tokens_per_sec: float | None, seconds: float, tokens: int
-    ) -> None:
-        out = Path(self.hparams.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        trainable, total = self.parameter_counts()
-        val = self.trainer.callback_metrics.get("val/loss")
-        datamodule = getattr(self.trainer, "datamodule", None)
-        manifest = getattr(datamodule, "manifest", None) or {}
-        metrics: dict[str, Any] = {
-            "finetune": self.finetune,
-            "model_name_or_path": _local_path_or_name(self.hparams.model_name_or_path),
-            "trainable_params": trainable,
-            "total_params": total,
-            "trainable_pct": 100.0 * trainable / total,
-            "train_loss": train_loss,  # mean over the last epoch's batches
-            "val_loss": float(val) if val is not None else None,  # last validation run
-            "steps": self.global_step,
-            "epochs": self.current_epoch,
-            "tokens": tokens,
-            "train_seconds": seconds,
-            "tokens_per_sec": tokens_per_sec,
-            "world_size": self.trainer.world_size,
-            "precision": str(self.trainer.precision),
-            "data_fingerprint": manifest.get("fingerprint"),
-            "base_fingerprint": self.base_fingerprint(),
-            "checkpoint": str(out / "checkpoints" / "last.ckpt"),
-        }
-        mlflow = next((lg for lg in self.loggers if isinstance(lg, MLFlowLogger)), None)
-        if mlflow is not None:
-            metrics["mlflow_run_id"] = mlflow.run_id
-            metrics["mlflow_tracking_uri"] = getattr(mlflow, "_tracking_uri", None)
-        # adapter/ or model/, metrics.json and config.yaml appear together (one atomic switch).
-        folder = publish(out, self._write_outputs(out, metrics))
-        if mlflow is not None:
-            run = mlflow.experiment
-            run.log_artifact(mlflow.run_id, str(folder / "metrics.json"))
-            run.log_artifact(mlflow.run_id, str(folder / "config.yaml"))
-            if self.finetune != "full":
-                run.log_artifacts(mlflow.run_id, str(folder / "adapter"), artifact_path="adapter")
-        rank_zero_info(f"training outputs written to {out}")
-
-    def _write_outputs(self, out: Path, metrics: dict[str, Any]):
-        """The writer of one export folder: adapter/ or model/, then metrics.json and config.yaml."""
-
-        def write(folder: Path) -> None:
-            if self.finetune == "full":
-                self._save_full_model(folder / "model")
-                metrics["model_bytes"] = _folder_bytes(folder / "model")
-            else:
-                self._save_adapter(metrics)(folder / "adapter")
-                metrics["adapter_bytes"] = _folder_bytes(folder / "adapter")
-                # Lets a reader check that metrics.json describes the adapter beside it.
-                metrics["adapter_sha256"] = sha256_file(folder / "adapter" / "adapter_model.safetensors")
-                metrics["adapter_dir"] = str(out / "adapter")
-            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            # Without the CLI (plain Trainer) the hyperparameters are the resolved config.
-            config = self.resolved_config or yaml.safe_dump({"model": dict(self.hparams)}, sort_keys=False)
-            (folder / "config.yaml").write_text(config)
-
-        return write
-
-    def _save_adapter(self, metrics: dict[str, Any]):
-        def save(path: Path) -> None:
-            meta = {
-                k: metrics[k] for k in ("finetune", "steps", "train_loss", "val_loss", "data_fingerprint")
-            }
-            self.model.save_pretrained(
-                path,
-                base_model_name_or_path=_local_path_or_name(self.hparams.model_name_or_path),
-                metadata=meta,
-            )
-
-        return save
-
-    def _save_full_model(self, path: Path) -> None:
-        self.model.save_pretrained(path)
-        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(
-                self.hparams.model_name_or_path, trust_remote_code=self.hparams.trust_remote_code
-            )
-        tokenizer.save_pretrained(path)

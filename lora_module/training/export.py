@@ -1,0 +1,117 @@
+"""The end of a fit: write the run's outputs (adapter/ or model/, metrics.json, config.yaml) as one
+export that appears whole or not at all (`training.outputs.publish`), and log them to MLflow.
+
+Called by `FineTuneModule.on_train_end` on global rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from lora_module.files import sha256_file
+from lora_module.training.outputs import publish
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _local_path_or_name(name_or_path: str) -> str:
+    """Absolute path for a local folder (later stages may run elsewhere), else the Hub name unchanged."""
+    p = Path(name_or_path)
+    return str(p.resolve()) if p.exists() else name_or_path
+
+
+def export_outputs(
+    module: Any, train_loss: float | None, tokens_per_sec: float | None, seconds: float, tokens: int
+) -> None:
+    """Write adapter/ or model/, metrics.json and config.yaml as one export (rank 0); log them to MLflow."""
+    out = Path(module.hparams.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainable, total = module.parameter_counts()
+    val = module.trainer.callback_metrics.get("val/loss")
+    datamodule = getattr(module.trainer, "datamodule", None)
+    manifest = getattr(datamodule, "manifest", None) or {}
+    metrics: dict[str, Any] = {
+        "finetune": module.finetune,
+        "model_name_or_path": _local_path_or_name(module.hparams.model_name_or_path),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": 100.0 * trainable / total,
+        "train_loss": train_loss,  # mean over the last epoch's batches
+        "val_loss": float(val) if val is not None else None,  # last validation run
+        "steps": module.global_step,
+        "epochs": module.current_epoch,
+        "tokens": tokens,
+        "train_seconds": seconds,
+        "tokens_per_sec": tokens_per_sec,
+        "world_size": module.trainer.world_size,
+        "precision": str(module.trainer.precision),
+        "data_fingerprint": manifest.get("fingerprint"),
+        "base_fingerprint": module.base_fingerprint(),
+        "checkpoint": str(out / "checkpoints" / "last.ckpt"),
+    }
+    mlflow = next((lg for lg in module.loggers if isinstance(lg, MLFlowLogger)), None)
+    if mlflow is not None:
+        metrics["mlflow_run_id"] = mlflow.run_id
+        metrics["mlflow_tracking_uri"] = getattr(mlflow, "_tracking_uri", None)
+    # adapter/ or model/, metrics.json and config.yaml appear together (one atomic switch).
+    folder = publish(out, _write_outputs(module, out, metrics))
+    if mlflow is not None:
+        run = mlflow.experiment
+        run.log_artifact(mlflow.run_id, str(folder / "metrics.json"))
+        run.log_artifact(mlflow.run_id, str(folder / "config.yaml"))
+        if module.finetune != "full":
+            run.log_artifacts(mlflow.run_id, str(folder / "adapter"), artifact_path="adapter")
+    rank_zero_info(f"training outputs written to {out}")
+
+def _write_outputs(module: Any, out: Path, metrics: dict[str, Any]) -> Callable[[Path], None]:
+    """The writer of one export folder: adapter/ or model/, then metrics.json and config.yaml."""
+
+    def write(folder: Path) -> None:
+        if module.finetune == "full":
+            _save_full_model(module, folder / "model")
+            metrics["model_bytes"] = _folder_bytes(folder / "model")
+        else:
+            _save_adapter(module, metrics)(folder / "adapter")
+            metrics["adapter_bytes"] = _folder_bytes(folder / "adapter")
+            # Lets a reader check that metrics.json describes the adapter beside it.
+            metrics["adapter_sha256"] = sha256_file(folder / "adapter" / "adapter_model.safetensors")
+            metrics["adapter_dir"] = str(out / "adapter")
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        # Without the CLI (plain Trainer) the hyperparameters are the resolved config.
+        config = module.resolved_config or yaml.safe_dump({"model": dict(module.hparams)}, sort_keys=False)
+        (folder / "config.yaml").write_text(config)
+
+    return write
+
+def _save_adapter(module: Any, metrics: dict[str, Any]) -> Callable[[Path], None]:
+    def save(path: Path) -> None:
+        meta = {
+            k: metrics[k] for k in ("finetune", "steps", "train_loss", "val_loss", "data_fingerprint")
+        }
+        module.model.save_pretrained(
+            path,
+            base_model_name_or_path=_local_path_or_name(module.hparams.model_name_or_path),
+            metadata=meta,
+        )
+
+    return save
+
+def _save_full_model(module: Any, path: Path) -> None:
+    module.model.save_pretrained(path)
+    tokenizer = getattr(getattr(module.trainer, "datamodule", None), "tokenizer", None)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            module.hparams.model_name_or_path, trust_remote_code=module.hparams.trust_remote_code
+        )
+    tokenizer.save_pretrained(path)
