@@ -1,7 +1,8 @@
 """An instruction mixture for the demo base: other tasks on the demo corpus's dialogues, FLAN-style.
 
     from lora_pipeline.data.demo_instructions import generate_instructions
-    pairs = generate_instructions(2000, seed=1)   # [("Who speaks first ...\n\n#Person1#: ...", "#Person1#"), ...]
+    pairs = generate_instructions(2000, seed=1)
+    # [("Who speaks first ...\n\n#Person1#: ...", "#Person1#"), ...]
 
 FLAN-T5 is T5 tuned on a mixture of instruction tasks; that is why it already scores on DialogSum
 before any fine-tuning. The demo base plays that role, so it gets the same treatment on a small

@@ -23,7 +23,6 @@ only in capacity. Outputs: `<home>/runs/<task>/<time>-sweep/` (one training fold
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -73,12 +72,14 @@ def prepare_data(data_config: str, overrides: dict[str, Any]) -> str:
 
 
 @task(name="evaluate-base")
-def evaluate_base(base: str, data_dir: str, evals_dir: str, generation: dict[str, Any], limit: int | None) -> str:
+def evaluate_base(base: str, data_dir: str, evals_dir: str, generation: dict[str, Any], limit: int | None
+                  ) -> str:
     """The base model's evaluation on the test rows (reused when the inputs are unchanged)."""
     from lora_module.evaluation.baseline import evaluate_base as evaluate_base_model
     from lora_module.evaluation.generation import GenerationConfig
 
-    return str(evaluate_base_model(base, data_dir, evals_dir, GenerationConfig.from_dict(generation), limit).path)
+    gen = GenerationConfig.from_dict(generation)
+    return str(evaluate_base_model(base, data_dir, evals_dir, gen, limit).path)
 
 
 @task(name="sweep-point", retries=1, retry_delay_seconds=5)
@@ -95,8 +96,9 @@ def train_point(point: dict[str, Any], setup: dict[str, Any]) -> dict[str, Any]:
     run_fit(setup["config"], args, resume=True, env=setup["env"], output_dir=str(out),
             tracking_uri=setup["tracking_uri"], experiment=setup["experiment"])
     train_s = time.perf_counter() - t0
-    path = evaluate_model(ModelSpec(name, "lora", str(out)), setup["data_dir"], Path(setup["out_dir"]) / "eval",
-                          GenerationConfig.from_dict(setup["generation"]), limit=setup["limit"])
+    path = evaluate_model(ModelSpec(name, "lora", str(out)), setup["data_dir"],
+                          Path(setup["out_dir"]) / "eval", GenerationConfig.from_dict(setup["generation"]),
+                          limit=setup["limit"])
     ev = json.loads(path.read_text())
     return {"name": name, "target": point["target"], "rank": rank, "trainable": ev["params"]["trainable"],
             "total": ev["params"]["total"], "rouge": ev["rouge"], "eval": str(path), "run_dir": str(out),
@@ -134,7 +136,8 @@ def plateau(points: list[dict[str, Any]], metric: str, rank: int = PLATEAU_RANK)
     return out
 
 
-def write_chart(points: list[dict[str, Any]], metric: str, rec: dict[str, Any], path: Path, title: str) -> Path:
+def write_chart(points: list[dict[str, Any]], metric: str, rec: dict[str, Any], path: Path, title: str
+                ) -> Path:
     """ROUGE against trainable parameters (log scale), one line per target set, 95% intervals as bars."""
     import matplotlib
 
@@ -151,7 +154,8 @@ def write_chart(points: list[dict[str, Any]], metric: str, rec: dict[str, Any], 
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=target)
         for p, xi, yi in zip(pts, x, y, strict=True):
             ax.annotate(f"r={p['rank']}", (xi, yi), textcoords="offset points", xytext=(3, 5), fontsize=7)
-    ax.axhspan(*rec["interval"], color="grey", alpha=0.15, label=f"best's 95% interval ({rec['best']['name']})")
+    ax.axhspan(*rec["interval"], color="grey", alpha=0.15,
+               label=f"best's 95% interval ({rec['best']['name']})")
     chosen = rec["point"]
     ax.plot([chosen["trainable"]], [chosen["rouge"][metric]["mean"]], marker="*", markersize=16, color="gold",
             markeredgecolor="black", linestyle="none", label=f"recommended: {chosen['name']}")
@@ -193,7 +197,8 @@ def log_to_mlflow(home: PipelineHome, task_name: str, result: dict[str, Any], fi
 
     experiment_id = ensure_task_experiment(home, task_name)
     client = MlflowClient(tracking_uri=home.tracking_uri)
-    run = client.create_run(experiment_id, run_name="rank-sweep", tags={"lora.sweep": "rank", "task": task_name})
+    run = client.create_run(experiment_id, run_name="rank-sweep",
+                            tags={"lora.sweep": "rank", "task": task_name})
     rid = run.info.run_id
     metric = result["metric"]
     client.log_param(rid, "recommended", result["recommended"]["name"])
@@ -318,7 +323,8 @@ def rank_sweep(
     if register_best:
         result.update(_register(spec, ph, rec, base_eval, data_dir, out_dir))
     chart = write_chart(points, spec.metric, rec, out_dir / "rank_sweep.png",
-                        f"LoRA rank sweep, task {spec.name} ({points[0]['rouge'][spec.metric]['n']} test rows)")
+                        f"LoRA rank sweep, task {spec.name} "
+                        f"({points[0]['rouge'][spec.metric]['n']} test rows)")
     result["chart"] = str(chart)
     result["seconds"] = time.perf_counter() - t_start
     sweep_json = out_dir / "sweep.json"

@@ -27,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--task", default="summary", help="task name (a spec in deploy/tasks/) or spec file")
     parser.add_argument("--rank", type=int, action="append", dest="ranks", help=f"repeatable (None: {RANKS})")
-    parser.add_argument("--targets", action="append", choices=TARGETS, help="layer set, repeatable (None: both)")
-    parser.add_argument("--home", type=Path, help="pipeline home (None: $LORA_PIPELINE_HOME, else ./.lora_pipeline)")
+    parser.add_argument("--targets", action="append", choices=TARGETS,
+                        help="layer set, repeatable (None: both)")
+    parser.add_argument("--home", type=Path,
+                        help="pipeline home (None: $LORA_PIPELINE_HOME, else ./.lora_pipeline)")
     parser.add_argument("--max-concurrency", type=int, help="trainings at a time (None: the CPU count)")
     parser.add_argument("--no-register", action="store_true", help="recommend only; register nothing")
     args = parser.parse_args(argv)

@@ -150,7 +150,8 @@ def test_instruction_steps_teach_the_held_out_instructions(seq2seq_tokenizer_dir
 
 
 def test_demo_printout_states_lora_recovered_share(tmp_path):
-    """The demo prints (LoRA - base) / (full - base) on ROUGE-1 per task, and the share of parameters trained."""
+    """The demo prints (LoRA - base) / (full - base) on ROUGE-1 per task and the share of parameters
+    trained."""
     from lora_module.home import PipelineHome
     from lora_pipeline.flows.demo import recovered_share, render
 
@@ -164,7 +165,8 @@ def test_demo_printout_states_lora_recovered_share(tmp_path):
     result = {"rouge_n": 4, "rouge": rows, "model_name": "t-lora", "version": "1", "alias": "champion",
               "decision": "better", "report_md": "report.md", "timings": {}, "cached": {},
               "train_metrics": {"lora": {"trainable_params": 40, "total_params": 1040}}}
-    summary = {"results": {"t": result}, "failed": {}, "seconds": 5.0, "base_seconds": 0.1, "validate_seconds": 0.1}
+    summary = {"results": {"t": result}, "failed": {}, "seconds": 5.0, "base_seconds": 0.1,
+               "validate_seconds": 0.1}
     text = render(summary, 9.0, 6.0, PipelineHome(tmp_path, "http://127.0.0.1:5000"))
-    assert "LoRA recovers 90% of full fine-tuning's ROUGE-1 gain over the base, training 3.85% of the parameters" \
-        in text
+    assert ("LoRA recovers 90% of full fine-tuning's ROUGE-1 gain over the base, "
+            "training 3.85% of the parameters") in text

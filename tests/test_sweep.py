@@ -72,7 +72,8 @@ def read_artifacts(key: str) -> list:
 
     async def go():
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            keys = ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            return await client.read_artifacts(artifact_filter=keys)
 
     return asyncio.run(go())
 
@@ -110,7 +111,8 @@ def test_sweep_flow_charts_recommends_and_registers(harness, tmp_path, tiny_t5_d
     assert set(out["plateau"]) == {"attention", "all-linear"}  # no r=16 here: "not tested"
 
     art = read_artifacts("rank-sweep-tiny-sweep")
-    assert art and f"Recommended: {out['recommended']['name']}" in art[0].data and "data:image/png" in art[0].data
+    assert art and f"Recommended: {out['recommended']['name']}" in art[0].data
+    assert "data:image/png" in art[0].data
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     run = client.get_run(out["mlflow_run_id"])
     assert run.data.params["recommended"] == out["recommended"]["name"]

@@ -262,7 +262,8 @@ def _padded(rows: list[list[int]], fill: int) -> torch.Tensor:
 
 def pretrain(
     model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, texts: list[str],
-    config: DemoBaseConfig, log_every: int = 50, instructions: list[tuple[list[int], list[int]]] | None = None,
+    config: DemoBaseConfig, log_every: int = 50,
+    instructions: list[tuple[list[int], list[int]]] | None = None,
 ) -> list[float]:
     """Denoising pretraining, then instruction tuning, in a plain torch loop; returns every step's loss.
 
@@ -297,7 +298,8 @@ def pretrain(
                 order, cursor = torch.randperm(len(rows), generator=gen), 0
             batch = rows[order[cursor : cursor + config.batch_size]].tolist()
             cursor += config.batch_size
-            pairs = [span_corrupt(r, sentinels, eos, config.noise_density, config.mean_span, rng) for r in batch]
+            pairs = [span_corrupt(r, sentinels, eos, config.noise_density, config.mean_span, rng)
+                     for r in batch]
             input_ids, attention_mask = torch.tensor([p[0] for p in pairs]), None  # [B, L_in]
             if config.objective == "denoise" or (config.objective == "mixed" and step % 2):
                 labels = torch.tensor([[*r, eos] for r in batch])  # [B, seq_len + 1]: the original text
@@ -344,7 +346,8 @@ def build_demo_base(
     tok_texts = tokenizer_texts(config.corpus_size, config.corpus_seed, texts)
     from lora_pipeline.data.demo_instructions import generate_instructions
 
-    pairs = generate_instructions(config.instruction_rows, config.corpus_seed) if config.instruction_steps else []
+    pairs = (generate_instructions(config.instruction_rows, config.corpus_seed)
+             if config.instruction_steps else [])
     fp = fingerprint(config, tok_texts + [text for pair in pairs for text in pair])
     final = Path(out_dir) / f"demo-t5-{fp[:12]}"
     if _complete(final, fp):
