@@ -120,3 +120,15 @@ def dialogsum_dir() -> Path:
     if not (SHARED_DIALOGSUM / "dialogsum.test.jsonl").exists():
         pytest.skip(f"real DialogSum splits not found at {SHARED_DIALOGSUM} (shared/ folder absent)")
     return SHARED_DIALOGSUM
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """A temporary Prefect server and result storage for this module's flows."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect_storage")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
+        with prefect_test_harness(server_startup_timeout=180):
+            yield storage

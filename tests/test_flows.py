@@ -46,18 +46,6 @@ def write_spec(folder: Path, name: str, demo_task: str, base: Path, full: bool =
     return path
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    """A temporary Prefect server and result storage for this module's flows."""
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    storage = tmp_path_factory.mktemp("prefect_storage")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
-        with prefect_test_harness(server_startup_timeout=180):
-            yield storage
-
-
 def read_artifacts(key: str) -> list:
     """Artifacts with this key, newest first (several runs publish under one key)."""
     from prefect.client.orchestration import get_client

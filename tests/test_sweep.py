@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 import yaml
+from test_flows import read_artifacts
 
 from lora_pipeline.flows.specs import TaskSpecError
 from lora_pipeline.flows.sweep import plateau, rank_sweep, recommend
@@ -53,29 +53,6 @@ def test_bad_grid_is_one_clear_error_before_any_work(tmp_path):
         rank_sweep.fn(task="summary", targets=["mlp"], home=str(tmp_path))
     assert not (tmp_path / "data").exists()
 
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    """A temporary Prefect server and result storage for this module's flows."""
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    storage = tmp_path_factory.mktemp("prefect_storage")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
-        with prefect_test_harness(server_startup_timeout=180):
-            yield storage
-
-
-def read_artifacts(key: str) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    async def go():
-        async with get_client() as client:
-            keys = ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
-            return await client.read_artifacts(artifact_filter=keys)
-
-    return asyncio.run(go())
 
 
 @pytest.mark.slow
