@@ -1,6 +1,6 @@
 """Serving benchmark: many tasks on one base, mixed-task batches vs the alternatives.
 
-    lora-pipeline bench --only serving         # full size (about 10 minutes on 2 busy cores)
+    lora-pipeline bench --only serving         # full size (about 40 s on 2 idle cores)
     python -m lora_pipeline.benchmarks.bench_serving --quick
 
 One T5 built from a config (full size: d_model 256, 4+4 layers, 9.4M parameters), LoRA r=8 on q and v
@@ -36,7 +36,7 @@ SETTINGS = {
     # Smaller than the other benchmarks' 35M T5: the per-task contenders run up to 8 batches per round.
     "full": {"model": {"d_model": 256, "d_kv": 32, "num_heads": 8, "d_ff": 1024, "num_layers": 4,
                        "num_decoder_layers": 4, "vocab_size": 8000},
-             "batch": 16, "source_len": 32, "new_tokens": 12, "repeats": 3, "tasks": (2, 8)},
+             "batch": 16, "source_len": 32, "new_tokens": 12, "repeats": 7, "tasks": (2, 8)},
     "quick": {"model": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 2,
                         "num_decoder_layers": 2, "vocab_size": 512},
               "batch": 4, "source_len": 8, "new_tokens": 3, "repeats": 1, "tasks": (2,)},

@@ -6,6 +6,8 @@
 
 Each benchmark measures its contenders side by side in one process and reports ratios with
 their goals. A benchmark that crashes is recorded as failed with its error; the others still run.
+Sections measured by hand (the demo's quality and wall times) sit below the HAND_WRITTEN marker in
+RESULTS.md; a run rewrites everything above it and keeps them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from lora_pipeline.benchmarks.common import OUT_DIR, machine_info
 
 BENCHMARKS = ("lora_core", "training", "recipe", "inference", "serving", "data", "eval", "pipeline", "gpu")
 HERE = Path(__file__).resolve().parent
+HAND_WRITTEN = "<!-- Measured by hand, not by `lora-pipeline bench`: it keeps everything from here on. -->"
 
 
 def run_all(names: tuple[str, ...] = BENCHMARKS, quick: bool = False, out_dir: Path | None = None,
@@ -47,8 +50,16 @@ def run_all(names: tuple[str, ...] = BENCHMARKS, quick: bool = False, out_dir: P
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "RESULTS.json").write_text(
         json.dumps({"machine": machine, "quick": quick, "benchmarks": entries}, indent=2, default=str))
-    (results_dir / "RESULTS.md").write_text(_markdown(machine, quick, entries))
-    return results_dir / "RESULTS.md"
+    md = results_dir / "RESULTS.md"
+    md.write_text(_markdown(machine, quick, entries) + _hand_written(md))
+    return md
+
+
+def _hand_written(path: Path) -> str:
+    """The earlier RESULTS.md from the HAND_WRITTEN marker on ("" when there is none)."""
+    text = path.read_text() if path.exists() else ""
+    at = text.find(HAND_WRITTEN)
+    return "\n" + text[at:] if at >= 0 else ""
 
 
 def _keep_earlier(path: Path, entries: list[dict], quick: bool) -> list[dict]:

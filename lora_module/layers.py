@@ -65,16 +65,13 @@ def dequantized_linear(module: nn.Module, dtype: torch.dtype | None = None) -> n
 
 @dataclass(frozen=True)
 class RowWeights:
-    """Every adapter's weights for a mixed batch and which columns each row uses (none: no adapter)."""
+    """Every row's own A and scaled B for a mixed batch, zero-padded to the largest rank (a row
+    without an adapter has zeros: it adds exactly nothing)."""
 
-    a: torch.Tensor
-    """Every adapter's A stacked: [adapters * r, in]."""
-    b: torch.Tensor
-    """Every adapter's B side by side: [out, adapters * r]."""
-    mask: torch.Tensor
-    """Per row, 1 on its adapter's r columns, else 0: [rows, 1, adapters * r]."""
-    scaling: torch.Tensor
-    """Per row: [rows, 1, 1]."""
+    a_t: torch.Tensor
+    """Per row, its adapter's A transposed: [rows, in, r_max]."""
+    b_t: torch.Tensor
+    """Per row, its adapter's B transposed times its scaling: [rows, r_max, out]."""
 
 
 class LoraLinear(nn.Module):
@@ -97,8 +94,8 @@ class LoraLinear(nn.Module):
         # Set by LoraModel.mixed_batch: (adapter name, rows) per group of a mixed-adapter batch, rows a
         # slice or an index tensor; None outside such a batch.
         self.row_groups: list[tuple[str, slice | torch.Tensor]] | None = None
-        # Set with row_groups when a batch mixes many adapters: every row's own A and B (one bmm per
-        # layer instead of one pair of matmuls per adapter); used for [rows, tokens, in] inputs.
+        # Set with row_groups when a batch mixes adapters: every row's own A and B (two bmm per layer
+        # instead of one pair of matmuls per adapter); used for [rows, tokens, in] inputs.
         self.row_weights: RowWeights | None = None
 
     # Model code sometimes reads `layer.weight` (T5 checks wo.weight.dtype): answer with the base's.
@@ -171,11 +168,13 @@ class LoraLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         rw = self.row_weights
-        if rw is not None and x.dim() == 3 and x.shape[0] == rw.mask.shape[0]:
-            # Every row through every adapter's A, the other adapters' columns zeroed, then B: two
-            # matmuls per layer whatever the number of adapters (eval only: dropout is the identity).
-            hidden = nn.functional.linear(x.to(rw.a.dtype), rw.a) * rw.mask
-            return result + (nn.functional.linear(hidden, rw.b) * rw.scaling).to(result_dtype)
+        if rw is not None and x.dim() == 3 and x.shape[0] == rw.a_t.shape[0]:
+            # Two batched matmuls per layer whatever the number of adapters, each row with its own
+            # weights; the second adds into the base's output (eval only: dropout is the identity).
+            hidden = torch.bmm(x.to(rw.a_t.dtype), rw.a_t)  # [rows, tokens, r_max]
+            if result_dtype == rw.b_t.dtype:
+                return torch.baddbmm(result, hidden, rw.b_t)
+            return result + torch.bmm(hidden, rw.b_t).to(result_dtype)
         for name, rows in self.row_groups or ():
             if name not in self.lora_A:
                 continue
@@ -190,21 +189,21 @@ class LoraLinear(nn.Module):
         return result
 
     def row_weights_for(self, slots: list[str | None], device: torch.device) -> RowWeights:
-        """RowWeights for rows using adapters `slots` (None or an adapter this layer lacks: no columns)."""
+        """RowWeights for rows using adapters `slots` (None or an adapter this layer lacks: zeros)."""
         names = [n if n in self.lora_A else None for n in slots]
         present = sorted({n for n in names if n is not None})
-        ranks = [self.lora_A[n].weight.shape[0] for n in present]
-        starts = [sum(ranks[:i]) for i in range(len(present))]
-        a = torch.cat([self.lora_A[n].weight for n in present]).to(device)
-        b = torch.cat([self.lora_B[n].weight for n in present], dim=1).to(device)
-        mask = torch.zeros(len(names), 1, a.shape[0], device=device, dtype=a.dtype)
-        scale = torch.zeros(len(names), 1, 1, device=device, dtype=a.dtype)
-        for row, n in enumerate(names):
-            if n is not None:
-                i = present.index(n)
-                mask[row, 0, starts[i] : starts[i] + ranks[i]] = 1
-                scale[row] = self.scaling[n]
-        return RowWeights(a, b, mask, scale)
+        r_max = max(self.lora_A[n].weight.shape[0] for n in present)
+        dtype = self.lora_A[present[0]].weight.dtype
+        # One padded copy per adapter (plus zeros for "none"), then one gather for all rows.
+        a_t = torch.zeros(len(present) + 1, self.in_features, r_max, device=device, dtype=dtype)
+        b_t = torch.zeros(len(present) + 1, r_max, self.out_features, device=device, dtype=dtype)
+        for i, n in enumerate(present):
+            r = self.lora_A[n].weight.shape[0]
+            a_t[i, :, :r] = self.lora_A[n].weight.t()  # [in, r]
+            b_t[i, :r] = self.lora_B[n].weight.t() * self.scaling[n]  # [r, out]
+        index = torch.tensor([present.index(n) if n is not None else len(present) for n in names],
+                             device=device)
+        return RowWeights(a_t[index], b_t[index])
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A in fp32, shape [out, in]."""

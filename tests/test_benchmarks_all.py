@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from lora_pipeline.benchmarks.suite import run_all
+from lora_pipeline.benchmarks.suite import HAND_WRITTEN, run_all
 
 
 def test_run_all_writes_results(tmp_path):
@@ -63,3 +63,16 @@ def test_only_keeps_the_other_benchmarks_entries(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu, "run", _failing("full"))
     run_all(("gpu",), quick=False, out_dir=tmp_path / "out", results_dir=tmp_path)
     assert [e["name"] for e in json.loads((tmp_path / "RESULTS.json").read_text())["benchmarks"]] == ["gpu"]
+
+
+def test_hand_written_sections_survive_a_run(tmp_path, monkeypatch):
+    """The demo's hand-measured section (below the marker) outlives a rewrite; text above it does not."""
+    import lora_pipeline.benchmarks.bench_gpu as gpu
+
+    hand = f"{HAND_WRITTEN}\n\n## Demo\n\n| seed | recovered |\n| 0 | 93% |\n"
+    (tmp_path / "RESULTS.md").write_text("# stale table above the marker\n\n" + hand)
+    monkeypatch.setattr(gpu, "run", _failing("planted"))
+    run_all(("gpu",), quick=True, out_dir=tmp_path / "out", results_dir=tmp_path)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "stale table" not in text and "failed: RuntimeError: planted" in text
+    assert text.endswith(hand) and text.count(HAND_WRITTEN) == 1

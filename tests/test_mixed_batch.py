@@ -21,9 +21,10 @@ ARCHS = {
     "llama": (make_tiny_llama, "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"]),
 }
 ADAPTERS = ("a", "b", "c")
-# Rows deliberately not grouped by adapter, plus one base row. Three adapters take the per-row
-# weights path (STACKED_MIN_ADAPTERS), two the per-adapter groups path (index tensors).
-MIXES = {"stacked": ["b", "a", BASE_ROW, "c", "a", "b"], "groups": ["b", "a", BASE_ROW, "a", "b", "b"]}
+# Rows deliberately not grouped by adapter, plus one base row. Several adapters (of different ranks)
+# take the per-row weights path (STACKED_MIN_ADAPTERS), one adapter the per-adapter groups path.
+MIXES = {"stacked": ["b", "a", BASE_ROW, "c", "a", "b"], "two": ["b", "a", BASE_ROW, "a", "b", "b"],
+         "groups": ["b", BASE_ROW, "b", "b", BASE_ROW, "b"]}
 NAMES = MIXES["stacked"]
 
 
