@@ -15,9 +15,15 @@ smallest rank whose mean is within the best point's interval (fewer trainable pa
 tie); that adapter is registered through the promotion gate like any pipeline adapter. The flow
 also says whether the reference's finding, a plateau above r=16, holds on this data.
 
-lora_alpha is 2r at every rank (the scale alpha/r stays 2, as in the demo configs), so ranks differ
-only in capacity. Outputs: `<home>/runs/<task>/<time>-sweep/` (one training folder per point,
-`eval/`, `report/`, `rank_sweep.png`, `sweep.json`), a Prefect Markdown artifact
+How lora_alpha follows the rank (`scaling`): the task config's rank keeps its scale alpha/r, and
+"rslora" (default) gives every rank the rank-stabilised scale alpha'/sqrt(r) that equals it there
+(Kalajdzievski 2023), so the size of the update does not grow with the rank: the config's one
+learning rate suits every rank, and ranks differ in capacity. "constant" keeps alpha/r at every rank:
+the update grows with r, and at one learning rate the large ranks diverge (benchmarks/RESULTS.md,
+Demo).
+
+Outputs: `<home>/runs/<task>/<time>-sweep/` (one training folder per point, `eval/`, `report/`,
+`rank_sweep.png`, `sweep.json`), a Prefect Markdown artifact
 `rank-sweep-<task>` and an MLflow run `rank-sweep` in the task's experiment with the chart.
 """
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -35,6 +42,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from lora_module.config import LoraConfig
 from lora_module.home import PipelineHome
 from lora_module.registry import ensure_task_experiment
 from lora_pipeline.flows.specs import TaskSpec, TaskSpecError, load_task_spec
@@ -46,6 +54,32 @@ TARGET_SETS: dict[str, list[str]] = {
     "all-linear": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
 }
 PLATEAU_RANK = 16  # the reference's finding: no gain above r=16
+SCALINGS = ("rslora", "constant")
+
+
+def rank_args(rank: int, scaling: str, anchor: tuple[int, float]) -> list[str]:
+    """The training overrides for LoRA rank `rank`, its alpha set by the `scaling` rule so that the
+    anchor (the config's rank, alpha) keeps its scale alpha/r."""
+    r0, alpha0 = anchor
+    if scaling == "rslora":
+        alpha, rslora = alpha0 / math.sqrt(r0), "true"
+    else:
+        alpha, rslora = alpha0 / r0 * rank, "false"
+    return ["--model.lora.r", str(rank), "--model.lora.lora_alpha", repr(float(alpha)),
+            "--model.lora.use_rslora", rslora]
+
+
+def config_anchor(config_path: str, overrides: list[str]) -> tuple[int, float]:
+    """(r, lora_alpha) of a training config, command-line style overrides (`--model.lora.r 8`) applied."""
+    import yaml
+
+    lora = (yaml.safe_load(Path(config_path).read_text()) or {}).get("model", {}).get("lora", {})
+    values = {"r": lora.get("r", LoraConfig.r), "lora_alpha": lora.get("lora_alpha", LoraConfig.lora_alpha)}
+    for flag, value in zip(overrides, overrides[1:]):
+        key = flag.removeprefix("--model.lora.")
+        if key in values:
+            values[key] = yaml.safe_load(value)
+    return int(values["r"]), float(values["lora_alpha"])
 
 
 def point_name(target: str, rank: int) -> str:
@@ -91,7 +125,7 @@ def train_point(point: dict[str, Any], setup: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     name, rank = point_name(point["target"], point["rank"]), point["rank"]
     out = Path(setup["out_dir"]) / name
-    args = [*setup["overrides"], "--model.lora.r", str(rank), "--model.lora.lora_alpha", str(2 * rank),
+    args = [*setup["overrides"], *rank_args(rank, setup["scaling"], setup["anchor"]),
             "--model.lora.target_modules", json.dumps(TARGET_SETS[point["target"]])]
     run_fit(setup["config"], args, resume=True, env=setup["env"], output_dir=str(out),
             tracking_uri=setup["tracking_uri"], experiment=setup["experiment"])
@@ -174,7 +208,7 @@ def write_chart(points: list[dict[str, Any]], metric: str, rec: dict[str, Any], 
 def sweep_markdown(task_name: str, result: dict[str, Any], chart: Path) -> str:
     """The flow's Prefect artifact: the table, the recommendation, the plateau check and the chart."""
     metric = result["metric"]
-    lines = [f"# LoRA rank sweep: task `{task_name}`", "",
+    lines = [f"# LoRA rank sweep: task `{task_name}` (scaling: {result['scaling']})", "",
              f"| point | rank | trainable | {metric} | 95% interval |", "| --- | --- | --- | --- | --- |"]
     for p in result["points"]:
         s = p["rouge"][metric]
@@ -225,7 +259,7 @@ def _load_spec(task_name: str, base_model: str | None, data_overrides: dict | No
     return TaskSpec(**spec.to_dict())
 
 
-def _check_grid(ranks: list[int], targets: list[str], max_concurrency: int) -> None:
+def _check_grid(ranks: list[int], targets: list[str], max_concurrency: int, scaling: str) -> None:
     if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
         raise TaskSpecError(f"ranks must be a non-empty list of integers >= 1, got {ranks!r}")
     unknown = [t for t in targets if t not in TARGET_SETS]
@@ -233,6 +267,8 @@ def _check_grid(ranks: list[int], targets: list[str], max_concurrency: int) -> N
         raise TaskSpecError(f"targets must be some of {list(TARGET_SETS)}, got {targets!r}")
     if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
         raise TaskSpecError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
+    if scaling not in SCALINGS:
+        raise TaskSpecError(f"scaling must be one of {list(SCALINGS)}, got {scaling!r}")
 
 
 def _run_grid(grid: list[dict[str, Any]], setup: dict[str, Any], workers: int
@@ -296,12 +332,13 @@ def rank_sweep(
     demo_base: dict[str, Any] | None = None,
     register_best: bool = True,
     tracking_uri: str | None = None,
+    scaling: str = "rslora",
 ) -> dict[str, Any]:
     """Train and evaluate LoRA at every (target set, rank), chart it, recommend a rank and register it."""
     t_start = time.perf_counter()
     ranks, targets = list(ranks or RANKS), list(targets or TARGET_SETS)
     workers = max_concurrency or os.cpu_count() or 1
-    _check_grid(ranks, targets, workers)
+    _check_grid(ranks, targets, workers, scaling)
     spec = _load_spec(task, base_model, data_overrides, train_overrides, lora_overrides, eval_limit)
     ph = PipelineHome.from_env(home, tracking_uri).create()
     ensure_task_experiment(ph, spec.name)  # before the concurrent trainings open the store
@@ -311,12 +348,13 @@ def rank_sweep(
     base_eval = evaluate_base(base, data_dir, str(ph.evals_dir(spec.name)), spec.generation, spec.eval_limit)
     out_dir = ph.new_run_dir(spec.name, f"sweep-{flow_run.id or 'local'}")
     setup = _setup(spec, ph, base, data_dir, out_dir, min(workers, len(ranks) * len(targets)))
+    setup |= {"scaling": scaling, "anchor": config_anchor(spec.lora_config, spec.train_overrides)}
     grid = [{"target": t, "rank": r} for t in targets for r in sorted(ranks)]
     points, failed = _run_grid(grid, setup, workers)
     if not points:
         raise RuntimeError(f"every point of the sweep failed: {failed}")
     rec = recommend(points, spec.metric)
-    result = {"task": spec.name, "metric": spec.metric, "points": points, "failed": failed,
+    result = {"task": spec.name, "metric": spec.metric, "scaling": scaling, "points": points, "failed": failed,
               "recommended": rec["point"], "best": rec["best"]["name"], "interval": rec["interval"],
               "plateau": plateau(points, spec.metric), "base_eval": base_eval,
               "model_name": spec.model_name, "version": None, "alias": None, "decision": "not registered"}
@@ -341,7 +379,8 @@ def rank_sweep(
 def render(result: dict[str, Any]) -> str:
     """The command's printout: one line per point, the recommendation and the plateau check."""
     metric = result["metric"]
-    out = ["", f"LoRA rank sweep, task {result['task']!r}: {metric} (x100) on the same test rows", "",
+    out = ["", f"LoRA rank sweep, task {result['task']!r}: {metric} (x100) on the same test rows; "
+           f"scaling {result['scaling']}", "",
            f"  {'point':<16}{'trainable':>11}{metric:>9}  95% interval"]
     for p in sorted(result["points"], key=lambda p: (p["target"], p["rank"])):
         s = p["rouge"][metric]

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="pipeline home (None: $LORA_PIPELINE_HOME, else ./.lora_pipeline)")
     parser.add_argument("--max-concurrency", type=int, help="trainings at a time (None: the CPU count)")
     parser.add_argument("--no-register", action="store_true", help="recommend only; register nothing")
+    parser.add_argument("--scaling", choices=("rslora", "constant"), default="rslora",
+                        help="lora_alpha per rank: rslora = alpha/sqrt(r) with alpha 4 (one learning rate suits "
+                             "every rank), constant = alpha/r with alpha 2r")
     args = parser.parse_args(argv)
     from lora_pipeline.flows import demo
 
@@ -48,6 +51,6 @@ def main(argv: list[str] | None = None) -> int:
                         tracking_uri=ph.tracking_uri, data_overrides=demo.DEMO_DATA,
                         train_overrides=[*demo.DEMO_TRAIN, *SWEEP_STEPS],
                         max_concurrency=args.max_concurrency, demo_base=demo.DEMO_BASE,
-                        register_best=not args.no_register)
+                        register_best=not args.no_register, scaling=args.scaling)
     print(render(result), flush=True)
     return 0

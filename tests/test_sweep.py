@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 from test_flows import read_artifacts
 
 from lora_pipeline.flows.specs import TaskSpecError
-from lora_pipeline.flows.sweep import plateau, rank_sweep, recommend
+from lora_pipeline.flows.sweep import config_anchor, plateau, rank_args, rank_sweep, recommend
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "deploy" / "configs"
@@ -51,8 +52,28 @@ def test_bad_grid_is_one_clear_error_before_any_work(tmp_path):
         rank_sweep.fn(task="summary", ranks=[0], home=str(tmp_path))
     with pytest.raises(TaskSpecError, match=r"targets must be some of \['attention', 'all-linear'\]"):
         rank_sweep.fn(task="summary", targets=["mlp"], home=str(tmp_path))
+    with pytest.raises(TaskSpecError, match=r"scaling must be one of \['rslora', 'constant'\], got 'sqrt'"):
+        rank_sweep.fn(task="summary", scaling="sqrt", home=str(tmp_path))
     assert not (tmp_path / "data").exists()
 
+
+def test_rank_args_scale_by_rule(tmp_path):
+    """The config's rank keeps its scale; rsLoRA's falls as 1/sqrt(r) around it, constant stays."""
+    from lora_module import LoraConfig
+
+    def scale(rank, rule, anchor):
+        args = rank_args(rank, rule, anchor)
+        kw = dict(zip(args[::2], args[1::2], strict=True))
+        return LoraConfig(r=int(kw["--model.lora.r"]), lora_alpha=float(kw["--model.lora.lora_alpha"]),
+                          use_rslora=kw["--model.lora.use_rslora"] == "true").scaling
+
+    assert [scale(r, "rslora", (4, 16)) for r in (1, 4, 16, 64)] == [8.0, 4.0, 2.0, 1.0]
+    assert {scale(r, "constant", (4, 16)) for r in (1, 4, 64)} == {4.0}
+    assert scale(8, "rslora", (8, 16)) == pytest.approx(2.0, rel=1e-12)
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  lora:\n    r: 4\n    lora_alpha: 16\n")
+    assert config_anchor(str(config), []) == (4, 16.0)
+    assert config_anchor(str(config), ["--trainer.max_steps", "5", "--model.lora.r", "8"]) == (8, 16.0)
 
 
 @pytest.mark.slow
@@ -82,6 +103,9 @@ def test_sweep_flow_charts_recommends_and_registers(harness, tmp_path, tiny_t5_d
     assert by_name["attention-r1"]["trainable"] < by_name["attention-r4"]["trainable"]
     assert by_name["attention-r4"]["trainable"] < by_name["all-linear-r4"]["trainable"]
     assert {p["rouge"]["rouge1"]["n"] for p in out["points"]} == {12}
+    saved = json.loads((Path(by_name["attention-r4"]["run_dir"]) / "adapter" / "adapter_config.json").read_text())
+    # The default rsLoRA rule keeps the config's scale (r=4, alpha 16: 4) at its rank: alpha' = 16 / sqrt(4).
+    assert (saved["r"], saved["lora_alpha"], saved["use_rslora"]) == (4, 8, True)
     assert out["recommended"]["name"] == recommend(out["points"], "rouge1")["point"]["name"]
     chart = Path(out["chart"])
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
