@@ -65,13 +65,15 @@ def dequantized_linear(module: nn.Module, dtype: torch.dtype | None = None) -> n
 
 @dataclass(frozen=True)
 class RowWeights:
-    """Every row's own A and scaled B for a mixed batch, zero-padded to the largest rank (a row
-    without an adapter has zeros: it adds exactly nothing)."""
+    """Every adapter's A and scaled B of a mixed batch, zero-padded to the largest rank, and which of
+    them each row uses (the last slot is all zeros: a row without an adapter adds exactly nothing)."""
 
     a_t: torch.Tensor
-    """Per row, its adapter's A transposed: [rows, in, r_max]."""
+    """Per adapter, A transposed: [adapters + 1, in, r_max]."""
     b_t: torch.Tensor
-    """Per row, its adapter's B transposed times its scaling: [rows, r_max, out]."""
+    """Per adapter, B transposed times its scaling: [adapters + 1, r_max, out]."""
+    index: torch.Tensor
+    """Per row, its adapter's slot: [rows]."""
 
 
 class LoraLinear(nn.Module):
@@ -168,13 +170,14 @@ class LoraLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         rw = self.row_weights
-        if rw is not None and x.dim() == 3 and x.shape[0] == rw.a_t.shape[0]:
+        if rw is not None and x.dim() == 3 and x.shape[0] == rw.index.shape[0]:
             # Two batched matmuls per layer whatever the number of adapters, each row with its own
-            # weights; the second adds into the base's output (eval only: dropout is the identity).
-            hidden = torch.bmm(x.to(rw.a_t.dtype), rw.a_t)  # [rows, tokens, r_max]
+            # weights, gathered here rather than kept per row (a batch holds one copy per adapter);
+            # the second adds into the base's output (eval only: dropout is the identity).
+            hidden = torch.bmm(x.to(rw.a_t.dtype), rw.a_t[rw.index])  # [rows, tokens, r_max]
             if result_dtype == rw.b_t.dtype:
-                return torch.baddbmm(result, hidden, rw.b_t)
-            return result + torch.bmm(hidden, rw.b_t).to(result_dtype)
+                return torch.baddbmm(result, hidden, rw.b_t[rw.index])
+            return result + torch.bmm(hidden, rw.b_t[rw.index]).to(result_dtype)
         for name, rows in self.row_groups or ():
             if name not in self.lora_A:
                 continue
@@ -194,7 +197,7 @@ class LoraLinear(nn.Module):
         present = sorted({n for n in names if n is not None})
         r_max = max(self.lora_A[n].weight.shape[0] for n in present)
         dtype = self.lora_A[present[0]].weight.dtype
-        # One padded copy per adapter (plus zeros for "none"), then one gather for all rows.
+        # One padded copy per adapter, plus zeros for "none".
         a_t = torch.zeros(len(present) + 1, self.in_features, r_max, device=device, dtype=dtype)
         b_t = torch.zeros(len(present) + 1, r_max, self.out_features, device=device, dtype=dtype)
         for i, n in enumerate(present):
@@ -203,7 +206,7 @@ class LoraLinear(nn.Module):
             b_t[i, :r] = self.lora_B[n].weight.t() * self.scaling[n]  # [r, out]
         index = torch.tensor([present.index(n) if n is not None else len(present) for n in names],
                              device=device)
-        return RowWeights(a_t[index], b_t[index])
+        return RowWeights(a_t, b_t, index)
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A in fp32, shape [out, in]."""

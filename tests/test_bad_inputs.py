@@ -240,8 +240,8 @@ CASES = [
     Case("fit-base-without-config", fit("--model.model_name_or_path", "{files}"), ("no config.json",)),
     Case("fit-missing-ckpt-file", fit("--ckpt_path", "{root}/nope.ckpt"), ("--ckpt_path", "does not exist")),
     Case("fit-ckpt-last-nothing-to-resume", fit("--ckpt_path", "last"), ("nothing to resume",)),
-    Case("fit-ckpt-with-other-r", fit("--model.output_dir", "{trained}", "--model.lora.r", "4",
-                                      "--ckpt_path", "last"), ("LoRA r=8", "model.lora.r=4"), trained),
+    Case("fit-ckpt-with-other-r", fit("--model.output_dir", "{trained}", "--model.lora.r", "2",
+                                      "--ckpt_path", "last"), ("LoRA r=4", "model.lora.r=2"), trained),
     # evaluation: lora-pipeline evaluate
     Case("evaluate-out-under-file", evaluate("base={base}", extra=("--out", "{file}/eval")),
          ("--out:", "under the regular file"), out_parent),

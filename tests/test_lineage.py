@@ -30,7 +30,7 @@ from lora_module.registry import register_adapter
 from lora_module.training.cli import main as fit_main
 
 TASK = "lineage"
-NAME = re.compile(rf"^{TASK}-lora-r8-\d{{8}}T\d{{6}}Z-[0-9a-f]{{6}}$")
+NAME = re.compile(rf"^{TASK}-lora-r4-\d{{8}}T\d{{6}}Z-[0-9a-f]{{6}}$")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_training_runs_are_named_tagged_and_in_the_task_experiment(trained):
     assert names[0] != names[1]  # seed_everything seeds MLflow's name generator: ours differ
     assert {client.get_experiment(r.info.experiment_id).name for r in runs} == {f"lora-{TASK}"}
     tags = runs[0].data.tags
-    assert tags["task"] == TASK and tags["finetune"] == "lora" and tags["lora.r"] == "8"
+    assert tags["task"] == TASK and tags["finetune"] == "lora" and tags["lora.r"] == "4"
     assert tags["data_fingerprint"] == trained["manifest"]["fingerprint"]
     assert tags["base_fingerprint"] == trained["metrics"][0]["base_fingerprint"]
     assert tags.get("git_commit") == git_commit()  # omitted outside a git checkout
@@ -103,7 +103,7 @@ def test_version_and_training_run_link_each_other(trained, tmp_path):
                          .read_text())
     assert lineage["training_run"] == {"run_id": training.info.run_id, "same_store": True,
                                        "tracking_uri": metrics["mlflow_tracking_uri"]}
-    assert lineage["tags"]["lora.targets"] == "q,k,v,o,wi,wo" and lineage["gate"]["promote"] is True
+    assert lineage["tags"]["lora.targets"] == "q,k,v,o,wi_0,wi_1,wo" and lineage["gate"]["promote"] is True
 
 
 def test_registration_into_another_store_warns_and_records_it(trained, tmp_path, caplog):

@@ -46,6 +46,7 @@ from lora_module.registry.gate import (
     choose_aliases,
     choose_champion,
     decide_in_registry,
+    is_transient,
 )
 from lora_module.registry.inputs import RegistrationInputError
 
@@ -110,6 +111,22 @@ def test_default_retry_budget_outlasts_a_30_second_restart():
     params = inspect.signature(register_adapter).parameters  # the registration uses the same defaults
     assert (params["retries"].default, params["max_backoff"].default) == (policy.retries, policy.max_backoff)
     assert RetryPolicy(retries=2, backoff=0.5).total_wait == 1.5
+
+
+def test_a_concurrent_write_conflict_is_retried_other_bad_requests_are_not():
+    """Two machines setting one alias at once: the store's unique constraint rejects the second insert
+    (seen in the race below on a sqlite-backed server); trying again converges. A real bad request fails."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+
+    conflict = ("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.workspace, "
+                "registered_model_aliases.name, registered_model_aliases.alias")
+    assert is_transient(MlflowException(conflict, error_code=BAD_REQUEST))
+    assert is_transient(MlflowException('duplicate key value violates unique constraint "aliases_pk"',
+                                        error_code=BAD_REQUEST))
+    assert not is_transient(MlflowException("Invalid alias name 'v1'", error_code=INVALID_PARAMETER_VALUE))
+    assert not is_transient(MlflowException("Registered Model with name=x not found",
+                                            error_code=RESOURCE_DOES_NOT_EXIST))
 
 
 def test_model_name_with_a_quote_is_refused_before_anything_exists(tiny_t5_dir, tmp_path, monkeypatch,

@@ -77,7 +77,7 @@ def test_run_fit_writes_outputs_and_logs_to_mlflow(cli_run, tiny_t5_dir, prepare
     assert first["steps"] == 4 and first["finetune"] == "lora"
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["data"]["prepared_dir"] == str(prepared_dir)
-    assert config["model"]["lora"]["r"] == 8 and config["trainer"]["max_steps"] == 6
+    assert config["model"]["lora"]["r"] == 4 and config["trainer"]["max_steps"] == 6
     model = LoraModel.from_pretrained(load_base_model(str(tiny_t5_dir)), out / "adapter")
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
@@ -126,10 +126,10 @@ def test_validate_and_predict_subcommands(cli_run, tiny_t5_dir, prepared_dir, tm
 
 def test_print_config_shows_resolved_values(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", str(DEMO_CONFIG), "--model.lora.r", "4", "--print_config"])
+        main(["fit", "--config", str(DEMO_CONFIG), "--model.lora.r", "2", "--print_config"])
     assert e.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["lora"]["r"] == 4 and printed["model"]["finetune"] == "lora"
+    assert printed["model"]["lora"]["r"] == 2 and printed["model"]["finetune"] == "lora"
     assert printed["trainer"]["logger"]["class_path"].endswith("PipelineMLFlowLogger")
 
 

@@ -165,16 +165,16 @@ def test_ckpt_path_last_without_checkpoint_or_missing_file_fails_in_one_line(
 
 
 def test_resume_with_another_lora_r_names_both(tiny_t5_dir, prepared_dir, tmp_path, capsys):
-    out = tmp_path / "r8"
+    out = tmp_path / "r4"  # the demo config's rank
     main(["fit", "--config", str(DEMO_CONFIG), *fit_args(tiny_t5_dir, prepared_dir, out, 0.0),
           "--trainer.max_epochs", "-1", "--trainer.max_steps", "2"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(DEMO_CONFIG), *fit_args(tiny_t5_dir, prepared_dir, out, 0.0),
-              "--model.lora.r", "4", "--ckpt_path", "last"])
+              "--model.lora.r", "2", "--ckpt_path", "last"])
     assert e.value.code == 2
     message = one_error_line(capsys)
-    assert "LoRA r=8" in message and "model.lora.r=4" in message and "last.ckpt" in message, message
+    assert "LoRA r=4" in message and "model.lora.r=2" in message and "last.ckpt" in message, message
 
 
 # ---- whole outputs ------------------------------------------------------------------------------

@@ -234,6 +234,10 @@ class RegistryUnavailableError(PipelineError, RuntimeError):
     """The MLflow tracking server / registry could not be reached after all retries."""
 
 
+# How SQL stores (sqlite, PostgreSQL, MySQL) word a unique-constraint conflict.
+WRITE_CONFLICTS = ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
+
+
 def is_transient(exc: BaseException) -> bool:
     """Errors worth retrying: the registry is down, overloaded or its database briefly locked."""
     import requests
@@ -245,7 +249,12 @@ def is_transient(exc: BaseException) -> bool:
         return exc.response is None or exc.response.status_code >= 500 or exc.response.status_code == 429
     if isinstance(exc, MlflowException):
         # Transport failures surface as INTERNAL_ERROR ("API request to ... failed with exception").
-        return exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+        if exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
+            return True
+        # Two machines writing the same row at once (e.g. setting one alias): the store's unique
+        # constraint rejects the second insert as BAD_REQUEST. Our writes are idempotent, and the
+        # alias step re-reads after writing, so trying again is right.
+        return any(m in str(exc) for m in WRITE_CONFLICTS)
     return False
 
 
