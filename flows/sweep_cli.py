@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrency", type=int, help="trainings at a time (None: the CPU count)")
     parser.add_argument("--no-register", action="store_true", help="recommend only; register nothing")
     parser.add_argument("--scaling", choices=("rslora", "constant"), default="rslora",
-                        help="lora_alpha per rank: rslora = alpha/sqrt(r) with alpha 4 (one learning rate suits "
-                             "every rank), constant = alpha/r with alpha 2r")
+                        help="lora_alpha per rank, the task config's rank keeping its scale alpha/r: rslora = "
+                             "alpha'/sqrt(r) (one learning rate suits every rank), constant = the same alpha/r "
+                             "at every rank")
     args = parser.parse_args(argv)
     from lora_pipeline.flows import demo
 
