@@ -75,7 +75,7 @@ def config_anchor(config_path: str, overrides: list[str]) -> tuple[int, float]:
 
     lora = (yaml.safe_load(Path(config_path).read_text()) or {}).get("model", {}).get("lora", {})
     values = {"r": lora.get("r", LoraConfig.r), "lora_alpha": lora.get("lora_alpha", LoraConfig.lora_alpha)}
-    for flag, value in zip(overrides, overrides[1:]):
+    for flag, value in zip(overrides, overrides[1:], strict=False):  # each flag with the item after it
         key = flag.removeprefix("--model.lora.")
         if key in values:
             values[key] = yaml.safe_load(value)

@@ -27,6 +27,26 @@ import urllib.request
 from pathlib import Path
 
 
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Until `url` answers 200; fails at once, with the end of the server's `log`, if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited:\n{log_tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} not up after {timeout} s:\n{log_tail(log)}")
+
+
+def log_tail(log: Path, n: int = 60) -> str:
+    """The last `n` lines of a server log ("" before it exists)."""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.exists() else ""
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

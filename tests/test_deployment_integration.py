@@ -14,13 +14,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from mlflow_server import MlflowServer, free_port
+from mlflow_server import MlflowServer, free_port, log_tail, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,8 +37,8 @@ class Process:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                          start_new_session=True)
 
-    def tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
+    def tail(self) -> str:
+        return log_tail(self.log)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -50,20 +48,6 @@ class Process:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
-
-
-def wait_http(url: str, proc: Process, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"{url}: server exited:\n{proc.tail()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} not up after {timeout} s:\n{proc.tail()}")
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 300) -> str:
@@ -96,7 +80,7 @@ def stack(tmp_path_factory, tiny_t5_dir):
         server = Process([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                           str(port), "--no-ui", "--analytics-off"], root / "prefect-server.log", env)
         procs.append(server)
-        wait_http(f"{api}/health", server, timeout=240)
+        wait_http(f"{api}/health", server.proc, server.log, timeout=240)
 
         spec = root / "tiny_summary.yaml"
         spec.write_text(yaml.safe_dump({

@@ -17,13 +17,11 @@ import os
 import re
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from mlflow_server import MlflowServer, free_port
+from mlflow_server import MlflowServer, free_port, wait_http
 from registry_helpers import make_report
 from test_training import prepare_tiny
 from test_training_cli import DEMO_CONFIG, overrides
@@ -56,19 +54,6 @@ def text_of(dom: str) -> str:
     """Visible-ish text: tags and scripts dropped, whitespace collapsed."""
     dom = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", dom, flags=re.S)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} not up after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +134,7 @@ def prefect_ui(tmp_path_factory):
                                  "--port", str(port), "--analytics-off"], stdout=f, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/api/health", proc, log, timeout=240)
+        wait_http(f"http://127.0.0.1:{port}/api/health", proc, log, timeout=240)
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, 15)
