@@ -11,6 +11,7 @@ RuntimeError), so code that catches those still works.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -66,6 +67,19 @@ def run_cli(main: Callable[[list[str]], int | None], argv: Sequence[str]) -> int
         if isinstance(e.code, str):
             return report_error(e.code.removeprefix("error: "))
         raise
+
+
+class UsageError(PipelineError, ValueError):
+    """A command line argparse refuses (unknown option, missing argument, bad value)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors raise UsageError, so `run_cli` prints them as every other
+    bad input: one `error: ...` line naming the command, exit status 2 (argparse prints the whole
+    usage block instead)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 class InputNotFoundError(PipelineError, FileNotFoundError):
