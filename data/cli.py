@@ -23,7 +23,6 @@ import ast
 import dataclasses
 import inspect
 import json
-import sys
 import textwrap
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
@@ -32,11 +31,10 @@ from typing import Any
 
 import yaml
 
+from lora_module.errors import ArgumentParser, check_output_dir
 from lora_pipeline.data import demo_corpus
-from lora_pipeline.data.config import DataConfig, DataConfigError
+from lora_pipeline.data.config import DataConfig
 from lora_pipeline.data.prepare import PreparedData, prepare
-from lora_pipeline.data.sources import DataSourceError
-from lora_pipeline.data.validate import DataValidationError
 from lora_pipeline.deploy import SHIPPED_ROOT
 
 
@@ -125,7 +123,7 @@ def summary(p: PreparedData) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the data commands (`prepare`, `inspect`, `demo-corpus`)."""
-    parser = argparse.ArgumentParser(prog="lora-pipeline", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="lora-pipeline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", description=__doc__.split("\n\n", 1)[1],
                           formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -176,22 +174,19 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _demo_corpus(args: argparse.Namespace) -> None:
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out")
+    rows = demo_corpus.generate(args.n, args.seed)  # a bad --n fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     path = out / "demo.jsonl"
     with open(path, "w", encoding="utf-8") as f:
-        for row in demo_corpus.generate(args.n, args.seed):
+        for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"wrote {args.n} dialogues (seed {args.seed}) to {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`prepare ...`, `inspect ...` or `demo-corpus ...`; returns 0, or 2 with one `error:` line for bad
-    input."""
+    """`prepare ...`, `inspect ...` or `demo-corpus ...`; returns 0. Bad input raises a PipelineError (a
+    usage error too), which `lora-pipeline` (`run_cli`) prints as one `error:` line with exit status 2."""
     args = build_parser().parse_args(argv)
-    try:
-        {"prepare": _prepare, "inspect": _inspect, "demo-corpus": _demo_corpus}[args.command](args)
-    except (DataConfigError, DataSourceError, DataValidationError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    {"prepare": _prepare, "inspect": _inspect, "demo-corpus": _demo_corpus}[args.command](args)
     return 0

@@ -15,6 +15,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from lora_pipeline.data.config import DataConfigError
+
 NAMES = (
     "Maria", "James", "Aisha", "Tom", "Yuki", "Carlos", "Priya", "Ben", "Fatima", "Lucas", "Chloe", "Omar",
     "Hannah", "Diego", "Mei", "Samuel", "Zara", "Ivan", "Nora", "Kwame", "Elena", "Raj", "Sofia", "Daniel",
@@ -323,5 +325,5 @@ def generate_one(seed: int, index: int) -> dict[str, str]:
 def generate(n: int, seed: int = 0) -> list[dict[str, str]]:
     """`n` rows with keys `dialogue`, `summary`, `topic`; same (n, seed) gives the same rows."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        raise DataConfigError(f"demo corpus size n must be an integer >= 0, got {n!r}")
     return [generate_one(seed, i) for i in range(n)]

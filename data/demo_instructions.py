@@ -21,6 +21,7 @@ import random
 import re
 from collections.abc import Callable
 
+from lora_pipeline.data.config import DataConfigError
 from lora_pipeline.data.demo_corpus import CITIES, DAYS, NAMES, NUMBERS, STREETS, generate
 
 # A fact of the "key facts" gist: a name, "Dr. Surname", a day, a clock time, an amount, a count,
@@ -135,11 +136,11 @@ def generate_instructions(n: int, seed: int = 1, weights: dict[str, float] | Non
     `weights` (task name -> relative weight; default: key facts 3, every other task 1) sets the mix.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        raise DataConfigError(f"number of instruction pairs n must be an integer >= 0, got {n!r}")
     weights = weights or {name: 3.0 if name == "key_facts" else 1.0 for name in TASKS}
     unknown = sorted(set(weights) - set(TASKS))
     if unknown:
-        raise ValueError(f"unknown instruction task(s) {unknown}; valid: {sorted(TASKS)}")
+        raise DataConfigError(f"unknown instruction task(s) {unknown}; valid: {sorted(TASKS)}")
     names = sorted(weights)
     rng = random.Random(f"instructions:{seed}")
     pairs = []

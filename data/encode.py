@@ -26,7 +26,7 @@ import datasets
 import numpy as np
 
 from lora_module.prompt import fit_prompt, special_affixes
-from lora_pipeline.data.config import SPLITS, DataConfig
+from lora_pipeline.data.config import SPLITS, DataConfig, DataConfigError
 from lora_pipeline.data.validate import Rows
 
 IGNORE_INDEX = -100
@@ -42,8 +42,9 @@ def _affixes(tokenizer: Any, cfg: DataConfig) -> tuple[Affixes, Affixes]:
     prefix, suffix = special_affixes(tokenizer)
     if cfg.model_type == "causal":
         if tokenizer.eos_token_id is None:
-            raise ValueError(
-                f"model_type='causal' needs a tokenizer with an EOS token; {cfg.tokenizer!r} has none"
+            raise DataConfigError(
+                f"model_type='causal' needs a tokenizer with an EOS token; tokenizer={cfg.tokenizer!r} has "
+                "none"
             )
         # causal: the prompt gets only the prefix (BOS); EOS ends the target instead.
         return (prefix, []), ([], [tokenizer.eos_token_id])
@@ -56,8 +57,10 @@ def make_encoder(tokenizer: Any, cfg: DataConfig):
     src_room = cfg.max_source_length - len(src_affix[0]) - len(src_affix[1])
     tgt_room = cfg.max_target_length - len(tgt_affix[0]) - len(tgt_affix[1])
     if src_room < 1 or tgt_room < 1:
-        raise ValueError(
-            "max_source_length/max_target_length leave no room for text after the special tokens"
+        raise DataConfigError(
+            f"max_source_length={cfg.max_source_length}/max_target_length={cfg.max_target_length} leave no "
+            f"room for text after the tokenizer's special tokens ({len(src_affix[0]) + len(src_affix[1])} "
+            f"source, {len(tgt_affix[0]) + len(tgt_affix[1])} target): raise them"
         )
 
     def sources(batch: dict[str, list]) -> tuple[list[str], list[list[int]], list[int], list[int]]:

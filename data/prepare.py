@@ -8,8 +8,9 @@
 The folder `<output_root>/<name>-<fingerprint[:12]>/` holds `dataset/` (save_to_disk), `tokenizer/`
 and `manifest.json`. The fingerprint hashes the source data (file contents, Hub name+revision or demo
 parameters), every config field that changes the output, the tokenizer (its files' contents or its
-name) and this package's code. The folder is built under a temporary name and renamed when complete,
-so a crash never leaves a folder that looks finished.
+name) and the code that builds it (every project file this module imports, lora_module.prompt's
+truncation among them). The folder is built under a temporary name and renamed when complete, so a
+crash never leaves a folder that looks finished.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any
 import datasets
 from transformers import AutoTokenizer
 
+from lora_module.code_identity import code_fingerprint
+from lora_module.contracts import MANIFEST_FILE, PREPARED_TOKENIZER_DIR, TOKENIZER_FILES
 from lora_module.errors import InputNotFoundError
 from lora_module.files import move_aside, publish_dir, sha256_file, sha256_json, write_json_atomic
 from lora_pipeline.data import encode, sources, validate
@@ -35,21 +38,13 @@ from lora_pipeline.data.config import DEFAULT_TEMPLATES, DEMO_TOKENIZER, DataCon
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-# Tokenizer files worth hashing in a local folder (model weights beside them are skipped on purpose).
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "spiece.model",
-    "tokenizer.model",
-    "config.json",
-)
+# The code whose import closure the fingerprint hashes: this module and all it runs (sources, validation,
+# encoding, lora_module.prompt's templating and truncation, ...).
+DATA_CODE = ("lora_pipeline.data.prepare",)
+# Files worth hashing in a local tokenizer folder: the tokenizer's and the model config beside them
+# (model weights are skipped on purpose).
+_TOKENIZER_FILES = (*TOKENIZER_FILES, "config.json")
 
 
 @dataclass
@@ -95,7 +90,7 @@ def fingerprint(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
     source = sources.source_identity(cfg)
     key = {
         "format": FORMAT_VERSION,
-        "code": sources.module_sha256(sources, validate, encode),
+        "code": code_fingerprint(DATA_CODE),
         "source": source,
         "config": cfg.hash_dict(),
         "tokenizer": tokenizer_identity(cfg),
@@ -132,7 +127,8 @@ def _build_tokenizer(cfg: DataConfig, train: datasets.Dataset, root: Path) -> tu
         try:
             return AutoTokenizer.from_pretrained(cfg.tokenizer), cfg.tokenizer
         except Exception as e:
-            raise DataConfigError(f"tokenizer={cfg.tokenizer!r}: cannot load it: {type(e).__name__}: {e}") from e
+            raise DataConfigError(
+                f"tokenizer={cfg.tokenizer!r}: cannot load it: {type(e).__name__}: {e}") from e
     texts = _demo_tokenizer_texts(cfg, train)
     recipe = [cfg.tokenizer_vocab_size, cfg.model_type, sources.module_sha256(demo_tokenizer), texts]
     key = sha256_json(recipe)[:12]
@@ -148,10 +144,10 @@ def read_manifest(path: str | Path) -> dict | None:
     """The manifest of a complete prepared folder, else None."""
     p = Path(path)
     try:
-        manifest = json.loads((p / MANIFEST).read_text())
+        manifest = json.loads((p / MANIFEST_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    complete = (p / "dataset" / "dataset_dict.json").is_file() and (p / "tokenizer").is_dir()
+    complete = (p / "dataset" / "dataset_dict.json").is_file() and (p / PREPARED_TOKENIZER_DIR).is_dir()
     return manifest if complete and manifest.get("complete") else None
 
 
@@ -220,7 +216,7 @@ def _build(config: DataConfig, root: Path, fp: str, source: dict[str, Any], fina
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     try:
         dd.save_to_disk(str(tmp / "dataset"))
-        tok.save_pretrained(tmp / "tokenizer")
+        tok.save_pretrained(tmp / PREPARED_TOKENIZER_DIR)
         lap("save")
         manifest = {
             "fingerprint": fp,
@@ -250,7 +246,7 @@ def _build(config: DataConfig, root: Path, fp: str, source: dict[str, Any], fina
             "complete": True,
         }
         # The manifest is written last: its presence (with "complete") marks a finished folder.
-        write_json_atomic(tmp / MANIFEST, manifest)
+        write_json_atomic(tmp / MANIFEST_FILE, manifest)
         publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -264,15 +260,15 @@ def load_prepared(path: str | Path) -> tuple[datasets.DatasetDict, dict]:
     manifest = read_manifest(p)
     if manifest is None:
         raise InputNotFoundError(
-            f"{p} is not a complete prepared data folder (needs {MANIFEST} with complete=true, dataset/, "
-            "tokenizer/); run `lora-pipeline prepare --config FILE` first"
+            f"{p} is not a complete prepared data folder (needs {MANIFEST_FILE} with complete=true, "
+            f"dataset/, {PREPARED_TOKENIZER_DIR}/); run `lora-pipeline prepare --config FILE` first"
         )
     return datasets.load_from_disk(str(p / "dataset")), manifest
 
 
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer saved in a prepared folder (`<path>/tokenizer`)."""
-    tok_dir = Path(path) / "tokenizer"
+    tok_dir = Path(path) / PREPARED_TOKENIZER_DIR
     if not tok_dir.is_dir():
         raise InputNotFoundError(f"no tokenizer/ folder in {path}: not a prepared data folder")
     return AutoTokenizer.from_pretrained(tok_dir)

@@ -18,6 +18,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from lora_pipeline.data.config import DataConfigError
+
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<s>"]
 NUM_SENTINELS = 20
 STYLES = ("seq2seq", "causal")
@@ -31,12 +33,12 @@ def train_tokenizer(
 ) -> Path:
     """Train a byte-level BPE on `texts` and save a standard tokenizer folder; returns its path."""
     if style not in STYLES:
-        raise ValueError(f"tokenizer style must be one of {STYLES}, got {style!r}")
+        raise DataConfigError(f"tokenizer style (model_type) must be one of {STYLES}, got {style!r}")
     sentinels = [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
     min_vocab = 256 + len(SPECIAL_TOKENS) + NUM_SENTINELS
     if vocab_size < min_vocab:
-        raise ValueError(
-            f"vocab_size must be at least {min_vocab} (bytes + special tokens), got {vocab_size}"
+        raise DataConfigError(
+            f"tokenizer vocab_size must be at least {min_vocab} (bytes + special tokens), got {vocab_size}"
         )
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

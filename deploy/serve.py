@@ -12,12 +12,12 @@ entrypoints in prefect.yaml), so serving works from any working directory.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
+from lora_module.errors import ArgumentParser
 from lora_pipeline.deploy import PREFECT_YAML
 
 
@@ -49,7 +49,7 @@ def deployments(names: Sequence[str] | None = None, prefect_yaml: Path = PREFECT
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`lora-pipeline serve [NAME ...]`: serve the named deployments (all by default) until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="lora-pipeline serve", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="lora-pipeline serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"deployment names from {PREFECT_YAML} (default: all of them)")
     args = parser.parse_args(argv)

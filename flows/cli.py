@@ -31,7 +31,7 @@ class Command(NamedTuple):
 
 TRAINING = "lora_module.training.cli"
 REGISTRY = "lora_module.registry.cli"
-SERVING = "lora_module.registry.serving"
+SERVING = "lora_module.serving.cli"
 COMMANDS: dict[str, Command] = {
     "prepare": Command("lora_pipeline.data.cli", "prepare (or reuse) a data set: validate, template, "
                        "tokenize, cache", ("prepare",)),
@@ -53,10 +53,10 @@ COMMANDS: dict[str, Command] = {
     "demote": Command(REGISTRY, "remove an alias (default @champion) by hand", ("demote",)),
     "list": Command(REGISTRY, "registered tasks with their versions, aliases and ROUGE", ("list",)),
     "show": Command(REGISTRY, "one registered version: tags, lineage, gate decision", ("show",)),
-    "predict": Command(REGISTRY, "generate with a task's registered adapter (default @champion)",
+    "predict": Command(SERVING, "generate with a task's registered adapter (default @champion)",
                        ("predict",)),
-    "register-multitask": Command(SERVING, "register one model serving several tasks' champions on one base",
-                                  ("register-multitask",)),
+    "register-multitask": Command("lora_module.registry.multitask", "register one model serving several "
+                                  "tasks' champions on one base"),
     "serve-model": Command(SERVING, "serve a registered model over HTTP (/invocations; mlflow models serve)",
                            ("serve-model",)),
     "run": Command("lora_pipeline.flows.pipeline", "run the pipeline flow for one or more tasks"),

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lora_module.errors import ArgumentParser
 from lora_module.evaluation.report import rouge_table
 from lora_module.home import PipelineHome
 
@@ -139,9 +140,9 @@ def render(summary: dict[str, Any], wall: float, flow_wall: float, home: Pipelin
 
 def main(argv: list[str] | None = None) -> int:
     """`lora-pipeline demo [--home DIR] ...`; returns the exit status (1 if a task failed)."""
-    parser = argparse.ArgumentParser(prog="lora-pipeline demo",
-                                     description="Run the offline LoRA pipeline demo (summary + topic).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog="lora-pipeline demo",
+                            description="Run the offline LoRA pipeline demo (summary + topic).",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--home", type=Path,
                         help="pipeline home (None: $LORA_PIPELINE_HOME, else ./.lora_pipeline)")
     parser.add_argument("--task", action="append", dest="tasks",

@@ -35,7 +35,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from lora_module.errors import PipelineError, report_error
+from lora_module import contracts as c
+from lora_module.errors import ArgumentParser
 from lora_module.home import PipelineHome
 from lora_module.registry import ensure_task_experiment
 from lora_pipeline.flows import tasks as t
@@ -173,9 +174,9 @@ def task_pipeline(
     runs, evals = _train_and_evaluate(stages, spec, ph, base, data_dir, run_dir, threads)
     rep = stages.run("report", t.report, spec.name, [base_eval["path"], *evals], str(run_dir / "report"))
     lora_dir = runs["lora"]["path"]
-    reg = stages.run("register", t.register, spec.name, str(Path(lora_dir) / "adapter"), rep["path"],
-                     lora_dir, spec.model_name, spec.metric, str(Path(data_dir) / "tokenizer"), ph,
-                     registry_retries)
+    reg = stages.run("register", t.register, spec.name, str(Path(lora_dir) / c.ADAPTER_DIR), rep["path"],
+                     lora_dir, spec.model_name, spec.metric, str(Path(data_dir) / c.PREPARED_TOKENIZER_DIR),
+                     ph, registry_retries)
     report_json = json.loads(Path(rep["path"]).read_text())
     link = _publish(spec.name, report_json, reg, rep["path"])
     total = time.perf_counter() - t_start
@@ -281,7 +282,8 @@ def many_tasks(
                "base_seconds": base_seconds, "base_models": bases}
     if failed and not allow_partial:
         done = ", ".join(f"{n}: {r['model_name']} v{r['version']}" for n, r in results.items()) or "none"
-        raise RuntimeError(f"{len(failed)} of {len(specs)} tasks failed ({failed}); registered: {done}")
+        raise t.FlowFailedError(f"{len(failed)} of {len(specs)} tasks failed ({failed}); registered: {done} "
+                                "(--allow-partial: keep the others' results and exit 0)")
     return summary
 
 
@@ -297,9 +299,9 @@ def check_before_flow(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`lora-pipeline run [--task T ...]`: the many-task flow; prints its summary as JSON."""
-    parser = argparse.ArgumentParser(prog="lora-pipeline run",
-                                     description="Run the pipeline flow for one or more tasks.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog="lora-pipeline run",
+                            description="Run the pipeline flow for one or more tasks.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--task", action="append", dest="tasks",
                         help="task name (a spec in deploy/tasks/) or spec file; repeatable "
                              "(None: summary and topic)")
@@ -316,13 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-partial", action="store_true",
                         help="exit 0 when some tasks fail (their errors are in the summary)")
     args = parser.parse_args(argv)
-    try:
-        check_before_flow(args)
-        out = many_tasks(tasks=args.tasks or ["summary", "topic"], base_model=args.base_model,
-                         home=args.home, tracking_uri=args.tracking_uri, eval_limit=args.eval_limit,
-                         train_full=False if args.no_full else None, max_concurrency=args.max_concurrency,
-                         allow_partial=args.allow_partial)
-    except PipelineError as e:
-        return report_error(e)
+    check_before_flow(args)
+    out = many_tasks(tasks=args.tasks or ["summary", "topic"], base_model=args.base_model,
+                     home=args.home, tracking_uri=args.tracking_uri, eval_limit=args.eval_limit,
+                     train_full=False if args.no_full else None, max_concurrency=args.max_concurrency,
+                     allow_partial=args.allow_partial)
     print(json.dumps(out, indent=2, default=str))
     return 0

@@ -1,13 +1,15 @@
 """What the flows show: ROUGE tables, Markdown artifacts and links into the MLflow UI.
 
-Presentation only: the numbers come from `lora_module.evaluation.report` (report.json) and the registry.
+Presentation only: the numbers come from `lora_module.evaluation.report` (report.json) and the registry;
+every table is drawn by its `format_table` / `rouge_table`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lora_module.evaluation.report import rouge_table
+from lora_module.contracts import run_link
+from lora_module.evaluation.report import format_table, rouge_table
 from lora_module.evaluation.rouge import ROUGE_TYPES
 
 LOCAL_UI = "http://127.0.0.1:5000"
@@ -32,7 +34,7 @@ def mlflow_run_link(tracking_uri: str, run_id: str) -> str:
         experiment = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
     except Exception:  # a link is a convenience: never fail a flow over it
         pass
-    return f"{base}/#/experiments/{experiment}/runs/{run_id}" if experiment else f"{base}/#/runs/{run_id}"
+    return f"{base}/{run_link(experiment, run_id)}" if experiment else f"{base}/#/runs/{run_id}"
 
 
 def _ui_hint(tracking_uri: str) -> str:
@@ -59,18 +61,15 @@ def task_markdown(task: str, report: dict[str, Any], reg: dict[str, Any], link: 
 
 def summary_markdown(results: dict[str, dict], failed: dict[str, str], seconds: float) -> str:
     """The many-task artifact: one line per task (version or error) and each task's ROUGE-L."""
-    lines = [f"# Pipeline summary ({len(results)} succeeded, {len(failed)} failed, {seconds:.0f} s)", "",
-             "| task | status | registered | alias | ROUGE-L base | ROUGE-L full | ROUGE-L LoRA | seconds |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    header = ["task", "status", "registered", "alias", "ROUGE-L base", "ROUGE-L full", "ROUGE-L LoRA",
+              "seconds"]
 
     def cell(rows: dict, name: str) -> str:
         return f"{100 * rows[name]['rougeL']:.2f}" if name in rows else "-"
 
-    for name, r in results.items():
-        rows = r["rouge"]
-        scores = " | ".join(cell(rows, m) for m in ("base", "full", "lora"))
-        lines.append(f"| {name} | ok | {r['model_name']} v{r['version']} | {r['alias']} | {scores} | "
-                     f"{r['seconds']:.0f} |")
-    for name, err in failed.items():
-        lines.append(f"| {name} | FAILED: {err[:200].replace('|', '/')} | - | - | - | - | - | - |")
-    return "\n".join(lines) + "\n"
+    body = [[name, "ok", f"{r['model_name']} v{r['version']}", r["alias"],
+             *(cell(r["rouge"], m) for m in ("base", "full", "lora")), f"{r['seconds']:.0f}"]
+            for name, r in results.items()]
+    body += [[name, f"FAILED: {err[:200].replace('|', '/')}", *["-"] * 6] for name, err in failed.items()]
+    title = f"# Pipeline summary ({len(results)} succeeded, {len(failed)} failed, {seconds:.0f} s)"
+    return "\n".join([title, "", format_table(header, body, align="<<<<>>>>")]) + "\n"

@@ -96,7 +96,7 @@ class TaskSpec:
     @property
     def model_name(self) -> str:
         """The registered model this task's adapters become versions of."""
-        from lora_module.registry.register import model_name_for  # here: the registry imports MLflow
+        from lora_module.registry.tracking import model_name_for  # here: the registry imports MLflow
 
         return self.registry_model or model_name_for(self.name)
 
@@ -183,16 +183,16 @@ def check_task_spec(spec: TaskSpec, base_model: str | None = None) -> list[str]:
     """
     from lora_module.evaluation.generation import GenerationConfig
     from lora_module.training.cli import ConfigParseError, parse_config
-    from lora_pipeline.data import DataConfig, DataConfigError
+    from lora_pipeline.data import DataConfig
 
     problems: list[str] = []
     try:
         DataConfig.from_yaml(spec.data_config, spec.data_overrides or None)
-    except (DataConfigError, FileNotFoundError, TypeError) as e:
+    except (PipelineError, TypeError) as e:  # a data config file that is missing or invalid
         problems.append(f"task {spec.name!r}: data config {spec.data_config}: {e}")
     try:
         GenerationConfig.from_dict(spec.generation)
-    except (ValueError, TypeError) as e:
+    except (PipelineError, TypeError) as e:
         problems.append(f"task {spec.name!r}: generation: {e}")
     model = base_model or spec.base_model
     for key, kinds in (("lora_config", ("lora", "qlora")), ("full_config", ("full",))):

@@ -42,10 +42,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from lora_module import contracts as c
 from lora_module.config import LoraConfig
 from lora_module.home import PipelineHome
 from lora_module.registry import ensure_task_experiment
 from lora_pipeline.flows.specs import TaskSpec, TaskSpecError, load_task_spec
+from lora_pipeline.flows.tasks import FlowFailedError, build_base, evaluate_base, prepare_data, training_env
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 # T5 layer names; "wi" is the plain feed-forward input, "wi_0"/"wi_1" the gated one's (FLAN-T5).
@@ -85,35 +87,6 @@ def config_anchor(config_path: str, overrides: list[str]) -> tuple[int, float]:
 def point_name(target: str, rank: int) -> str:
     """The training folder and evaluation name of one grid point, e.g. `attention-r8`."""
     return f"{target}-r{rank}"
-
-
-@task(name="build-base-model", retries=1)
-def build_base(base_model: str, base_dir: str, demo_base: dict[str, Any] | None) -> str:
-    """The demo base model's folder (built or reused) when `base_model` is "demo", else the name."""
-    if base_model != "demo":
-        return base_model
-    from lora_module.training.demo_base import build_demo_base
-
-    return str(build_demo_base(Path(base_dir), **(demo_base or {})))
-
-
-@task(name="prepare-data", retries=1)
-def prepare_data(data_config: str, overrides: dict[str, Any]) -> str:
-    """The prepared data folder (prepared, or reused by fingerprint)."""
-    from lora_pipeline.data import DataConfig, prepare
-
-    return str(prepare(DataConfig.from_yaml(data_config, overrides or None)).path)
-
-
-@task(name="evaluate-base")
-def evaluate_base(base: str, data_dir: str, evals_dir: str, generation: dict[str, Any], limit: int | None
-                  ) -> str:
-    """The base model's evaluation on the test rows (reused when the inputs are unchanged)."""
-    from lora_module.evaluation.baseline import evaluate_base as evaluate_base_model
-    from lora_module.evaluation.generation import GenerationConfig
-
-    gen = GenerationConfig.from_dict(generation)
-    return str(evaluate_base_model(base, data_dir, evals_dir, gen, limit).path)
 
 
 @task(name="sweep-point", retries=1, retry_delay_seconds=5)
@@ -232,7 +205,7 @@ def log_to_mlflow(home: PipelineHome, task_name: str, result: dict[str, Any], fi
     experiment_id = ensure_task_experiment(home, task_name)
     client = MlflowClient(tracking_uri=home.tracking_uri)
     run = client.create_run(experiment_id, run_name="rank-sweep",
-                            tags={"lora.sweep": "rank", "task": task_name})
+                            tags={c.TAG_SWEEP: "rank", c.TAG_TASK: task_name})
     rid = run.info.run_id
     metric = result["metric"]
     client.log_param(rid, "recommended", result["recommended"]["name"])
@@ -297,7 +270,7 @@ def _setup(spec: TaskSpec, ph: PipelineHome, base: str, data_dir: str, out_dir: 
     return {"config": spec.lora_config, "out_dir": str(out_dir), "data_dir": data_dir,
             "overrides": ["--model.model_name_or_path", base, "--data.prepared_dir", data_dir,
                           *spec.train_overrides],
-            "env": {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"},
+            "env": training_env(threads),
             "tracking_uri": ph.tracking_uri, "experiment": ph.experiment(spec.name),
             "generation": spec.generation, "limit": spec.eval_limit}
 
@@ -310,9 +283,10 @@ def _register(spec: TaskSpec, ph: PipelineHome, rec: dict[str, Any], base_eval: 
 
     chosen = rec["point"]
     report = build_report(spec.name, [Path(base_eval), Path(chosen["eval"])], out_dir / "report")
-    res = register_adapter(spec.name, Path(chosen["run_dir"]) / "adapter", report_path=report,
+    res = register_adapter(spec.name, Path(chosen["run_dir"]) / c.ADAPTER_DIR, report_path=report,
                            train_dir=chosen["run_dir"], model_name=spec.model_name, metric=spec.metric,
-                           tokenizer_dir=Path(data_dir) / "tokenizer", candidate=chosen["name"], home=ph)
+                           tokenizer_dir=Path(data_dir) / c.PREPARED_TOKENIZER_DIR, candidate=chosen["name"],
+                           home=ph)
     return {"model_name": res.model_name, "version": res.version, "alias": res.alias,
             "decision": res.decision.get("reason"), "report": str(report)}
 
@@ -342,20 +316,22 @@ def rank_sweep(
     spec = _load_spec(task, base_model, data_overrides, train_overrides, lora_overrides, eval_limit)
     ph = PipelineHome.from_env(home, tracking_uri).create()
     ensure_task_experiment(ph, spec.name)  # before the concurrent trainings open the store
-    base = build_base(spec.base_model, str(ph.base_dir), demo_base)
+    base = build_base(spec.base_model, str(ph.base_dir), demo_base)["path"]
     data_dir = prepare_data(spec.data_config, {**spec.data_overrides, "tokenizer": base,
-                                               "output_root": str(ph.data_dir)})
-    base_eval = evaluate_base(base, data_dir, str(ph.evals_dir(spec.name)), spec.generation, spec.eval_limit)
+                                               "output_root": str(ph.data_dir)})["path"]
+    base_eval = evaluate_base(base, data_dir, str(ph.evals_dir(spec.name)), spec.generation,
+                              spec.eval_limit)["path"]
     out_dir = ph.new_run_dir(spec.name, f"sweep-{flow_run.id or 'local'}")
     setup = _setup(spec, ph, base, data_dir, out_dir, min(workers, len(ranks) * len(targets)))
     setup |= {"scaling": scaling, "anchor": config_anchor(spec.lora_config, spec.train_overrides)}
     grid = [{"target": t, "rank": r} for t in targets for r in sorted(ranks)]
     points, failed = _run_grid(grid, setup, workers)
     if not points:
-        raise RuntimeError(f"every point of the sweep failed: {failed}")
+        raise FlowFailedError(f"every point of the sweep failed: {failed}")
     rec = recommend(points, spec.metric)
-    result = {"task": spec.name, "metric": spec.metric, "scaling": scaling, "points": points, "failed": failed,
-              "recommended": rec["point"], "best": rec["best"]["name"], "interval": rec["interval"],
+    result = {"task": spec.name, "metric": spec.metric, "scaling": scaling, "points": points,
+              "failed": failed, "recommended": rec["point"], "best": rec["best"]["name"],
+              "interval": rec["interval"],
               "plateau": plateau(points, spec.metric), "base_eval": base_eval,
               "model_name": spec.model_name, "version": None, "alias": None, "decision": "not registered"}
     if register_best:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lora_module.errors import ArgumentParser
 from lora_module.home import PipelineHome
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -23,8 +24,8 @@ SWEEP_STEPS = ["--trainer.max_steps", "100"]
 
 def main(argv: list[str] | None = None) -> int:
     """`lora-pipeline sweep [--task T] [--rank R ...] [--targets SET ...]`; prints the sweep's table."""
-    parser = argparse.ArgumentParser(prog="lora-pipeline sweep", description="LoRA rank sweep of one task.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog="lora-pipeline sweep", description="LoRA rank sweep of one task.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--task", default="summary", help="task name (a spec in deploy/tasks/) or spec file")
     parser.add_argument("--rank", type=int, action="append", dest="ranks", help=f"repeatable (None: {RANKS})")
     parser.add_argument("--targets", action="append", choices=TARGETS,
@@ -34,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrency", type=int, help="trainings at a time (None: the CPU count)")
     parser.add_argument("--no-register", action="store_true", help="recommend only; register nothing")
     parser.add_argument("--scaling", choices=("rslora", "constant"), default="rslora",
-                        help="lora_alpha per rank, the task config's rank keeping its scale alpha/r: rslora = "
-                             "alpha'/sqrt(r) (one learning rate suits every rank), constant = the same alpha/r "
-                             "at every rank")
+                        help="lora_alpha per rank, the task config's rank keeping its scale alpha/r: "
+                             "rslora = alpha'/sqrt(r) (one learning rate suits every rank), constant = the "
+                             "same alpha/r at every rank")
     args = parser.parse_args(argv)
     from lora_pipeline.flows import demo
 

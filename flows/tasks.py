@@ -16,8 +16,14 @@ from typing import Any
 
 from prefect import task
 
+from lora_module import contracts as c
+from lora_module.errors import PipelineError
 from lora_module.home import PipelineHome
-from lora_module.registry.gate import RegistryUnavailableError
+from lora_module.registry.retry import RegistryUnavailableError
+
+
+class FlowFailedError(PipelineError, RuntimeError):
+    """A flow could not deliver its result: tasks or sweep points failed (the message names each one)."""
 
 
 def _registry_down(task: Any, task_run: Any, state: Any) -> bool:
@@ -87,7 +93,7 @@ def train(config_path: str, overrides: list[str], output_dir: str, tracking_uri:
     t0 = time.perf_counter()
     out = run_fit(config_path, overrides, resume=True, env=env, output_dir=output_dir,
                   tracking_uri=tracking_uri, experiment=experiment)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / c.METRICS_FILE).read_text())
     return {"path": str(out), "metrics": metrics, "seconds": time.perf_counter() - t0}
 
 

@@ -3,9 +3,15 @@
 An adapter folder holds `adapter_config.json` (PEFT's keys only, so PEFT loads it without
 "Unexpected keyword arguments" warnings), `adapter_model.safetensors` with keys
 `base_model.model.<module path>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r], and our sidecar
-`lora_pipeline.json` (`base_fingerprint` and the `lora_pipeline` metadata block), which PEFT never
-reads. `read_adapter_config` returns the PEFT config with the sidecar's two keys merged in; older
-adapters that hold those keys inside adapter_config.json read the same.
+`lora_pipeline.json`, which PEFT never reads: `base_fingerprint`, the `lora_pipeline` metadata
+block and `prompt`, the prompt settings the adapter was trained with (template, input column,
+lengths, model type), which make the folder self-describing:
+
+    write_prompt_settings(adapter_dir, PromptSettings.from_manifest(manifest))   # at export
+    read_prompt_settings(adapter_dir)        # PromptSettings, or None when none was recorded
+
+`read_adapter_config` returns the PEFT config with the sidecar's `base_fingerprint` and
+`lora_pipeline` merged in; those keys are read from the sidecar only.
 
 Loading is split in two: `plan_adapter_load` reads and checks everything (files, tensors, module
 paths, shapes, fingerprint) without touching the model; only then does LoraModel install the
@@ -27,18 +33,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_module.config import LoraConfig
+from lora_module.contracts import ADAPTER_CONFIG_FILE, ADAPTER_SIDECAR_FILE, ADAPTER_WEIGHTS_FILE
 from lora_module.errors import AdapterLoadError, FingerprintMismatchError, LoraConfigError
 from lora_module.files import write_with
+from lora_module.prompt import PromptSettings
 
-CONFIG_NAME = "adapter_config.json"
-METADATA_NAME = "lora_pipeline.json"  # our keys, beside the PEFT config rather than inside it
-WEIGHTS_NAME = "adapter_model.safetensors"
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+LEGACY_WEIGHTS_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 FINGERPRINT_ATTR = "lora_base_fingerprint"  # set on a model whose weights no longer show its base (NF4)
 QUANTIZATION_ATTR = "lora_quantization"
 FORMAT_VERSION = 1
 _SAMPLE = 1024  # values sampled per tensor for the fingerprint
+_MERGED_KEYS = ("base_fingerprint", "lora_pipeline")  # sidecar keys read_adapter_config merges in
+_PROMPT_KEY = "prompt"
 
 
 # ---- fingerprint -------------------------------------------------------------------------------
@@ -122,28 +129,31 @@ def save_adapter(model: nn.Module, path: Path, config: LoraConfig, tensors: dict
     path.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     # Each file through a temporary name: a crash never leaves a half-written file under the real name.
-    write_with(path / WEIGHTS_NAME, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt"}))
-    write_with(path / METADATA_NAME, lambda tmp: tmp.write_text(sidecar + "\n"))
-    write_with(path / CONFIG_NAME, lambda tmp: tmp.write_text(text + "\n"))  # last: the folder is complete
+    write_with(path / ADAPTER_WEIGHTS_FILE, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt"}))
+    write_with(path / ADAPTER_SIDECAR_FILE, lambda tmp: tmp.write_text(sidecar + "\n"))
+    # The config last: its presence says the folder is complete.
+    write_with(path / ADAPTER_CONFIG_FILE, lambda tmp: tmp.write_text(text + "\n"))
     return path
 
 
 # ---- load ---------------------------------------------------------------------------------------
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
     """adapter_config.json of an adapter folder (or the file itself), with the `base_fingerprint` and
-    `lora_pipeline` keys of its `lora_pipeline.json` sidecar merged in when there is one."""
+    `lora_pipeline` keys of its `lora_pipeline.json` sidecar merged in when there is one (the same
+    keys inside adapter_config.json are not ours to read: they are dropped)."""
     path = Path(path)
-    file = path / CONFIG_NAME if path.is_dir() else path
+    file = path / ADAPTER_CONFIG_FILE if path.is_dir() else path
     if not path.exists():
         raise AdapterLoadError(f"adapter folder {path} does not exist")
     if not file.is_file():
         present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
         raise AdapterLoadError(
-            f"adapter folder {path} is missing {CONFIG_NAME} (found: {present}); an adapter folder holds "
-            f"{CONFIG_NAME} and {WEIGHTS_NAME}"
+            f"adapter folder {path} is missing {ADAPTER_CONFIG_FILE} (found: {present}); an adapter folder "
+            f"holds {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}"
         )
-    raw = _read_json_object(file)
-    return {**raw, **_read_sidecar(file.parent / METADATA_NAME)}
+    raw = {k: v for k, v in _read_json_object(file).items() if k not in _MERGED_KEYS}
+    sidecar = _read_sidecar(file.parent / ADAPTER_SIDECAR_FILE)
+    return {**raw, **{k: sidecar[k] for k in _MERGED_KEYS if k in sidecar}}
 
 
 def _read_json_object(file: Path, fix: str = "") -> dict[str, Any]:
@@ -158,17 +168,41 @@ def _read_json_object(file: Path, fix: str = "") -> dict[str, Any]:
 
 
 def _read_sidecar(file: Path) -> dict[str, Any]:
-    """The `base_fingerprint` / `lora_pipeline` keys of a sidecar file ({} when there is none)."""
+    """The sidecar file's JSON object ({} when there is none)."""
     if not file.is_file():
         return {}
-    meta = _read_json_object(file, "; save the adapter again")
-    return {k: meta[k] for k in ("base_fingerprint", "lora_pipeline") if k in meta}
+    return _read_json_object(file, "; save the adapter again")
+
+
+def read_prompt_settings(adapter_dir: str | Path) -> PromptSettings | None:
+    """The prompt settings recorded in the adapter folder's sidecar; None when it records none."""
+    file = Path(adapter_dir) / ADAPTER_SIDECAR_FILE
+    prompt = _read_sidecar(file).get(_PROMPT_KEY)
+    if prompt is None:
+        return None
+    if not isinstance(prompt, dict):
+        raise AdapterLoadError(f"{file}: '{_PROMPT_KEY}' must be a JSON object, got {type(prompt).__name__}")
+    try:
+        return PromptSettings.from_dict(prompt)
+    except (TypeError, ValueError) as e:
+        raise AdapterLoadError(f"{file}: '{_PROMPT_KEY}' is not valid prompt settings: {e}") from e
+
+
+def write_prompt_settings(adapter_dir: str | Path, settings: PromptSettings) -> Path:
+    """Record `settings` in the sidecar of a saved adapter folder (replacing any recorded); returns it."""
+    file = Path(adapter_dir) / ADAPTER_SIDECAR_FILE
+    if not (Path(adapter_dir) / ADAPTER_CONFIG_FILE).is_file():
+        raise AdapterLoadError(f"{adapter_dir} is not a saved adapter folder (no {ADAPTER_CONFIG_FILE})")
+    sidecar = {**_read_sidecar(file), _PROMPT_KEY: settings.to_dict()}
+    text = json.dumps(sidecar, indent=2, sort_keys=True)
+    write_with(file, lambda tmp: tmp.write_text(text + "\n"))
+    return file
 
 
 def read_adapter_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
     """Tensors of an adapter folder: safetensors if present, else a legacy .bin via weights_only loading."""
     path = Path(path)
-    safetensors_file, legacy_file = path / WEIGHTS_NAME, path / LEGACY_WEIGHTS_NAME
+    safetensors_file, legacy_file = path / ADAPTER_WEIGHTS_FILE, path / LEGACY_WEIGHTS_FILE
     if safetensors_file.is_file():
         try:
             tensors = load_file(str(safetensors_file))
@@ -195,8 +229,8 @@ def read_adapter_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Pat
         return tensors, legacy_file
     present = sorted(p.name for p in path.iterdir())
     raise AdapterLoadError(
-        f"adapter folder {path} is missing its weights: expected {WEIGHTS_NAME} (or a legacy "
-        f"{LEGACY_WEIGHTS_NAME}), found {present}"
+        f"adapter folder {path} is missing its weights: expected {ADAPTER_WEIGHTS_FILE} (or a legacy "
+        f"{LEGACY_WEIGHTS_FILE}), found {present}"
     )
 
 
@@ -293,10 +327,11 @@ def plan_adapter_load(model: nn.Module, path: str | Path, *, force: bool = False
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise AdapterLoadError(
-            f"adapter path {path} is a file; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}"
+            f"adapter path {path} is a file; pass the folder holding {ADAPTER_CONFIG_FILE} and "
+            f"{ADAPTER_WEIGHTS_FILE}"
         )
     raw = read_adapter_config(path)
-    config_file = path / CONFIG_NAME
+    config_file = path / ADAPTER_CONFIG_FILE
     tensors, weights_file = read_adapter_weights(path)
     if not tensors:
         raise AdapterLoadError(f"{weights_file} holds no tensors")

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lora_module.errors import LoraConfigError
+from lora_module.errors import LoraConfigError, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def torch_dtype(name: str | None) -> Any:
     return getattr(torch, name)
 
 
-def dataclass_from_dict(cls: type, d: dict[str, Any], error: type[Exception] = ValueError) -> Any:
+def dataclass_from_dict(cls: type, d: dict[str, Any], error: type[Exception] = SettingsError) -> Any:
     """`cls(**d)` for a settings dataclass; an unknown key is an error that lists the valid ones."""
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(valid))

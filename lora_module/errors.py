@@ -29,6 +29,11 @@ class LoraConfigError(PipelineError, ValueError):
     """A LoRA setting is invalid, or no module of the model can take the adapter as configured."""
 
 
+class SettingsError(PipelineError, ValueError):
+    """A setting holds a value that is not allowed, or a settings mapping has an unknown key (a training
+    config's model.* / data.* value, a GenerationConfig or DemoBaseConfig field, ...)."""
+
+
 class AdapterLoadError(PipelineError, RuntimeError):
     """An adapter folder cannot be loaded onto this model; the model was left unchanged."""
 

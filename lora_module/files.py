@@ -76,20 +76,6 @@ def move_aside(path: Path) -> Path:
     return aside
 
 
-def replace_dir(target: Path, fill: Callable[[Path], Any]) -> Path:
-    """Let `fill(tmp_dir)` write a folder beside `target`, then swap it in for the old one (if any)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fill(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()

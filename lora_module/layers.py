@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,19 +62,6 @@ def dequantized_linear(module: nn.Module, dtype: torch.dtype | None = None) -> n
     return linear
 
 
-@dataclass(frozen=True)
-class RowWeights:
-    """Every adapter's A and scaled B of a mixed batch, zero-padded to the largest rank, and which of
-    them each row uses (the last slot is all zeros: a row without an adapter adds exactly nothing)."""
-
-    a_t: torch.Tensor
-    """Per adapter, A transposed: [adapters + 1, in, r_max]."""
-    b_t: torch.Tensor
-    """Per adapter, B transposed times its scaling: [adapters + 1, r_max, out]."""
-    index: torch.Tensor
-    """Per row, its adapter's slot: [rows]."""
-
-
 class LoraLinear(nn.Module):
     """Wraps a frozen linear layer; holds one (A, B, dropout, scaling) per adapter name."""
 
@@ -93,12 +79,6 @@ class LoraLinear(nn.Module):
         # While a 4-bit base is merged, base_layer is a dequantized copy; the original is kept here
         # (outside the module tree, so it is neither saved nor counted) to make unmerge exact.
         self._quantized_base: list[nn.Module] = []
-        # Set by LoraModel.mixed_batch: (adapter name, rows) per group of a mixed-adapter batch, rows a
-        # slice or an index tensor; None outside such a batch.
-        self.row_groups: list[tuple[str, slice | torch.Tensor]] | None = None
-        # Set with row_groups when a batch mixes adapters: every row's own A and B (two bmm per layer
-        # instead of one pair of matmuls per adapter); used for [rows, tokens, in] inputs.
-        self.row_weights: RowWeights | None = None
 
     # Model code sometimes reads `layer.weight` (T5 checks wo.weight.dtype): answer with the base's.
     @property
@@ -136,8 +116,6 @@ class LoraLinear(nn.Module):
         return list(self.lora_A.keys())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.row_groups is not None:
-            return self._mixed_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
         if name is None or name == self.merged_adapter:
@@ -162,51 +140,6 @@ class LoraLinear(nn.Module):
             # input), so this skips allocating and writing a second [tokens, out] tensor.
             return result.add_(lora_out)
         return (result + lora_out).to(torch_result_dtype)
-
-    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each row through its own adapter: per-row weights (`row_weights`), else each group of rows
-        in turn (PEFT's `_mixed_batch_forward`, same arithmetic); adapters this layer does not hold
-        ("__base__" included) add nothing to their rows."""
-        result = self.base_layer(x, *args, **kwargs)
-        result_dtype = result.dtype
-        rw = self.row_weights
-        if rw is not None and x.dim() == 3 and x.shape[0] == rw.index.shape[0]:
-            # Two batched matmuls per layer whatever the number of adapters, each row with its own
-            # weights, gathered here rather than kept per row (a batch holds one copy per adapter);
-            # the second adds into the base's output (eval only: dropout is the identity).
-            hidden = torch.bmm(x.to(rw.a_t.dtype), rw.a_t[rw.index])  # [rows, tokens, r_max]
-            if result_dtype == rw.b_t.dtype:
-                return torch.baddbmm(result, hidden, rw.b_t[rw.index])
-            return result + torch.bmm(hidden, rw.b_t[rw.index]).to(result_dtype)
-        for name, rows in self.row_groups or ():
-            if name not in self.lora_A:
-                continue
-            lora_a = self.lora_A[name]
-            sub = x[rows].to(lora_a.weight.dtype)
-            delta = self.lora_B[name](lora_a(self.lora_dropout[name](sub))) * self.scaling[name]
-            delta = delta.to(result_dtype)
-            if isinstance(rows, slice):  # contiguous rows: a view, no gather/scatter
-                result[rows] += delta
-            else:
-                result.index_add_(0, rows, delta)
-        return result
-
-    def row_weights_for(self, slots: list[str | None], device: torch.device) -> RowWeights:
-        """RowWeights for rows using adapters `slots` (None or an adapter this layer lacks: zeros)."""
-        names = [n if n in self.lora_A else None for n in slots]
-        present = sorted({n for n in names if n is not None})
-        r_max = max(self.lora_A[n].weight.shape[0] for n in present)
-        dtype = self.lora_A[present[0]].weight.dtype
-        # One padded copy per adapter, plus zeros for "none".
-        a_t = torch.zeros(len(present) + 1, self.in_features, r_max, device=device, dtype=dtype)
-        b_t = torch.zeros(len(present) + 1, r_max, self.out_features, device=device, dtype=dtype)
-        for i, n in enumerate(present):
-            r = self.lora_A[n].weight.shape[0]
-            a_t[i, :, :r] = self.lora_A[n].weight.t()  # [in, r]
-            b_t[i, :r] = self.lora_B[n].weight.t() * self.scaling[n]  # [r, out]
-        index = torch.tensor([present.index(n) if n is not None else len(present) for n in names],
-                             device=device)
-        return RowWeights(a_t, b_t, index)
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A in fp32, shape [out, in]."""

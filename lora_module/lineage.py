@@ -1,37 +1,18 @@
-"""Lineage a reviewer can follow: run names, the code's commit, tracking-store identity, UI links.
+"""Lineage facts that need the outside world: the code's commit and whether two tracking URIs name one store.
 
-    from lora_module.lineage import run_name, git_commit, same_store, run_link, version_link
-    run_name("summary", "lora", 8, run_id="3fa2c1..")   # 'summary-lora-r8-20261130T231502Z-3fa2c1' (UTC)
+    from lora_module.lineage import git_commit, same_store
     git_commit()                              # '3cedd2d...' ('-dirty' with local changes), None outside git
     same_store("sqlite:////a/mlflow.db", "sqlite:////a/./mlflow.db")   # True
-    run_link("3", run_id), version_link("summary-lora", "4")            # '#/experiments/3/runs/...'
 
-Standard library only: the training module names and tags its MLflow run with these, the registry
-links a version and its training run both ways with them. The links are MLflow UI routes relative
-to the page (`#/...`), so they work in Markdown descriptions whatever host serves the UI.
+Standard library only. The names, tag keys and UI links these facts end up in are built by
+`lora_module.contracts` (`training_run_tags`, `run_name`, `run_link`, `version_link`): the training
+module tags its MLflow run with them, the registry links a version and its training run both ways.
 """
 
 from __future__ import annotations
 
 import subprocess
-from datetime import UTC, datetime
 from pathlib import Path
-
-TASK_TAG = "task"
-GIT_TAG = "git_commit"
-
-
-def run_name(task: str | None, method: str, r: int | None = None, when: datetime | None = None,
-             run_id: str | None = None) -> str:
-    """`<task>-<method>[-r<r>]-<UTC time>[-<run_id[:6]>]`, e.g. `summary-lora-r8-20261130T231502Z-3fa2c1`.
-
-    MLflow's own generated names come from `random`, which `seed_everything` seeds: every seeded
-    run would get the same name, hence a name of our own. Full fine-tuning has no rank; the run id's
-    start keeps two runs started in the same second (a sweep) apart.
-    """
-    stamp = (when or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-    parts = [task or "untitled", method] + ([f"r{r}"] if r is not None and method != "full" else [])
-    return "-".join([*parts, stamp] + ([run_id[:6]] if run_id else []))
 
 
 def git_commit() -> str | None:
@@ -62,13 +43,3 @@ def _normal_store(uri: str) -> str:
 def same_store(a: str | None, b: str | None) -> bool:
     """Whether two tracking URIs name the same MLflow store (False when either is unknown)."""
     return bool(a and b) and _normal_store(a) == _normal_store(b)
-
-
-def run_link(experiment_id: str, run_id: str) -> str:
-    """The MLflow UI route of a run, relative to the UI page."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}"
-
-
-def version_link(model_name: str, version: str) -> str:
-    """The MLflow UI route of a registered model version, relative to the UI page."""
-    return f"#/models/{model_name}/versions/{version}"

@@ -25,18 +25,10 @@ from lora_module import adapter_io
 from lora_module.config import LoraConfig, default_target_modules, matches_target
 from lora_module.errors import AdapterLoadError, LoraConfigError
 from lora_module.layers import LoraLinear, dequantized_linear, is_linear4bit
+from lora_module.mixed_batch import mixed_batch
 from lora_module.names import check_name
 
 logger = logging.getLogger(__name__)
-
-# The adapter name of a row that runs on the bare base in a mixed-adapter batch (PEFT's name for it).
-BASE_ROW = "__base__"
-
-# From this many distinct adapters in a mixed batch on, each layer runs two batched matmuls over
-# per-row weights instead of one pair of matmuls per adapter (fewer kernels: 0.84x -> 0.89x of a
-# merged model's rows/s at 2 tasks, bench_serving). One adapter plus bare-base rows keeps PEFT's
-# grouped arithmetic, bit for bit.
-STACKED_MIN_ADAPTERS = 2
 
 _LORA_PARTS = frozenset({"base_layer", "lora_A", "lora_B", "lora_dropout"})
 
@@ -95,14 +87,14 @@ class LoraModel(nn.Module):
         """The model's forward; `adapter_names` (one per row, BASE_ROW for none) mixes adapters in a batch."""
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        with self.mixed_batch(adapter_names):
+        with mixed_batch(self, adapter_names):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The model's generate; `adapter_names` as in forward (like PEFT's `generate(adapter_names=...)`)."""
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        with self.mixed_batch(adapter_names, num_beams=int(kwargs.get("num_beams") or 1)):
+        with mixed_batch(self, adapter_names, num_beams=int(kwargs.get("num_beams") or 1)):
             return self.model.generate(*args, **kwargs)
 
     # ---- layers ------------------------------------------------------------------------------
@@ -253,42 +245,11 @@ class LoraModel(nn.Module):
             if was_merged is not None:
                 self.merge_adapter()
 
-    @contextlib.contextmanager
-    def mixed_batch(self, adapter_names: Sequence[str], num_beams: int = 1) -> Iterator[LoraModel]:
-        """Inside the block row i of every batch goes through adapter `adapter_names[i]` (BASE_ROW: the
-        bare base), whatever the active adapter: many tasks in one batch on one base, as PEFT's
-        `adapter_names`. With beam search (`num_beams` > 1) the decoder's rows are repeated per beam
-        while an encoder keeps one row per input, as in transformers' generate. Inference only; no
-        adapter may be merged (its rows would all carry it)."""
-        names = list(adapter_names)
-        unknown = sorted(set(names) - set(self.adapters) - {BASE_ROW})
-        if unknown:
-            raise LoraConfigError(f"unknown adapter(s) {unknown} in adapter_names; adapters on this model: "
-                                  f"{list(self.adapters)} (or {BASE_ROW!r} for the bare base)")
-        if self.model.training:
-            raise LoraConfigError("adapter_names (mixed-adapter batches) is for inference: call eval() first")
-        if self._merged is not None:
-            raise LoraConfigError(f"adapter {self._merged!r} is merged into the base weights, so every row "
-                                  "would carry it: unmerge_adapter() before a mixed-adapter batch")
-        device = next(self.model.parameters()).device
-        beams = _row_groups([n for n in names for _ in range(num_beams)], device)
-        is_seq2seq = getattr(self.model.config, "is_encoder_decoder", False)
-        encoder = self.model.get_encoder() if is_seq2seq else None
-        in_encoder = {id(m) for m in encoder.modules()} if encoder is not None else set()
-        once = _row_groups(names, device) if num_beams > 1 else beams
-        layers = [layer for _, layer in self.lora_layers()]
-        stacked = len(set(names) - {BASE_ROW}) >= STACKED_MIN_ADAPTERS
-        for layer in layers:
-            encoder_side = id(layer) in in_encoder
-            layer.row_groups = once if encoder_side else beams
-            if stacked and any(n in layer.lora_A for n in names):
-                rows = names if encoder_side else [n for n in names for _ in range(num_beams)]
-                layer.row_weights = layer.row_weights_for(rows, device)
-        try:
-            yield self
-        finally:
-            for layer in layers:
-                layer.row_groups = layer.row_weights = None
+    def mixed_batch(self, adapter_names: Sequence[str], num_beams: int = 1
+                    ) -> contextlib.AbstractContextManager[LoraModel]:
+        """A block in which row i of every batch goes through adapter `adapter_names[i]` (BASE_ROW: the
+        bare base), as PEFT's `adapter_names`; inference only (`lora_module.mixed_batch`)."""
+        return mixed_batch(self, adapter_names, num_beams)
 
     # ---- merge -------------------------------------------------------------------------------
     def merge_adapter(self) -> None:
@@ -448,21 +409,6 @@ class LoraModel(nn.Module):
     def base_fingerprint(self) -> str:
         """Fingerprint of the base weights this model wraps (recorded before any merge)."""
         return adapter_io.recorded_fingerprint(self.model)
-
-
-def _row_groups(names: list[str], device: torch.device) -> list[tuple[str, slice | torch.Tensor]]:
-    """(adapter, rows) per distinct adapter in `names`; rows is a slice where they are contiguous (a
-    caller that sorts its rows by adapter gets views, no gathers), else an index tensor on `device`."""
-    groups: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        groups.setdefault(name, []).append(i)
-    out: list[tuple[str, slice | torch.Tensor]] = []
-    for name, rows in groups.items():
-        if name == BASE_ROW:
-            continue
-        contiguous = rows[-1] - rows[0] == len(rows) - 1
-        out.append((name, slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=device)))
-    return out
 
 
 def base_fingerprint(model: nn.Module) -> str:

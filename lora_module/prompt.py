@@ -33,7 +33,12 @@ from lora_module.errors import PipelineError
 logger = logging.getLogger(__name__)
 
 
-class PromptTooLongError(PipelineError, ValueError):
+class PromptError(PipelineError, ValueError):
+    """Recorded prompt settings that cannot build prompts here: a template that needs more than the one
+    input text, or a tokenizer whose special tokens cannot be told apart from the text."""
+
+
+class PromptTooLongError(PromptError):
     """The template's own text (without any input) does not fit in max_source_length."""
 
 
@@ -62,8 +67,10 @@ def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
     for start in range(len(full) - len(bare) + 1):
         if full[start : start + len(bare)] == bare:
             return full[:start], full[start + len(bare) :]
-    raise ValueError(
-        f"cannot locate the text inside its special tokens for tokenizer {type(tokenizer).__name__}"
+    raise PromptError(
+        f"cannot locate the text inside its special tokens for tokenizer {type(tokenizer).__name__}: its "
+        f"ids for {probe!r} with special tokens do not contain those without; use a tokenizer that only "
+        "adds special tokens around the text"
     )
 
 
@@ -156,7 +163,7 @@ class PromptSettings:
         names = {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
         others = sorted(names - {self.input_column})
         if others:
-            raise ValueError(
+            raise PromptError(
                 f"the prompt template also needs column(s) {others} besides {self.input_column!r}; "
                 "a single input text cannot fill it: pass complete prompts instead"
             )

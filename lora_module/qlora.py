@@ -33,24 +33,67 @@ from lora_module.layers import LoraLinear
 logger = logging.getLogger(__name__)
 
 
+# The kernel bitsandbytes tries to load, on AVX512-BF16 CPUs only, while its CPU backend is imported.
+BNB_KERNEL_REPO = "kernels-community/quantization-bitsandbytes"
+
+
 class MissingKernelsFilter(logging.Filter):
-    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning when its
-    cause is only that the optional `kernels` package is not installed: bnb then keeps its own CPU kernel
-    (and quantize_nf4 turns that AVX512-BF16 path off anyway), so nothing is wrong. Any other failure to
-    load the kernel (`kernels` installed but broken, no network for its download) is still shown."""
+    """Drops the import-time noise of bitsandbytes' optional CPU kernel when bnb simply keeps its own:
+
+    - bnb's "Failed to load CPU gemm_4bit_forward from kernels-community: <cause>" warning when the cause is
+      that the `kernels` package is not installed, or that the Hub is offline and the kernel is not in the
+      local cache (kernels raises a ValueError or, from huggingface_hub, a LocalEntryNotFoundError);
+    - kernels' "Skipping publisher trust check for '<that kernel>' ... offline mode" warning, which it
+      prints before even looking in the cache (bnb's own warning then tells whether loading failed).
+
+    quantize_nf4 turns bnb's AVX512-BF16 path off anyway, so none of these changes a result. A real failure
+    (a network error while online, `kernels` installed but broken, a cached kernel that does not load) is
+    still shown.
+    """
 
     MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+    TRUST_CHECK_SKIPPED = f"Skipping publisher trust check for '{BNB_KERNEL_REPO}'"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.MESSAGE):
+        text = str(record.msg)
+        if text.startswith(self.TRUST_CHECK_SKIPPED):
+            return False
+        if not text.startswith(self.MESSAGE):
             return True
         cause = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        return not (isinstance(cause, ModuleNotFoundError) and cause.name == "kernels")
+        if isinstance(cause, ModuleNotFoundError) and cause.name == "kernels":
+            return False
+        return not (isinstance(cause, BaseException) and _is_offline_cache_miss(cause))
 
 
-# bnb warns while its CPU backend is imported (on every `import bitsandbytes` on AVX512-BF16 CPUs), so the
-# filter goes on its logger now, before quantize_nf4 imports bnb: getLogger hands bnb this same logger.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(MissingKernelsFilter())
+def _is_offline_cache_miss(error: BaseException) -> bool:
+    """True if the Hub is offline and `error`, or an error behind it, says the kernel is not cached."""
+    from huggingface_hub import constants  # read at log time, as kernels does: tests and users may switch it
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if not constants.HF_HUB_OFFLINE:
+        return False
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    # kernels raises plain ValueErrors for a version or ref missing from the cache: only the text tells
+    return any(isinstance(e, LocalEntryNotFoundError)
+               or (isinstance(e, ValueError | FileNotFoundError) and "local cache" in str(e)) for e in seen)
+
+
+def _install_kernel_noise_filter() -> None:
+    """Put the filter on the two loggers that print the noise, before anything imports bitsandbytes.
+
+    Logger filters see only records logged on that very logger, hence one per module; getLogger hands the
+    modules these same loggers when they are imported later.
+    """
+    noise_filter = MissingKernelsFilter()
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).addFilter(noise_filter)
+
+
+_install_kernel_noise_filter()
 
 QUANTIZE_CHOICES = (None, "nf4")
 BLOCKSIZE = 64  # NF4 values per block scale (bitsandbytes' default)

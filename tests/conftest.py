@@ -1,12 +1,26 @@
-"""Shared fixtures: tiny models built offline from configs, and a tokenizer trained locally.
+"""Shared fixtures: tiny models built offline from configs, a tokenizer trained locally, and the
+servers that integration tests share.
 
 Nothing here touches the network. Model folders are written with `save_pretrained` (weights and
 tokenizer side by side) so every stage can be handed a path, as in production.
+
+Servers are started once per session, on first use, and stopped at its end:
+- `harness`: Prefect pointed, for this test only, at one temporary Prefect server (`prefect_api`);
+- `mlflow_server`: one `mlflow server` for the tests that only need *a* server. Nobody stops it, and
+  each test registers under task and model names that no other test uses (so "version 1" and
+  "exactly N versions" still hold);
+- `restartable_mlflow_server`: another one that fault tests stop, kill and restart; it is running
+  again at the start of every test that asks for it.
+
+Lanes (markers, see pyproject): a test that uses one of these servers is `integration`; a test
+that is neither `integration` nor `slow` is `unit`, so `pytest -m unit` (the same tests as
+`pytest -m "not integration and not slow"`) is the fast lane and plain `pytest` runs everything.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +33,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from mlflow_server import MlflowServer, free_port  # noqa: E402
 from transformers import (  # noqa: E402
     AutoTokenizer,
     LlamaConfig,
@@ -122,13 +137,77 @@ def dialogsum_dir() -> Path:
     return SHARED_DIALOGSUM
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    """A temporary Prefect server and result storage for this module's flows."""
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
+SERVER_FIXTURES = frozenset({"prefect_api", "harness", "mlflow_server", "restartable_mlflow_server"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Lanes by construction: what uses a server is `integration`; the rest, unless `slow`, is `unit`."""
+    for item in items:
+        if SERVER_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+        if not (item.get_closest_marker("integration") or item.get_closest_marker("slow")):
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> Iterator[str]:
+    """The API URL of one temporary Prefect server for the session, on its own SQLite file.
+
+    What `prefect_test_harness` starts, without its process-wide settings: those would point every
+    later test at this server (a registration would then take Prefect's concurrency limit, which
+    the registry race tests must not have). Tests get it through `harness` or pass the URL on.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+
+    db = tmp_path_factory.mktemp("prefect_server") / "prefect.db"
+    with temporary_settings({PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}"}):
+        server = SubprocessASGIServer(port=free_port())
+        server.start(timeout=180)
+    # As in prefect_test_harness: Prefect code that asks for "the" temporary server during a flow
+    # run finds this one instead of starting a second.
+    prior = SubprocessASGIServer._instances.get(None)
+    SubprocessASGIServer._instances[None] = server
+    try:
+        yield server.api_url
+    finally:
+        if prior is None:
+            SubprocessASGIServer._instances.pop(None, None)
+        else:
+            SubprocessASGIServer._instances[None] = prior
+        server.stop()
+
+
+@pytest.fixture
+def harness(prefect_api, tmp_path_factory) -> Iterator[Path]:
+    """Prefect settings for this test: the session's server and a fresh result storage (yielded)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     storage = tmp_path_factory.mktemp("prefect_storage")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
-        with prefect_test_harness(server_startup_timeout=180):
-            yield storage
+    with temporary_settings({PREFECT_API_URL: prefect_api, PREFECT_LOCAL_STORAGE_PATH: storage}):
+        yield storage
+        # Send this test's logs and events now, while its settings hold (as the harness does on exit).
+        APILogWorker.drain_all(at_exit=False)
+        EventsWorker.drain_all(at_exit=False)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    """One `mlflow server` shared by the session's tests that neither stop it nor need it empty."""
+    with MlflowServer(tmp_path_factory.mktemp("mlflow_shared") / "server") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def _restartable_mlflow(tmp_path_factory) -> Iterator[MlflowServer]:
+    with MlflowServer(tmp_path_factory.mktemp("mlflow_restartable") / "server") as server:
+        yield server
+
+
+@pytest.fixture
+def restartable_mlflow_server(_restartable_mlflow) -> MlflowServer:
+    """The session's `mlflow server` for tests that stop, kill and restart it, running at the start
+    of the test (a test that failed mid-outage does not take the next one down with it)."""
+    return _restartable_mlflow.start()

@@ -1,14 +1,13 @@
-"""A real `mlflow server` on 127.0.0.1 for integration tests, started and stopped by the test.
+"""A real `mlflow server` on 127.0.0.1 for integration tests: a process group that can be stopped,
+killed and started again on the same store and port.
 
-Not a test module (no `test_` prefix): test files import it (pytest puts `tests/` on sys.path)
-and wrap it in a module-scoped fixture::
+Not a test module (no `test_` prefix): tests/conftest.py wraps it in the session's server fixtures
+(pytest puts `tests/` on sys.path), and a test asks for one of those::
 
-    from mlflow_server import MlflowServer
+    def test_something(mlflow_server):             # shared: nobody stops it
+        client = MlflowClient(mlflow_server.uri)    # "http://127.0.0.1:<port>"
 
-    @pytest.fixture(scope="module")
-    def mlflow_server(tmp_path_factory):
-        with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
-            yield server          # server.uri == "http://127.0.0.1:<port>"
+    def test_outage(restartable_mlflow_server):    # may stop(), kill() and start() it
 
 The backend is SQLite and artifacts are proxied by the server into a folder (both in `root`),
 so `stop()` (or `kill()`, a crash) + `start()` keeps every run, model and artifact: fault tests use

@@ -12,23 +12,28 @@ from pathlib import Path
 import torch
 
 from lora_module import LoraConfig, LoraModel, load_base_model
+from lora_module.adapter_io import write_prompt_settings
 from lora_module.evaluation.evaluate import evaluate_predictions
 from lora_module.evaluation.report import build_report
 from lora_module.files import sha256_file
+from lora_module.prompt import PromptSettings
 
 N_EXAMPLES = 8
 REFERENCES = [f"alice meets bob at the cafe number {i}" for i in range(N_EXAMPLES)]
 PROMPTS = [f"summary dialogue person said agreed {i} will call back later" for i in range(N_EXAMPLES)]
 MISS = "zzz qqq"
+AS_GIVEN = PromptSettings()  # no template: texts are complete prompts
 
 
 def weights_sha(adapter_dir: Path) -> str:
     return sha256_file(adapter_dir / "adapter_model.safetensors")
 
 
-def make_adapter(base_dir: Path, out: Path, seed: int, data_fingerprint: str = "data-A"
-                 ) -> tuple[Path, LoraModel]:
-    """A LoRA adapter (r=4 on q, v) whose B is random (nonzero effect), saved in PEFT format."""
+def make_adapter(base_dir: Path, out: Path, seed: int, data_fingerprint: str = "data-A",
+                 prompt: PromptSettings | None = AS_GIVEN) -> tuple[Path, LoraModel]:
+    """A LoRA adapter (r=4 on q, v) whose B is random (nonzero effect), saved in PEFT format with
+    `prompt` in its sidecar (default: texts are complete prompts, as these tests send them; None:
+    no prompt settings, as a PEFT-made adapter)."""
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"])
     model = LoraModel(load_base_model(str(base_dir)), config)
     g = torch.Generator().manual_seed(seed)
@@ -39,6 +44,8 @@ def make_adapter(base_dir: Path, out: Path, seed: int, data_fingerprint: str = "
     model.eval()
     path = model.save_pretrained(out, base_model_name_or_path=str(base_dir),
                                  metadata={"finetune": "lora", "data_fingerprint": data_fingerprint})
+    if prompt is not None:
+        write_prompt_settings(path, prompt)
     return Path(path), model
 
 
@@ -60,9 +67,10 @@ def make_report(out: Path, adapter_dir: Path, lora_hits: int, base_hits: int,
 
 
 def make_candidate(root: Path, base_dir: Path, seed: int, lora_hits: int, base_hits: int = 1,
-                   data_fingerprint: str = "data-A") -> tuple[Path, Path, LoraModel]:
+                   data_fingerprint: str = "data-A", prompt: PromptSettings | None = AS_GIVEN
+                   ) -> tuple[Path, Path, LoraModel]:
     """Adapter + report in `root/adapter`, `root/eval`: what training + evaluation leave on disk."""
-    adapter, model = make_adapter(base_dir, root / "adapter", seed, data_fingerprint)
+    adapter, model = make_adapter(base_dir, root / "adapter", seed, data_fingerprint, prompt)
     report = make_report(root / "eval", adapter, lora_hits, base_hits, data_fingerprint)
     return adapter, report, model
 

@@ -25,7 +25,8 @@ from lora_module import (
     base_fingerprint,
     read_adapter_config,
 )
-from lora_module.adapter_io import compute_fingerprint
+from lora_module.adapter_io import compute_fingerprint, read_prompt_settings, write_prompt_settings
+from lora_module.prompt import PromptSettings
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 1]])
 LABELS = torch.tensor([[20, 21, 22, 1]])
@@ -291,12 +292,39 @@ def test_load_adapter_is_trainable_only_when_asked(tmp_path):
     assert torch.equal(logits(trainable), logits(source))
 
 
-def test_adapter_with_metadata_inside_its_peft_config_still_loads_and_checks(tmp_path):
-    """Adapters saved before the lora_pipeline.json sidecar hold our keys in adapter_config.json."""
+def test_our_keys_are_read_from_the_sidecar_only(tmp_path):
+    """adapter_config.json is PEFT's: a base_fingerprint / lora_pipeline written into it is not ours
+    to read (there is no pre-sidecar layout to honour); the sidecar's keys win and stay the only ones."""
     trained_adapter(tmp_path)
     merged = read_adapter_config(tmp_path)
-    (tmp_path / "lora_pipeline.json").unlink()
-    (tmp_path / "adapter_config.json").write_text(json.dumps(merged))
+    peft = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {**peft, "base_fingerprint": "0" * 64, "lora_pipeline": {"task": "stale"}}))
     assert read_adapter_config(tmp_path) == merged
-    with pytest.raises(FingerprintMismatchError):
+    assert LoraModel.from_pretrained(make_tiny_t5(), tmp_path).active_adapter == "default"  # not stale
+    with pytest.raises(FingerprintMismatchError):  # the sidecar's fingerprint is checked
         LoraModel.from_pretrained(make_tiny_t5(seed=1), tmp_path)
+    (tmp_path / "lora_pipeline.json").unlink()
+    assert read_adapter_config(tmp_path) == peft  # no fingerprint recorded: none is read from PEFT's file
+
+
+def test_prompt_settings_travel_in_the_sidecar(tmp_path):
+    """The adapter says how it was prompted: written after saving, read back equal, kept beside the
+    fingerprint and metadata (which read_adapter_config still merges), absent on a plain save."""
+    trained_adapter(tmp_path)
+    assert read_prompt_settings(tmp_path) is None
+    before = read_adapter_config(tmp_path)
+    settings = PromptSettings(template="Summarize:\n{dialogue}\nSummary: ", max_source_length=96,
+                              max_target_length=24, model_type="seq2seq")
+    assert write_prompt_settings(tmp_path, settings) == tmp_path / "lora_pipeline.json"
+    assert read_prompt_settings(tmp_path) == settings
+    assert json.loads((tmp_path / "lora_pipeline.json").read_text())["prompt"] == settings.to_dict()
+    assert read_adapter_config(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "lora_pipeline.json"]  # no temp file left
+    sidecar = json.loads((tmp_path / "lora_pipeline.json").read_text())
+    (tmp_path / "lora_pipeline.json").write_text(json.dumps({**sidecar, "prompt": {"templ": "x"}}))
+    with pytest.raises(AdapterLoadError, match=r"lora_pipeline.json: 'prompt' is not valid .*templ"):
+        read_prompt_settings(tmp_path)
+    with pytest.raises(AdapterLoadError, match="not a saved adapter folder"):
+        write_prompt_settings(tmp_path / "nothing", settings)

@@ -218,6 +218,10 @@ CASES = [
     Case("prepare-config-unknown-key", prep("--config", "{files}/unknown_key.yaml"),
          ("unknown data config keys ['colour']", "valid keys")),
     Case("prepare-short-source-length", prep("--max_source_length", "2"), ("max_source_length", ">= 4")),
+    Case("prepare-usage-unknown-option", prep("--no-such-option", "1"),
+         ("unrecognized arguments: --no-such-option", "--help")),
+    Case("prepare-usage-bad-yaml-value", prep("--demo_train_size", "[1, 2"),
+         ("lora-pipeline prepare", "--demo_train_size", "not a YAML value")),
     Case("prepare-template-without-input", prep("--prompt_template", "Summarize: {{summary}}"),
          ("prompt_template", "{dialogue}")),
     # training: lora-pipeline fit
@@ -261,6 +265,10 @@ CASES = [
     Case("evaluate-second-model-missing", evaluate("base={base}", "full={root}/no_full"),
          ("no_full", "does not exist")),
     Case("evaluate-unknown-kind", evaluate("mine={adapter}"), ("cannot tell the kind of 'mine'", "base")),
+    Case("evaluate-usage-missing-value", evaluate("base={base}", extra=("--limit",)),
+         ("lora-pipeline evaluate", "--limit", "expected one argument", "--help")),
+    Case("evaluate-usage-bad-int", evaluate("base={base}", extra=("--batch-size", "eight")),
+         ("--batch-size", "invalid int value: 'eight'")),
     Case("evaluate-zero-beams", evaluate("base={base}", extra=("--num-beams", "0")), ("num_beams", ">= 1")),
     # registry: lora-pipeline register / predict
     Case("register-missing-adapter", registry("register", "summary", "{root}/no_adapter"), ("no_adapter",)),

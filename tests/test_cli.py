@@ -105,3 +105,37 @@ def test_prepare_help_documents_every_data_config_field(capsys):
 def test_field_docs_reads_every_field_docstring():
     assert set(field_docs(DataConfig)) == {f.name for f in dataclasses.fields(DataConfig)}
     assert field_docs(DataConfig)["demo_train_size"] == 'source="demo": generated training rows.'
+
+
+# Commands whose parser is lora_module.errors.ArgumentParser: a usage error is one `error:` line, status 2.
+ARGPARSE_USAGE_ERRORS = {
+    "prepare": (["--demo_train_size", "[1, 2"], "not a YAML value"),
+    "inspect": ([], "the following arguments are required: PATH_OR_HUB_NAME"),
+    "demo-corpus": (["--n", "many"], "argument --n: invalid int value: 'many'"),
+    "evaluate": (["--task", "t"], "the following arguments are required: --prepared, --model, --out"),
+    "demo-base": (["--steps"], "argument --steps: expected one argument"),
+    "run": (["--max-concurrency", "two"], "argument --max-concurrency: invalid int value: 'two'"),
+    "demo": (["--bogus"], "unrecognized arguments: --bogus"),
+    "sweep": (["--targets", "mlp"], "argument --targets: invalid choice: 'mlp'"),
+    "serve": (["--bogus"], "unrecognized arguments: --bogus"),
+}
+
+
+@pytest.mark.parametrize("command", list(ARGPARSE_USAGE_ERRORS))
+def test_usage_error_is_one_error_line_with_status_2(command, capsys):
+    args, words = ARGPARSE_USAGE_ERRORS[command]
+    assert main([command, *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith("error: lora-pipeline") and words in err, err
+    assert f"(see lora-pipeline {command} --help)" in err or "(see lora-pipeline --help)" in err, err
+
+
+def test_console_script_usage_errors_of_prepare_and_evaluate_are_one_line():
+    for argv, words in ((["prepare", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+                        (["evaluate", "--prepared", "p", "--out", "o", "--task", "t", "--model"],
+                         "argument --model: expected one argument")):
+        res = subprocess.run([str(SCRIPT), *argv], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and res.stdout == "", res.stderr
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+        assert words in res.stderr and "usage:" not in res.stderr and "Traceback" not in res.stderr

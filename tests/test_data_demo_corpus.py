@@ -10,8 +10,8 @@ import re
 from collections import Counter
 
 from lora_pipeline.data import demo_corpus
-from lora_pipeline.data.cli import main as data_cli
 from lora_pipeline.data.demo_corpus import DAYS, NAMES, SURNAMES, generate
+from lora_pipeline.flows.cli import main as lora_pipeline
 
 TIME = re.compile(r"\b\d{1,2}(?::\d{2})? [ap]m\b")
 
@@ -77,7 +77,15 @@ def test_summaries_need_the_dialogue():
 
 
 def test_cli_writes_jsonl(tmp_path, capsys):
-    assert data_cli(["demo-corpus", "--out", str(tmp_path), "--n", "25", "--seed", "4"]) == 0
+    assert lora_pipeline(["demo-corpus", "--out", str(tmp_path), "--n", "25", "--seed", "4"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "demo.jsonl").read_text().splitlines()]
     assert rows == generate(25, seed=4)
     assert "wrote 25 dialogues" in capsys.readouterr().out
+
+
+def test_cli_bad_size_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "corpus"
+    assert lora_pipeline(["demo-corpus", "--out", str(out), "--n", "-3"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: demo corpus size n must be an integer >= 0, got -3"]
+    assert not out.exists()

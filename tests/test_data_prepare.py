@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lora_pipeline.data import DataConfig, DataSourceError, encode, load_prepared, load_tokenizer, prepare
-from lora_pipeline.data.cli import main as data_cli
+from lora_pipeline.flows.cli import main as lora_pipeline
 
 SMALL = {"demo_train_size": 120, "demo_validation_size": 20, "demo_test_size": 20}
 
@@ -218,24 +218,32 @@ def test_causal_tokenizer_without_pad_gets_eos_as_pad(tmp_path, causal_tokenizer
     assert p.manifest["tokenizer_notes"] == ["tokenizer had no pad token; set pad_token = eos_token ('</s>')"]
 
 
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
 def test_cli_prepare_prints_summary(tmp_path, seq2seq_tokenizer_dir, capsys):
     yml = tmp_path / "data.yaml"
     yml.write_text(f"name: cli_demo\ndemo_train_size: 60\ntokenizer: {seq2seq_tokenizer_dir}\n")
     args = ["prepare", "--config", str(yml), "--output_root", str(tmp_path / "out"), "--demo_test_size", "10"]
-    assert data_cli(args) == 0
+    assert lora_pipeline(args) == 0
     out = capsys.readouterr().out
     assert "prepared cli_demo -> " in out and "reused: no" in out
     assert "rows: train=60  validation=300  test=10" in out
-    assert data_cli(args) == 0
+    assert lora_pipeline(args) == 0
     assert "reused: yes" in capsys.readouterr().out
-    assert data_cli(["prepare", "--config", str(yml), "--demo_test_size", "0"]) == 2
-    assert "demo_test_size must be an integer >= 1, got 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:  # an option that is no DataConfig field: argparse's usage error
-        data_cli(["prepare", "--config", str(yml), "--bogus", "1"])
-    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert lora_pipeline(["prepare", "--config", str(yml), "--demo_test_size", "0"]) == 2
+    assert "demo_test_size must be an integer >= 1, got 0" in _one_error_line(capsys)
+    # an option that is no DataConfig field: argparse's usage error, as one line too
+    assert lora_pipeline(["prepare", "--config", str(yml), "--bogus", "1"]) == 2
+    assert "unrecognized arguments: --bogus" in _one_error_line(capsys)
     yml.write_text(yml.read_text() + "bogus: 1\n")
-    assert data_cli(["prepare", "--config", str(yml)]) == 2
-    assert "unknown data config keys ['bogus']" in capsys.readouterr().err
+    assert lora_pipeline(["prepare", "--config", str(yml)]) == 2
+    assert "unknown data config keys ['bogus']" in _one_error_line(capsys)
 
 
 def test_hub_source_without_network(tmp_path, seq2seq_tokenizer_dir, monkeypatch):

@@ -1,10 +1,10 @@
-"""Deployments end to end against real servers on 127.0.0.1, all started and stopped by this test.
+"""Deployments end to end against real servers on 127.0.0.1.
 
-`prefect server start` + `mlflow server` + `prefect deploy` from deploy/prefect.yaml (its
-`lora-summary` deployment, pointed at a tiny task spec and a test work pool) + a process worker
-(`prefect worker start --pool ...`). A triggered run of the deployment must complete and register
-a version in the MLflow server's registry, and the deployment must carry the schedule written in
-prefect.yaml.
+The session's Prefect server and shared `mlflow server` (tests/conftest.py) + `prefect deploy` from
+deploy/prefect.yaml (its `lora-summary` deployment, pointed at a tiny task spec and a test work
+pool) + a process worker (`prefect worker start --pool ...`) started and stopped by this test. A
+triggered run of the deployment must complete and register a version in the MLflow server's
+registry, and the deployment must carry the schedule written in prefect.yaml.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow_server import MlflowServer, free_port, log_tail, wait_http
+from mlflow_server import log_tail
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -58,30 +58,23 @@ def cli(env: dict[str, str], *args: str, timeout: float = 300) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_t5_dir):
-    """Real Prefect and MLflow servers, a work pool, the deployment and a process worker."""
+def stack(tmp_path_factory, tiny_t5_dir, prefect_api, mlflow_server):
+    """A work pool and the deployment on the session's Prefect server, and a process worker; runs
+    register into the shared MLflow server (task `tiny_summary`: no other test there uses it)."""
     root = tmp_path_factory.mktemp("stack")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    mlflow = MlflowServer(root / "mlflow").start()
     env = {
         **os.environ,
         "PREFECT_HOME": str(root / "prefect"),
-        "PREFECT_API_URL": api,
+        "PREFECT_API_URL": prefect_api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "MLFLOW_TRACKING_URI": mlflow.uri,
+        "MLFLOW_TRACKING_URI": mlflow_server.uri,
         "LORA_PIPELINE_HOME": str(root / "home"),
         "OMP_NUM_THREADS": "1",
     }
     procs: list[Process] = []
     try:
-        server = Process([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                          str(port), "--no-ui", "--analytics-off"], root / "prefect-server.log", env)
-        procs.append(server)
-        wait_http(f"{api}/health", server.proc, server.log, timeout=240)
-
         spec = root / "tiny_summary.yaml"
         spec.write_text(yaml.safe_dump({
             "name": "tiny_summary",
@@ -109,12 +102,11 @@ def stack(tmp_path_factory, tiny_t5_dir):
         worker = Process([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--limit", "1"],
                          root / "worker.log", env)
         procs.append(worker)
-        yield {"api": api, "mlflow": mlflow, "env": env, "worker": worker, "root": root,
+        yield {"api": prefect_api, "mlflow": mlflow_server, "env": env, "worker": worker, "root": root,
                "expected": yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text())}
     finally:
         for p in reversed(procs):
             p.stop()
-        mlflow.stop()
 
 
 def test_deployment_runs_on_worker_and_registers(stack):

@@ -18,6 +18,7 @@ from conftest import make_tiny_t5, tokenizer_corpus
 from transformers import AutoTokenizer
 
 from lora_module import FingerprintMismatchError, LoraConfig, LoraModel, load_base_model
+from lora_module.contracts import REPORT_FILES
 from lora_module.evaluation.evaluate import (
     EvalInputError,
     GenerationConfig,
@@ -28,9 +29,9 @@ from lora_module.evaluation.evaluate import (
     parse_model_arg,
 )
 from lora_module.evaluation.generation import generate, load_model_for_spec
-from lora_module.evaluation.report import REPORT_FILES
 from lora_module.evaluation.rouge import ROUGE_TYPES
 from lora_pipeline.data import DataConfig, prepare
+from lora_pipeline.flows.cli import main as lora_pipeline
 
 GEN = GenerationConfig(batch_size=8, max_new_tokens=12)
 
@@ -269,39 +270,29 @@ def test_bad_data_inputs(setup, tmp_path):
     assert ev["n"] == 5 and ev["examples"]["index"] == [0, 1, 2, 3, 4]
 
 
+def _evaluate_cli_error(capsys, *args: str) -> str:
+    """Run `lora-pipeline evaluate ARGS` in-process; it must fail with status 2 and one `error:` line."""
+    assert lora_pipeline(["evaluate", *args]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == "" and len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
 def test_cli_and_config_errors(setup, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--prepared", "x", "--task", "t", "--out", str(tmp_path), "--model", "mine=/some/path"])
-    assert exc.value.code == 2 and "cannot tell the kind of 'mine'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "--prepared",
-                "x",
-                "--task",
-                "t",
-                "--out",
-                str(tmp_path),
-                "--model",
-                "base=p",
-                "--num-beams",
-                "0",
-            ]
-        )
-    assert "num_beams must be an integer >= 1" in capsys.readouterr().err
-    rc = main(
-        [
-            "--prepared",
-            str(tmp_path / "none"),
-            "--task",
-            "t",
-            "--out",
-            str(tmp_path),
-            "--model",
-            f"base={setup['base']}",
-        ]
-    )
-    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    common = ["--task", "t", "--out", str(tmp_path)]
+    assert "cannot tell the kind of 'mine'" in _evaluate_cli_error(
+        capsys, "--prepared", "x", *common, "--model", "mine=/some/path")
+    assert "num_beams must be an integer >= 1" in _evaluate_cli_error(
+        capsys, "--prepared", "x", *common, "--model", "base=p", "--num-beams", "0")
+    assert "does not exist" in _evaluate_cli_error(
+        capsys, "--prepared", str(tmp_path / "none"), *common, "--model", f"base={setup['base']}")
+    assert "model names must be unique" in _evaluate_cli_error(
+        capsys, "--prepared", "x", *common, "--model", f"base={setup['base']}", "--model",
+        f"base={setup['base']}")
+    # Called directly (not through the command line), the stage raises the typed error itself.
+    with pytest.raises(EvalInputError, match="expected NAME=PATH"):
+        main(["--prepared", "x", *common, "--model", "no-equals-sign"])
 
     assert parse_model_arg("r8:lora=runs/a") == ModelSpec("r8", "lora", "runs/a")
     assert parse_model_arg("full=x=y").path == "x=y"

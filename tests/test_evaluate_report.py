@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
+from lora_module.contracts import REPORT_FILES
 from lora_module.evaluation.evaluate import evaluate_predictions
-from lora_module.evaluation.report import REPORT_FILES, ReportInputError, build_report
+from lora_module.evaluation.report import ReportInputError, build_report, format_table
 from lora_module.evaluation.rouge import ROUGE_TYPES, score_examples
+from lora_pipeline.flows.reporting import summary_markdown
 
 
 def _lead(dialogue: str, turns: int = 2) -> str:
@@ -155,3 +157,24 @@ def test_evaluate_predictions_rejects_empty(tmp_path):
 
     with pytest.raises(EvalInputError, match="no predictions"):
         evaluate_predictions("x", [], [], tmp_path)
+
+
+def test_one_table_formatter_aligns_columns_for_every_caller():
+    """format_table draws the report's, the flows' and `lora-pipeline list`'s tables: per-column
+    alignment in text ('<' / '>') and in Markdown (`---:` right-aligns in a renderer)."""
+    header, rows = ["version", "aliases", "rougeL"], [["3", "champion", "0.7500"], ["12", "-", "0.1"]]
+    assert format_table(header, rows, "text", align="><>").splitlines() == [
+        "version  aliases   rougeL", "      3  champion  0.7500", "     12  -            0.1"]
+    assert format_table(header, rows, "text").splitlines()[2] == "12              -     0.1"  # first left
+    assert format_table(header, rows, align="<<>").splitlines()[1] == "| --- | --- | ---: |"
+    assert format_table(header, rows).splitlines()[1] == "| --- | --- | --- |"
+    with pytest.raises(ValueError, match="one '<' or '>' per column"):
+        format_table(header, rows, align="<>")
+    summary = summary_markdown(
+        {"a": {"rouge": {"base": {"rougeL": 0.1}, "lora": {"rougeL": 0.3}}, "model_name": "a-lora",
+               "version": "1", "alias": "champion", "seconds": 12.3}}, {"b": "boom | bang"}, 40.0)
+    assert summary.splitlines()[2:] == [
+        "| task | status | registered | alias | ROUGE-L base | ROUGE-L full | ROUGE-L LoRA | seconds |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| a | ok | a-lora v1 | champion | 10.00 | - | 30.00 | 12 |",
+        "| b | FAILED: boom / bang | - | - | - | - | - | - |"]

@@ -25,7 +25,11 @@ PACKAGES = {
     "deploy": "lora_pipeline.deploy",
     "benchmarks": "lora_pipeline.benchmarks",
 }
-CORE_STAGES = ("lora_module.training", "lora_module.evaluation", "lora_module.registry")
+CORE_STAGES = ("lora_module.training", "lora_module.evaluation", "lora_module.registry",
+               "lora_module.serving")
+# What serving may read of the registry: resolving and downloading versions, never registering them.
+REGISTRY_FOR_SERVING = ("lora_module.registry", "lora_module.registry.store", "lora_module.registry.bases",
+                        "lora_module.registry.retry", "lora_module.registry.tracking")
 HEAVY_FRAMEWORKS = ("lightning", "mlflow", "prefect")
 MAX_FUNCTION_LINES = 60
 
@@ -142,12 +146,30 @@ def _core_modules() -> list[str]:
 
 
 @pytest.mark.parametrize(("prefix", "forbidden"), [
-    ("lora_module.training", ("lora_module.registry", "lora_pipeline.flows")),
-    ("lora_module.evaluation", ("lora_module.training", "lora_pipeline.flows")),
+    ("lora_module.training", ("lora_module.registry", "lora_module.serving", "lora_pipeline.flows")),
+    ("lora_module.evaluation", ("lora_module.training", "lora_module.registry", "lora_module.serving",
+                                "lora_pipeline.flows")),
+    ("lora_module.serving", ("lora_module.training", "lora_pipeline")),
     ("lora_module", ("lora_pipeline.flows",)),
 ])
 def test_imports_run_one_way(prefix, forbidden):
     assert _violations(prefix, forbidden) == []
+
+
+def test_serving_reads_the_registry_only_through_the_store():
+    bad = [f"{m} imports {n}" for m, file in MODULES.items() if m.startswith("lora_module.serving")
+           for n in _imported_names(m, file)
+           if n.startswith("lora_module.registry") and n in MODULES and n not in REGISTRY_FOR_SERVING]
+    assert bad == []
+    # ... and those modules do not reach registration either.
+    reached = {n for m in REGISTRY_FOR_SERVING for n in _project_imports(m)}
+    assert not {"lora_module.registry.register", "lora_module.registry.gate"} & reached
+
+
+def test_layers_hold_no_serving_state():
+    """The core's LoRA layer reads like loralib: mixed-adapter batching lives in mixed_batch.py."""
+    text = MODULES["lora_module.layers"].read_text()
+    assert not any(word in text for word in ("row_groups", "row_weights", "mixed"))
 
 
 def test_core_imports_no_stage_and_no_framework():

@@ -4,13 +4,16 @@
 
 Two real `lora-pipeline fit` runs (in-process, the shipped demo config) into a temporary SQLite
 store, then real registrations: run names are unique and meaningful, training runs carry task /
-fingerprint / commit tags and land in the task's experiment, the version and its training run link
-each other, a registration into another store warns, the version's tags are few and rounded, and
-the report chart says n and the number of references.
+fingerprint / commit tags and land in the task's experiment, the exported adapter records the
+prepared data's prompt settings, the version and its training run link each other, a registration
+into another store warns, the version's tags are few and rounded, and the report chart says n and
+the number of references. Every tag key is spelled once, in lora_module.contracts: a scan of the
+source of lora_module/ and flows/ finds no other spelling of one.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -24,9 +27,13 @@ from registry_helpers import make_report
 from test_training import prepare_tiny
 from test_training_cli import DEMO_CONFIG, overrides
 
+from lora_module import contracts
+from lora_module.adapter_io import read_prompt_settings
+from lora_module.contracts import run_name
 from lora_module.home import PipelineHome
-from lora_module.lineage import git_commit, run_name, same_store
-from lora_module.registry import register_adapter
+from lora_module.lineage import git_commit, same_store
+from lora_module.prompt import PromptSettings
+from lora_module.registry.register import register_adapter
 from lora_module.training.cli import main as fit_main
 
 TASK = "lineage"
@@ -68,6 +75,22 @@ def test_run_name_and_store_identity():
     assert not same_store(None, "http://127.0.0.1:5000")
 
 
+def test_tag_dicts_are_built_from_the_contract():
+    assert contracts.training_run_tags("summary", "full", 8, "fp", None, None, "sqlite:///x") == {
+        "task": "summary", "finetune": "full", "data_fingerprint": "fp", "tracking_uri": "sqlite:///x"}
+    full = {"task": "t", "mode": "lora", "eval.baseline": "base", "rouge.rougeL": "0.333333",
+            "rouge.base.rougeL": "0.1", "rouge.base.rouge1": "0.2", "lora.r": "8",
+            "data_fingerprint": "a" * 64}
+    assert contracts.version_tags(full, ["rougeL"], "rougeL", "http://other:5000") == {
+        "task": "t", "mode": "lora", "eval.baseline": "base", "rouge.rougeL": "0.3333",
+        "rouge.base.rougeL": "0.1000", "data_fingerprint": "a" * 12, "training_run_id": "none",
+        "training_run_store": "http://other:5000"}
+    assert contracts.registration_identity("sha", None, "m") == {
+        "adapter_sha256": "sha", "training_run_id": "none", "registered_model": "m"}
+    assert (contracts.rouge_change_key("rougeL", "base", "lora"), contracts.rouge_ci_key("rouge1")) == (
+        "rouge.lora.rougeL.vs_base_points", "rouge.rouge1.ci95")
+
+
 def test_training_runs_are_named_tagged_and_in_the_task_experiment(trained):
     client = MlflowClient(trained["home"].tracking_uri)
     runs = [client.get_run(m["mlflow_run_id"]) for m in trained["metrics"]]
@@ -81,6 +104,17 @@ def test_training_runs_are_named_tagged_and_in_the_task_experiment(trained):
     assert tags["base_fingerprint"] == trained["metrics"][0]["base_fingerprint"]
     assert tags.get("git_commit") == git_commit()  # omitted outside a git checkout
     assert same_store(tags["tracking_uri"], trained["home"].tracking_uri)
+
+
+def test_exported_adapter_records_the_prepared_prompt_settings(trained):
+    """The export writes the manifest's prompt settings into the adapter's sidecar, so the adapter
+    registers (the next tests) and serves without anyone looking for the prepared data."""
+    expected = PromptSettings.from_manifest(trained["manifest"])
+    assert expected.template and expected.max_source_length == 48  # the demo data's: a real check
+    for out in trained["outs"]:
+        sidecar = json.loads((out / "adapter" / "lora_pipeline.json").read_text())
+        assert sidecar["prompt"] == expected.to_dict()
+        assert read_prompt_settings(out / "adapter") == expected
 
 
 def test_version_and_training_run_link_each_other(trained, tmp_path):
@@ -149,3 +183,91 @@ def test_chart_names_models_once_and_says_n_and_references(tmp_path, tiny_t5_dir
     assert ax.get_title() == "demo: ROUGE on test (n=8, 1 reference each)"
     assert _references_text([3, 3]) == "3 references each"
     assert _references_text([1, 3]) == "1-3 references each"
+
+
+# ---- one spelling per tag key --------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+TAG_KEYS = {v for k, v in vars(contracts).items() if k.startswith("TAG_")}
+# Keys that are also other files' field names (metrics.json, report.json, adapter_config.json,
+# command-line options): outside a tag context they are not tags. Every other key is distinctive.
+SHARED_WORDS = {"task", "tasks", "mode", "finetune", "source", "data_fingerprint", "base_fingerprint",
+                "base_model", "git_commit", "tracking_uri", "adapter_sha256", "adapter_bytes", "adapter_dir"}
+KEY_PREFIXES = tuple(f"{k.split('.')[0]}." for k in TAG_KEYS if "." in k) + (contracts.ROUGE_PREFIX,)
+
+
+def _strings(node: ast.AST) -> list[str]:
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def _key_strings(node: ast.AST) -> list[str]:
+    """The string constants of `node`, of a dict its keys' only (the values are tag values)."""
+    if isinstance(node, ast.Dict):
+        return [s for k in node.keys if k is not None for s in _key_strings(k)]
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    return [s for child in ast.iter_child_nodes(node) for s in _key_strings(child)]
+
+
+def _about_tags(node: ast.AST) -> bool:
+    """Whether an expression names tags (`mv.tags`, `run_tags`, `_FINGERPRINT_TAG`; not `STAGES`)."""
+    return re.search(r"(?<![a-z])tags?(?![a-z])", ast.unparse(node).lower()) is not None
+
+
+# Where a setter takes the tag's key.
+TAG_SETTERS = {"set_tag": 1, "set_model_version_tag": 2, "set_registered_model_tag": 1, "RunTag": 0}
+
+
+def _tag_contexts(tree: ast.AST) -> list[ast.AST]:
+    """The nodes whose strings are tag keys: tags[...], tags.get(...), tags dicts, a setter's key."""
+    out: list[ast.AST] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and _about_tags(node.value):
+            out.append(node.slice)
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in TAG_SETTERS:
+                out += node.args[TAG_SETTERS[name]:TAG_SETTERS[name] + 1]
+            elif name in ("get", "pop", "setdefault", "update") and isinstance(func, ast.Attribute) \
+                    and _about_tags(func.value):
+                out += node.args[:1]
+            out += [k.value for k in node.keywords if k.arg == "tags"]
+        elif isinstance(node, ast.Assign | ast.AnnAssign) and _about_tags(
+                node.targets[0] if isinstance(node, ast.Assign) else node.target):
+            out.append(node.value)
+        elif isinstance(node, ast.FunctionDef) and _about_tags(ast.Name(node.name)):
+            out += [r.value for r in ast.walk(node) if isinstance(r, ast.Return)]
+    return [n for n in out if n is not None]
+
+
+def _spelled_tag_keys(source: str) -> list[str]:
+    """The tag keys (and key prefixes, `tags.<key>` filters) a module's source spells itself."""
+    tree = ast.parse(source)
+    strings = _strings(tree)
+    found = {s for s in strings if s in TAG_KEYS - SHARED_WORDS or s.startswith(KEY_PREFIXES)}
+    found |= {s for s in strings if (m := re.search(r"\btags\.(\w+)", s)) and m.group(1) in TAG_KEYS}
+    found |= {s for node in _tag_contexts(tree) for s in _key_strings(node) if s in TAG_KEYS}
+    return sorted(found)
+
+
+def test_the_scan_finds_each_way_of_spelling_a_tag_key():
+    source = ("def f(mv, client, run, experiment, task, fp):\n"
+              "    mv.tags.get('mode')\n"
+              "    client.set_tag(run, 'registered_version', 'x')\n"
+              "    client.create_registered_model('m', tags={'task': task})\n"
+              "    _FINGERPRINT_TAG = 'base_fingerprint'\n"
+              "    client.search_runs([experiment], f\"tags.adapter_sha256 = '{fp}'\")\n"
+              "    return f'rouge.{task}', 'eval_data_fingerprint'\n"
+              "def metrics(task, report):\n"
+              "    report.get('mode')\n"
+              "    return {'task': task, 'data_fingerprint': 'x'}  # a file's fields, not tags\n")
+    assert _spelled_tag_keys(source) == ["base_fingerprint", "eval_data_fingerprint", "mode",
+                                         "registered_version", "rouge.", "tags.adapter_sha256 = '", "task"]
+
+
+def test_no_module_outside_contracts_spells_a_tag_key():
+    files = [f for folder in ("lora_module", "flows") for f in sorted((ROOT / folder).rglob("*.py"))
+             if f.name != "contracts.py"]
+    assert len(files) > 40
+    hits = [f"{f.relative_to(ROOT)}: {key!r}" for f in files for key in _spelled_tag_keys(f.read_text())]
+    assert hits == []

@@ -1,5 +1,7 @@
 """Registry tests on the embedded default (SQLite file + local artifact folder), plus the pure
 promotion gate and retry policy. The real `mlflow server` tests are in test_registry_server.py.
+Registered adapters carry their prompt settings (registry_helpers writes them, as the training
+export does); one without them is refused unless `--prepared` supplies them.
 
     .venv/bin/pytest tests/test_registry.py -q
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -21,17 +24,19 @@ from registry_helpers import PROMPTS, generate_texts, make_adapter, make_candida
 from transformers import AutoTokenizer
 
 from lora_module import FingerprintMismatchError
+from lora_module.adapter_io import read_prompt_settings, write_prompt_settings
+from lora_module.errors import run_cli
 from lora_module.home import PipelineHome
-from lora_module.registry import (
-    MultiTaskModel,
-    configure_tracking,
-    download_adapter,
-    load_registered,
-    register_adapter,
-)
+from lora_module.prompt import PromptSettings
 from lora_module.registry.cli import main as cli_main
-from lora_module.registry.gate import RegistryUnavailableError, RetryPolicy, decide_promotion
+from lora_module.registry.gate import decide_promotion
 from lora_module.registry.inputs import RegistrationInputError
+from lora_module.registry.register import register_adapter
+from lora_module.registry.retry import RegistryUnavailableError, RetryPolicy
+from lora_module.registry.store import download_adapter
+from lora_module.registry.tracking import configure_tracking
+from lora_module.serving import MultiTaskPredictor, TaskRef, load_registered
+from lora_module.serving.cli import main as serving_main
 
 TEXTS = PROMPTS[:4]
 
@@ -202,17 +207,15 @@ def test_multi_task_one_base_matches_each_alone(registered, tiny_t5_dir, tmp_pat
     adapter, report, _ = make_candidate(tmp_path / "other", tiny_t5_dir, seed=11, lora_hits=5)
     register_adapter("other", adapter, report, retries=1, backoff=0.1)
     alone = {task: generate_texts(*load_registered(task), TEXTS) for task in ("demo", "other")}
-    mt = MultiTaskModel(tiny_t5_dir)
-    mt.attach("demo")
-    mt.attach("other")
-    assert mt.tasks == ["demo", "other"]
-    for _ in range(2):  # switching back and forth
+    mt = MultiTaskPredictor.load([TaskRef.parse("demo"), TaskRef.parse("other")], base=str(tiny_t5_dir),
+                                 refresh_seconds=None)
+    assert sorted(mt.versions) == ["demo", "other"]
+    params = {"max_new_tokens": 12}
+    for _ in range(2):  # one adapter after the other
         for task in ("other", "demo"):
-            assert mt.generate(task, TEXTS, max_new_tokens=12) == alone[task]
-    from lora_module import load_base_model
-
-    assert mt.generate(None, TEXTS, max_new_tokens=12) == generate_texts(
-        load_base_model(str(tiny_t5_dir)), mt.tokenizer, TEXTS)
+            assert mt.predict([task] * len(TEXTS), TEXTS, params) == alone[task]
+    tasks = ["demo", "other"] * (len(TEXTS) // 2)  # rows of both tasks in one batch
+    assert mt.predict(tasks, TEXTS, params) == [alone[t][i] for i, t in enumerate(tasks)]
     assert alone["demo"] != alone["other"]
 
 
@@ -227,7 +230,7 @@ def test_fingerprint_mismatch_refused_unless_forced(registered, tmp_path, seq2se
         load_registered("demo", base=str(other))
     model, _ = load_registered("demo", base=str(other), force=True)
     assert model.active_adapter == "default"
-    assert cli_main(["predict", "demo", "--base", str(other), "--text", "hi"]) == 2
+    assert run_cli(serving_main, ["predict", "demo", "--base", str(other), "--text", "hi"]) == 2
 
 
 def test_cli_list_show_promote_demote_predict(registered, capsys, tmp_path, tiny_t5_dir):
@@ -245,7 +248,7 @@ def test_cli_list_show_promote_demote_predict(registered, capsys, tmp_path, tiny
     assert str(client.get_model_version_by_alias("demo-lora", "challenger").version) == "3"  # newest other
     manual = client.get_model_version("demo-lora", "1").tags["manual.last"]
     assert manual == "promoted to champion: human review"
-    assert cli_main(["demote", "demo", "2", "--reason", "x"]) == 2  # champion is v1, not v2
+    assert run_cli(cli_main, ["demote", "demo", "2", "--reason", "x"]) == 2  # champion is v1, not v2
     assert "not v2" in capsys.readouterr().err
     assert cli_main(["demote", "demo", "--reason", "regression"]) == 0
     with pytest.raises(LookupError, match="no alias 'champion'"):
@@ -260,7 +263,7 @@ def test_cli_list_show_promote_demote_predict(registered, capsys, tmp_path, tiny
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(TEXTS[:2]) + "\n")
     capsys.readouterr()
-    assert cli_main(["predict", "demo", "--file", str(prompts), "--max-new-tokens", "12", "--json"]) == 0
+    assert serving_main(["predict", "demo", "--file", str(prompts), "--max-new-tokens", "12", "--json"]) == 0
     outputs = [row["output"] for row in json.loads(capsys.readouterr().out)]
     assert outputs == generate_texts(cands[3][2], AutoTokenizer.from_pretrained(tiny_t5_dir), TEXTS[:2])
 
@@ -303,6 +306,53 @@ def test_bad_inputs_fail_before_touching_the_registry(home, tiny_t5_dir, tmp_pat
     with pytest.raises(RegistrationInputError, match="metric 'bleu'"):
         register_adapter("demo", tmp_path / "c" / "adapter", report, metric="bleu", retries=0)
     assert adapter.is_dir()
+
+
+TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
+MANIFEST = {"fingerprint": "f" * 64, "model_type": "seq2seq",
+            "config": {"prompt_template": TEMPLATE, "input_column": "dialogue", "max_source_length": 256,
+                       "max_target_length": 12}}
+
+
+def test_an_adapter_without_prompt_settings_is_registered_only_with_prepared(home, tiny_t5_dir, tmp_path,
+                                                                             capsys):
+    """Refused in one line naming --prepared; with it, the registered adapter's sidecar holds the
+    prepared data's settings (the given folder is left as it was) and the served model applies them."""
+    torch.manual_seed(0)  # lora_A's init: outputs that tell a templated prompt from a bare one
+    _, model = make_adapter(tiny_t5_dir, tmp_path / "made", seed=12)
+    bare = model.save_pretrained(tmp_path / "bare", base_model_name_or_path=str(tiny_t5_dir))
+    assert read_prompt_settings(bare) is None  # saved as a pre-sidecar-prompt export would be
+    before = {f.name: f.read_bytes() for f in bare.iterdir()}
+    capsys.readouterr()
+    assert run_cli(cli_main, ["register", "bare", str(bare)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "--prepared DIR" in err, err
+    assert "records no prompt settings" in err
+    assert not MlflowClient(configure_tracking()).search_registered_models("name = 'bare-lora'")
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "manifest.json").write_text(json.dumps(MANIFEST))
+    assert run_cli(cli_main, ["register", "bare", str(bare), "--prepared", str(prepared)]) == 0
+    assert {f.name: f.read_bytes() for f in bare.iterdir()} == before
+    reg = download_adapter("bare", tmp_path / "dl", version=1)
+    assert read_prompt_settings(reg.adapter_dir) == PromptSettings.from_manifest(MANIFEST)
+    client = MlflowClient(configure_tracking())
+    run_id = client.get_model_version("bare-lora", "1").run_id
+    lineage = json.loads(Path(client.download_artifacts(run_id, "lineage.json", str(tmp_path))).read_text())
+    assert lineage["prompt"] == {"settings": PromptSettings.from_manifest(MANIFEST).to_dict(),
+                                 "from": str(prepared.resolve())}
+    served = mlflow.pyfunc.load_model("models:/bare-lora/1").predict({"text": TEXTS[:2]},
+                                                                      params={"max_new_tokens": 12})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    templated = generate_texts(model, tokenizer, [TEMPLATE.format(dialogue=t) for t in TEXTS[:2]])
+    assert served == templated and served != generate_texts(model, tokenizer, TEXTS[:2])
+
+    # An adapter that records other settings than the prepared folder's is refused, not overridden.
+    own = Path(shutil.copytree(bare, tmp_path / "own"))
+    write_prompt_settings(own, PromptSettings(template="{dialogue} =>"))
+    with pytest.raises(RegistrationInputError, match=r"differ from .*'template'\]: leave out --prepared"):
+        register_adapter("bare", own, prepared_dir=prepared, retries=0)
 
 
 def test_explicit_home_wins_over_the_environment(home, tiny_t5_dir, tmp_path):

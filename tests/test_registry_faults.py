@@ -1,8 +1,11 @@
 """The registry under faults: a real `mlflow server` killed at three points of a registration, and
 two machines (two pipeline homes) racing to register into one server.
 
-    .venv/bin/pytest tests/test_registry_faults.py -q              # about 3 minutes
-    .venv/bin/pytest tests/test_registry_faults.py -q -m "not slow" # the pure gate / retry checks
+    .venv/bin/pytest tests/test_registry_faults.py -q              # about 2 minutes
+
+The gate's rule and the retry budget as pure functions: tests/test_gate.py. The server is the
+session's restartable `mlflow server` (tests/conftest.py); the Prefect limit is held by the
+session's Prefect server.
 
 Kill points (the server's process group gets SIGKILL from a hook at that moment, then comes back
 on the same SQLite store and port): right after the version is created, during the logged model's
@@ -17,144 +20,33 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
-from mlflow_server import MlflowServer, free_port
+from mlflow_server import MlflowServer
 from registry_helpers import make_candidate, weights_sha
 
 import lora_module.registry.register as register_module
 from lora_module.home import PipelineHome
-from lora_module.registry import register_adapter
 from lora_module.registry.aliases import LIMIT_PREFIX, registration_lock
-from lora_module.registry.cli import main as cli_main
-from lora_module.registry.gate import (
-    RegistryUnavailableError,
-    RetryPolicy,
-    VersionScore,
-    choose_aliases,
-    choose_champion,
-    decide_in_registry,
-    is_transient,
-)
-from lora_module.registry.inputs import RegistrationInputError
+from lora_module.registry.register import register_adapter
+from lora_module.registry.retry import RegistryUnavailableError, RetryPolicy
 
 GATE_TAGS = ("gate.decision", "gate.reason")  # the full decision is in the run's lineage.json
 LINEAGE_TAGS = ("task", "adapter_sha256", "training_run_id", "rouge.rougeL", "eval_data_fingerprint")
 
-
-# ---- the state-based gate and the retry budget (pure, fast) -------------------------------------
-def _v(version: int, value: float | None, base: float | None = 0.1, fp: str | None = "A",
-       demoted: tuple[str, ...] = ()) -> VersionScore:
-    return VersionScore(str(version), value, base, fp, demoted)
-
-
-def test_champion_is_the_best_eligible_version_on_the_newest_test_data():
-    assert choose_champion([]) is None
-    assert choose_champion([_v(1, 0.05), _v(2, None)]) is None  # below base / not evaluated
-    assert choose_champion([_v(1, 0.5), _v(2, 0.3), _v(3, 0.4)]).version == "1"
-    assert choose_champion([_v(1, 0.5), _v(2, 0.5)]).version == "2"  # a tie: the newer
-    # Newest eligible version scored on test data B: only B versions compete, A is not comparable.
-    assert choose_champion([_v(1, 0.9), _v(2, 0.3, fp="B"), _v(3, 0.4, fp="B")]).version == "3"
-    assert choose_champion([_v(1, 0.9), _v(2, 0.3, fp="B"), _v(3, 0.4)]).version == "1"
-    assert choose_champion([_v(1, 0.9), _v(2, 0.3, fp=None)]).version == "2"  # unknown data: alone
-    # Demoted by hand from champion: never again by the gate; ineligible versions are skipped.
-    assert choose_champion([_v(1, 0.5), _v(2, 0.9, demoted=("champion",)), _v(3, 0.01)]).version == "1"
-
-
-def test_aliases_challenger_is_the_newest_other_version():
-    assert choose_aliases([_v(1, 0.5), _v(2, 0.3), _v(3, 0.01)]) == {"champion": "1", "challenger": "3"}
-    assert choose_aliases([_v(1, 0.5)]) == {"champion": "1", "challenger": None}
-    assert choose_aliases([_v(1, 0.01), _v(2, 0.5, demoted=("challenger",))]) == {
-        "champion": "2", "challenger": "1"}
-
-
-def test_decision_agrees_with_the_registry_choice():
-    cand = {"rougeL": 0.4, "data_fingerprint": "A"}
-    base = {"rougeL": 0.1}
-    # Sequential: v3 beats champion v1 on the same data.
-    d = decide_in_registry([_v(1, 0.3), _v(2, 0.2), _v(3, 0.4)], "3", cand, base, "rougeL")
-    assert d.promote and "champion v1" in d.reason
-    d = decide_in_registry([_v(1, 0.3), _v(3, 0.4), _v(4, 0.6)], "3", cand, base, "rougeL")
-    assert not d.promote and "below the current champion v4" in d.reason
-    # v4, scored on new test data B, was registered by another machine meanwhile: compared with v4
-    # alone v3 wins (not comparable), but v4 is the newest and decides which data counts.
-    d = decide_in_registry([_v(1, 0.3), _v(3, 0.4), _v(4, 0.2, fp="B")], "3", cand, base, "rougeL")
-    assert not d.promote and d.alias == "challenger" and "newest test data is v4 (rougeL 0.2000)" in d.reason
-
-
-def test_version_score_reads_version_tags():
-    tags = {"rouge.rougeL": "0.400000", "eval.baseline": "base", "rouge.base.rougeL": "0.125000",
-            "eval_data_fingerprint": "fp", "manual.last": "demoted from champion: regression"}
-    s = VersionScore.from_tags(7, tags, "rougeL")
-    assert (s.version, s.value, s.base, s.data_fingerprint) == ("7", 0.4, 0.125, "fp")
-    assert s.demoted_from == ("champion",)
-    assert not s.eligible
-    assert VersionScore.from_tags(1, {"eval_data_fingerprint": "unknown"}, "rougeL").data_fingerprint is None
-
-
-def test_default_retry_budget_outlasts_a_30_second_restart():
-    policy = RetryPolicy()
-    assert policy.total_wait >= 45  # 1+2+4+8+10*6 = 75 s of waits, capped at 10 s each
-    assert max(policy.wait(a) for a in range(policy.retries)) <= policy.max_backoff * 1.1
-    params = inspect.signature(register_adapter).parameters  # the registration uses the same defaults
-    assert (params["retries"].default, params["max_backoff"].default) == (policy.retries, policy.max_backoff)
-    assert RetryPolicy(retries=2, backoff=0.5).total_wait == 1.5
-
-
-def test_a_concurrent_write_conflict_is_retried_other_bad_requests_are_not():
-    """Two machines setting one alias at once: the store's unique constraint rejects the second insert
-    (seen in the race below on a sqlite-backed server); trying again converges. A real bad request fails."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
-
-    conflict = ("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.workspace, "
-                "registered_model_aliases.name, registered_model_aliases.alias")
-    assert is_transient(MlflowException(conflict, error_code=BAD_REQUEST))
-    assert is_transient(MlflowException('duplicate key value violates unique constraint "aliases_pk"',
-                                        error_code=BAD_REQUEST))
-    assert not is_transient(MlflowException("Invalid alias name 'v1'", error_code=INVALID_PARAMETER_VALUE))
-    assert not is_transient(MlflowException("Registered Model with name=x not found",
-                                            error_code=RESOURCE_DOES_NOT_EXIST))
-
-
-def test_model_name_with_a_quote_is_refused_before_anything_exists(tiny_t5_dir, tmp_path, monkeypatch,
-                                                                    capsys):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    home = PipelineHome.from_env(tmp_path / "home")
-    adapter, report, _ = make_candidate(tmp_path / "c", tiny_t5_dir, seed=3, lora_hits=4)
-    with pytest.raises(RegistrationInputError, match=r"invalid registered model name \"o'brien\".*pattern"):
-        register_adapter("demo", adapter, report, model_name="o'brien", retries=0, home=home)
-    assert not (home.root / "mlflow.db").exists() and not home.root.exists()
-    # A model left by an older version of the code (before names were checked) does not break `list`.
-    uri = register_module.configure_tracking(home.tracking_uri)
-    MlflowClient(uri).create_registered_model("o'brien")
-    register_adapter("demo", adapter, report, retries=0, home=home)
-    capsys.readouterr()
-    assert cli_main(["list", "--tracking-uri", uri]) == 0
-    out = capsys.readouterr().out
-    assert "o'brien (task ?): 0 version(s)" in out and "demo-lora (task demo): 1 version(s)" in out
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 # ---- a real server, killed ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    t0 = time.monotonic()
-    with MlflowServer(root / "server") as srv:
-        print(f"mlflow server started in {time.monotonic() - t0:.1f} s")
-        yield srv
+@pytest.fixture
+def server(restartable_mlflow_server) -> MlflowServer:
+    return restartable_mlflow_server
 
 
 def _home(server: MlflowServer, name: str) -> PipelineHome:
@@ -199,8 +91,6 @@ def _kill_once(server: MlflowServer, then=None):
     return fire, fired
 
 
-@pytest.mark.slow
-@pytest.mark.integration
 def test_kill_after_version_created_then_rerun_completes_it(server, tiny_t5_dir, tmp_path, monkeypatch):
     adapter, report, _ = make_candidate(tmp_path / "c", tiny_t5_dir, seed=11, lora_hits=5)
     home = _home(server, "home-a")
@@ -224,8 +114,6 @@ def test_kill_after_version_created_then_rerun_completes_it(server, tiny_t5_dir,
     assert version == "1" and [r.info.status for r in runs] == ["FINISHED"]  # the same run, completed
 
 
-@pytest.mark.slow
-@pytest.mark.integration
 def test_kill_during_model_upload_then_rerun_starts_over_cleanly(server, tiny_t5_dir, tmp_path, monkeypatch):
     adapter, report, _ = make_candidate(tmp_path / "c", tiny_t5_dir, seed=12, lora_hits=5)
     home = _home(server, "home-a")
@@ -265,8 +153,6 @@ def test_kill_during_model_upload_then_rerun_starts_over_cleanly(server, tiny_t5
                                                                      LoggedModelStatus.READY]))
 
 
-@pytest.mark.slow
-@pytest.mark.integration
 def test_kill_between_alias_writes_default_retries_outlast_a_30s_outage(server, tiny_t5_dir, tmp_path,
                                                                          monkeypatch):
     home = _home(server, "home-a")
@@ -321,8 +207,6 @@ def _expected_champion(history: list[tuple[str, str, int]]) -> str:
     return max(same, key=lambda h: (h[2], int(h[0])))[0]
 
 
-@pytest.mark.slow
-@pytest.mark.integration
 def test_two_machines_race_twenty_rounds_champion_is_always_the_best(server, tiny_t5_dir, tmp_path,
                                                                       monkeypatch):
     homes = [_home(server, "machine-a"), _home(server, "machine-b")]
@@ -388,45 +272,16 @@ def _hold_twice(lock_dir_root) -> list[tuple[float, float]]:
     return sorted(spans)
 
 
-@pytest.mark.slow
-@pytest.mark.integration
-def test_prefect_limit_serialises_the_alias_step_across_machines(tmp_path):
+def test_prefect_limit_serialises_the_alias_step_across_machines(tmp_path, prefect_api):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: None}):  # no Prefect API: only per-home file locks
         (a, b) = _hold_twice(tmp_path / "without")
         assert b[0] < a[1], "without Prefect the two homes' alias steps overlap"
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api}
-    with open(tmp_path / "prefect.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port), "--no-ui", "--analytics-off"], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not _healthy(f"{api}/health"):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "prefect.log").read_text()
-            time.sleep(0.5)
-        with temporary_settings({PREFECT_API_URL: api}):
-            (a, b) = _hold_twice(tmp_path / "with")
-            assert b[0] >= a[1], f"alias steps overlapped under the Prefect limit: {a}, {b}"
-            with get_client(sync_client=True) as client:
-                limit = client.read_global_concurrency_limit_by_name(f"{LIMIT_PREFIX}race-lora")
-            assert (limit.limit, limit.active_slots) == (1, 0)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        (a, b) = _hold_twice(tmp_path / "with")
+        assert b[0] >= a[1], f"alias steps overlapped under the Prefect limit: {a}, {b}"
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(f"{LIMIT_PREFIX}race-lora")
+        assert (limit.limit, limit.active_slots) == (1, 0)

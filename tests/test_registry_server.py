@@ -1,5 +1,6 @@
 """Registry tests against a real `mlflow server` (SQLite backend + proxied artifacts in a temp
-folder) on 127.0.0.1, started once for the module and stopped / restarted by the fault tests.
+folder) on 127.0.0.1: the session's restartable server (tests/conftest.py), which the outage test
+stops and restarts.
 
     .venv/bin/pytest tests/test_registry_server.py -q
 """
@@ -14,26 +15,23 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from mlflow_server import MlflowServer
 from registry_helpers import PROMPTS, generate_texts, make_candidate, weights_sha
 from transformers import AutoTokenizer
 
 import lora_module.registry.register as register_module
-from lora_module.registry import load_registered, register_adapter
-from lora_module.registry.gate import RegistryUnavailableError
+from lora_module.registry import register_adapter
+from lora_module.registry.retry import RegistryUnavailableError
+from lora_module.serving import load_registered
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow_server")
-    with pytest.MonkeyPatch.context() as mp:
-        # Locks (and nothing else) live under the pipeline home when a server is used.
-        mp.setenv("LORA_PIPELINE_HOME", str(root / "home"))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        with MlflowServer(root / "server") as srv:
-            yield srv
+@pytest.fixture
+def server(restartable_mlflow_server, tmp_path_factory, monkeypatch):
+    # Locks (and nothing else) live under the pipeline home when a server is used.
+    monkeypatch.setenv("LORA_PIPELINE_HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return restartable_mlflow_server
 
 
 @pytest.fixture(scope="module")

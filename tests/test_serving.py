@@ -23,12 +23,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mlflow_server import MlflowServer, free_port
+from mlflow_server import free_port
 from registry_helpers import make_adapter, make_candidate
 
 from lora_module.prompt import PromptSettings
-from lora_module.registry.multitask import MultiTaskPredictor, TaskRef, TaskState
-from lora_module.registry.pyfunc import AdapterPredictor, load_adapter_with_base
+from lora_module.serving.multitask import MultiTaskPredictor, TaskRef, TaskState
+from lora_module.serving.predictor import AdapterPredictor, load_adapter_with_base
 
 TEXTS = ["alice meets bob at the cafe", "please book a table for two people tomorrow evening",
          "my laptop screen is broken", "the train leaves from platform four"]
@@ -128,29 +128,29 @@ class Served:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_t5_dir):
-    root = tmp_path_factory.mktemp("serving")
-    with pytest.MonkeyPatch.context() as mp, MlflowServer(root / "server") as server:
-        mp.setenv("LORA_PIPELINE_HOME", str(root / "home"))
-        mp.setenv("MLFLOW_TRACKING_URI", server.uri)
-        mp.setenv("LORA_BASE_CACHE", str(root / "base-cache"))
-        yield root, server
+@pytest.fixture
+def registry(tmp_path, mlflow_server, monkeypatch):
+    """The session's shared MLflow server, for this test only (its tasks' names are used nowhere else)."""
+    monkeypatch.setenv("LORA_PIPELINE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setenv("LORA_BASE_CACHE", str(tmp_path / "base-cache"))
+    return tmp_path, mlflow_server
 
 
 @pytest.mark.slow
 @pytest.mark.integration
 def test_serve_single_and_multitask_over_http(registry, tiny_t5_dir):
-    from lora_module.registry import load_registered, register_adapter
-    from lora_module.registry.loading import load_predictor
-    from lora_module.registry.serving import register_multitask
+    from lora_module.registry import register_adapter
+    from lora_module.registry.multitask import register_multitask
+    from lora_module.serving import load_predictor, load_registered
 
     root, server = registry
     base = shutil.copytree(tiny_t5_dir, root / "train" / "base")  # the training machine's base folder
     for task in PROMPTS:
-        adapter, report, _ = make_candidate(root / "train" / task, base, seed=len(task), lora_hits=4)
+        adapter, report, _ = make_candidate(root / "train" / task, base, seed=len(task), lora_hits=4,
+                                           prompt=None)
         tok = _prepared(root / "train" / "prepared", task, tiny_t5_dir)
-        assert register_adapter(task, adapter, report, tokenizer_dir=tok, retries=1).alias == "champion"
+        assert register_adapter(task, adapter, report, prepared_dir=tok.parent, retries=1).alias == "champion"
     expected = {task: load_predictor(task).predict(TEXTS) for task in PROMPTS}
     uri = register_multitask(["summary", "topic"])
     shutil.rmtree(base)  # from here on the base exists only as the copy logged to the server
@@ -201,13 +201,13 @@ def _bad_requests_are_4xx(single: Served, multi: Served) -> None:
 def _new_champion_is_served(root: Path, base: Path, multi: Served) -> None:
     """A better topic adapter registered while the server runs is served by the next request."""
     from lora_module.registry import register_adapter
-    from lora_module.registry.loading import load_predictor
+    from lora_module.serving import load_predictor
 
     rows = [{"task": "topic", "text": t} for t in TEXTS]
     before = multi.invoke(rows)[1]["predictions"]
-    adapter, report, _ = make_candidate(root / "train" / "topic2", base, seed=99, lora_hits=7)
+    adapter, report, _ = make_candidate(root / "train" / "topic2", base, seed=99, lora_hits=7, prompt=None)
     tok = _prepared(root / "train" / "prepared2", "topic", base)
-    assert register_adapter("topic", adapter, report, tokenizer_dir=tok, retries=1).alias == "champion"
+    assert register_adapter("topic", adapter, report, prepared_dir=tok.parent, retries=1).alias == "champion"
     new = load_predictor("topic", base=str(base)).predict(TEXTS)
     status, body = multi.invoke(rows)
     assert status == 200 and body["predictions"] != before, body

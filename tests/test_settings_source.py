@@ -13,6 +13,7 @@ import stat
 import pytest
 from registry_helpers import make_adapter, make_report
 
+from lora_module.adapter_io import read_prompt_settings, write_prompt_settings
 from lora_module.evaluation import generation
 from lora_module.evaluation.generation import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from lora_module.evaluation.report import format_table, rouge_table
@@ -22,7 +23,7 @@ from lora_module.names import NAME_PATTERN, InvalidNameError, check_name
 from lora_module.prompt import PromptSettings
 from lora_module.registry import register_adapter
 from lora_module.registry.inputs import RegistrationInputError, read_inputs
-from lora_module.registry.pyfunc import AdapterPredictor, read_prompt_settings
+from lora_module.serving.predictor import AdapterPredictor
 
 TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 MANIFEST = {"fingerprint": "f" * 64, "model_type": "seq2seq",
@@ -60,11 +61,9 @@ def test_generation_lengths_come_from_the_manifest(caplog):
 
 def test_registration_records_the_prompt_and_predict_applies_it(tmp_path, tiny_t5_dir, monkeypatch):
     adapter, model = make_adapter(tiny_t5_dir, tmp_path / "adapter", seed=1)
-    prepared = tmp_path / "prepared"
-    (prepared / "tokenizer").mkdir(parents=True)
-    (prepared / "manifest.json").write_text(json.dumps(MANIFEST))
-    inp = read_inputs("summary", adapter, None, None, None, "rougeL", tokenizer_dir=prepared / "tokenizer")
-    assert inp.prompt == PromptSettings.from_manifest(MANIFEST)
+    write_prompt_settings(adapter, PromptSettings.from_manifest(MANIFEST))  # what the training export writes
+    inp = read_inputs("summary", adapter, None, None, None, "rougeL")
+    assert inp.prompt == PromptSettings.from_manifest(MANIFEST) == read_prompt_settings(adapter)
 
     seen = {}
 
@@ -78,7 +77,7 @@ def test_registration_records_the_prompt_and_predict_applies_it(tmp_path, tiny_t
     assert seen["prompts"] == [TEMPLATE.format(dialogue="#Person1#: hi")]
     assert (seen["config"].max_source_length, seen["config"].max_new_tokens, seen["config"].num_beams) == (
         192, 64, 2)
-    assert read_prompt_settings(tmp_path / "nothing-here") == PromptSettings()
+    assert read_prompt_settings(tmp_path / "nothing-here") is None
 
 
 def test_name_rule_is_one_and_refuses_a_quote_before_registering(tmp_path, tiny_t5_dir):

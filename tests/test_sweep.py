@@ -103,7 +103,8 @@ def test_sweep_flow_charts_recommends_and_registers(harness, tmp_path, tiny_t5_d
     assert by_name["attention-r1"]["trainable"] < by_name["attention-r4"]["trainable"]
     assert by_name["attention-r4"]["trainable"] < by_name["all-linear-r4"]["trainable"]
     assert {p["rouge"]["rouge1"]["n"] for p in out["points"]} == {12}
-    saved = json.loads((Path(by_name["attention-r4"]["run_dir"]) / "adapter" / "adapter_config.json").read_text())
+    adapter = Path(by_name["attention-r4"]["run_dir"]) / "adapter"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
     # The default rsLoRA rule keeps the config's scale (r=4, alpha 16: 4) at its rank: alpha' = 16 / sqrt(4).
     assert (saved["r"], saved["lora_alpha"], saved["use_rslora"]) == (4, 8, True)
     assert out["recommended"]["name"] == recommend(out["points"], "rouge1")["point"]["name"]

@@ -14,12 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from jsonargparse import Namespace
 from test_training import prepare_tiny
 
 from lora_module import LoraModel, load_base_model
+from lora_module.errors import SettingsError
 from lora_module.home import PipelineHome
-from lora_module.training.cli import LoraCLI, main
+from lora_module.training.cli import LoraCLI, check_config, main
+from lora_module.training.datamodule import PreparedDataModule
 from lora_module.training.launcher import TrainingError, run_fit
+from lora_module.training.module import FineTuneModule
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "deploy" / "configs" / "demo_summary_lora.yaml"
@@ -137,10 +141,37 @@ def test_bad_config_fails_before_building_anything(tmp_path, capsys):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(DEMO_CONFIG), "--model.lora.r", "0", "--model.output_dir", str(out),
-              "--model.model_name_or_path", str(tmp_path / "base"), "--data.prepared_dir", str(tmp_path / "data")])
+              "--model.model_name_or_path", str(tmp_path / "base"),
+              "--data.prepared_dir", str(tmp_path / "data")])
     assert e.value.code == 2
     assert "model.lora: LoraConfig.r must be an integer >= 1, got 0" in capsys.readouterr().err
     assert not out.exists()
+
+
+# Each value is checked in one place: the CLI's config check calls the module's own check, so both say
+# the same words, and the config check fails before anything is built (the folders here do not exist).
+SHARED_CHECKS = [
+    ("model", "learning_rate", -1.0, "model.learning_rate must be > 0, got -1.0",
+     lambda d: FineTuneModule(str(d / "no_base"), learning_rate=-1.0)),
+    ("model", "warmup_ratio", 1.5, "model.warmup_ratio must be in [0, 1), got 1.5",
+     lambda d: FineTuneModule(str(d / "no_base"), warmup_ratio=1.5)),
+    ("data", "batch_size", 0, "data.batch_size must be >= 1, got 0",
+     lambda d: PreparedDataModule(str(d / "no_data"), batch_size=0)),
+    ("data", "eval_batch_size", 0, "data.eval_batch_size must be >= 1, got 0",
+     lambda d: PreparedDataModule(str(d / "no_data"), eval_batch_size=0)),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "value", "message", "build"), SHARED_CHECKS,
+                         ids=[c[1] for c in SHARED_CHECKS])
+def test_config_check_and_module_share_one_check(section, key, value, message, build, tmp_path):
+    config = Namespace(model=Namespace(), data=Namespace())
+    config[section][key] = value
+    with pytest.raises(SettingsError) as from_config:
+        check_config(config)
+    with pytest.raises(SettingsError) as from_module:
+        build(tmp_path)
+    assert str(from_config.value) == str(from_module.value) == message
 
 
 def test_run_fit_failure_raises_with_log_tail(tiny_t5_dir, tmp_path):

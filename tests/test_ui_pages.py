@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from mlflow_server import MlflowServer, free_port, wait_http
+from mlflow_server import free_port, wait_http
 from registry_helpers import make_report
 from test_training import prepare_tiny
 from test_training_cli import DEMO_CONFIG, overrides
@@ -64,26 +64,26 @@ def shots(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory, tiny_t5_dir, seq2seq_tokenizer_dir) -> dict:
-    """A 2-step training logged to a real MLflow server, its report, and its registration."""
+def registered(tmp_path_factory, tiny_t5_dir, seq2seq_tokenizer_dir, mlflow_server) -> dict:
+    """A 2-step training logged to the session's shared MLflow server, its report, and its registration
+    (task TASK: no other test uses that name)."""
     root = tmp_path_factory.mktemp("ui")
     saved_env = dict(os.environ)
-    with MlflowServer(root / "mlflow") as server:
-        try:
-            prepared = prepare_tiny(seq2seq_tokenizer_dir, "seq2seq", root / "data")
-            out = root / "run"
-            fit_main(["fit", "--config", str(DEMO_CONFIG), *overrides(tiny_t5_dir, prepared, out, 2),
-                      "--trainer.logger.init_args.task", TASK,
-                      "--trainer.logger.init_args.tracking_uri", server.uri])
-            report = make_report(root / "eval", out / "adapter", lora_hits=6, base_hits=1, task=TASK)
-            res = register_adapter(TASK, out / "adapter", report, train_dir=out, tracking_uri=server.uri,
-                                   retries=1, backoff=0.1)
-        finally:  # the in-process fit exported MLFLOW_TRACKING_URI: later tests must not inherit it
-            os.environ.clear()
-            os.environ.update(saved_env)
-        metrics = json.loads((out / "metrics.json").read_text())
-        yield {"server": server, "res": res, "report": report, "training_run": metrics["mlflow_run_id"],
-               "client": MlflowClient(server.uri)}
+    try:
+        prepared = prepare_tiny(seq2seq_tokenizer_dir, "seq2seq", root / "data")
+        out = root / "run"
+        fit_main(["fit", "--config", str(DEMO_CONFIG), *overrides(tiny_t5_dir, prepared, out, 2),
+                  "--trainer.logger.init_args.task", TASK,
+                  "--trainer.logger.init_args.tracking_uri", mlflow_server.uri])
+        report = make_report(root / "eval", out / "adapter", lora_hits=6, base_hits=1, task=TASK)
+        res = register_adapter(TASK, out / "adapter", report, train_dir=out, tracking_uri=mlflow_server.uri,
+                               retries=1, backoff=0.1)
+    finally:  # the in-process fit exported MLFLOW_TRACKING_URI: later tests must not inherit it
+        os.environ.clear()
+        os.environ.update(saved_env)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"server": mlflow_server, "res": res, "report": report, "training_run": metrics["mlflow_run_id"],
+            "client": MlflowClient(mlflow_server.uri)}
 
 
 def test_mlflow_training_run_page_shows_lineage(registered, shots):

@@ -13,18 +13,23 @@ atomically, so a crash never leaves a folder that looks complete.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_module.evaluation import generation, rouge
+from lora_module import contracts
+from lora_module.code_identity import code_fingerprint
+from lora_module.contracts import MANIFEST_FILE
+from lora_module.errors import InputNotFoundError
+from lora_module.evaluation import evaluate
 from lora_module.evaluation.generation import GenerationConfig, ModelSpec
-from lora_module.files import sha256_dir, sha256_files, sha256_json
+from lora_module.files import sha256_dir, sha256_json
 
 # Files that make up a model's identity; anything else in its folder (a README, logs) does not.
 _MODEL_FILES = (".safetensors", ".bin", ".json", ".model")
 BASE_NAME = "base"
+# evaluate_model writes the evaluation; its import closure is all the code that shapes the result.
+EVALUATION_CODE = ("lora_module.evaluation.evaluate",)
 
 
 @dataclass(frozen=True)
@@ -46,16 +51,11 @@ def model_identity(name_or_path: str) -> str:
     return sha256_dir(name_or_path, _MODEL_FILES)
 
 
-@functools.cache
 def code_identity() -> str:
-    """Hash of the evaluation code's source files: changed code must not reuse old evaluations.
-
-    Computed once per process: the code that runs is the code that was imported, whatever the
-    files on disk say later.
-    """
-    from lora_module.evaluation import evaluate
-
-    return sha256_files(m.__file__ for m in (evaluate, generation, rouge))
+    """Hash of the code that produces a base evaluation (EVALUATION_CODE's import closure: generation,
+    metrics, data loading, model loading): changed code must not reuse old evaluations. Computed once
+    per process: the code that runs is the code that was imported."""
+    return code_fingerprint(EVALUATION_CODE)
 
 
 def evaluation_key(base_model: str, prepared_dir: str | os.PathLike, gen: GenerationConfig,
@@ -65,7 +65,9 @@ def evaluation_key(base_model: str, prepared_dir: str | os.PathLike, gen: Genera
 
     manifest = read_manifest(prepared_dir)
     if manifest is None:
-        raise FileNotFoundError(f"{prepared_dir} is not a prepared-data folder (no readable manifest.json)")
+        raise InputNotFoundError(f"{prepared_dir} is not a complete prepared-data folder (no readable "
+                                 f"{MANIFEST_FILE}); run `lora-pipeline prepare` and pass the folder it "
+                                 "prints")
     return sha256_json({
         "data": manifest["fingerprint"], "model": model_identity(base_model), "generation": gen.to_dict(),
         "limit": limit, "split": "test", "code": code_identity(),
@@ -75,13 +77,12 @@ def evaluation_key(base_model: str, prepared_dir: str | os.PathLike, gen: Genera
 def evaluate_base(base_model: str, prepared_dir: str | os.PathLike, evals_dir: str | os.PathLike,
                   gen: GenerationConfig | None = None, limit: int | None = None) -> BaseEvaluation:
     """Evaluate the base model into `<evals_dir>/base-<key[:12]>/`, or reuse what an earlier call wrote."""
-    from lora_module.evaluation.evaluate import evaluate_model
-
     gen = gen or GenerationConfig()
     key = evaluation_key(base_model, prepared_dir, gen, limit)
     out = Path(evals_dir) / f"base-{key[:12]}"
-    path = out / f"{BASE_NAME}.eval.json"
+    path = out / contracts.eval_file(BASE_NAME)
     if path.is_file():
         return BaseEvaluation(path, key, reused=True)
     spec = ModelSpec(BASE_NAME, "base", base_model)
-    return BaseEvaluation(evaluate_model(spec, prepared_dir, out, gen, limit=limit), key, reused=False)
+    written = evaluate.evaluate_model(spec, prepared_dir, out, gen, limit=limit)
+    return BaseEvaluation(written, key, reused=False)

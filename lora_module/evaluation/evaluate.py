@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -29,7 +28,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lora_module.errors import PipelineError, check_output_dir, one_line, report_error
+from lora_module.contracts import METRICS_FILE, PREPARED_TOKENIZER_DIR, REPORT_MD_FILE, eval_file
+from lora_module.errors import ArgumentParser, PipelineError, check_output_dir
 from lora_module.evaluation.generation import (
     MODEL_KINDS,
     GenerationConfig,
@@ -73,7 +73,8 @@ _MANIFEST_IN_DATA = ("fingerprint", "name", "model_type", "rows")
 
 
 class EvalInputError(PipelineError, ValueError):
-    """Prepared data that cannot be evaluated (missing split or column, empty references)."""
+    """An evaluation input that cannot be used: prepared data (missing split or column, empty references)
+    or the models to evaluate (a `--model` argument, an evaluation name, duplicate names)."""
 
 
 def _read_split(
@@ -115,7 +116,7 @@ def _read_split(
 
 def _training_metrics(model_path: Path) -> dict | None:
     """metrics.json written by training beside adapter/ or model/ (or inside the folder)."""
-    for candidate in (model_path / "metrics.json", model_path.parent / "metrics.json"):
+    for candidate in (model_path / METRICS_FILE, model_path.parent / METRICS_FILE):
         if candidate.is_file():
             try:
                 return json.loads(candidate.read_text())
@@ -164,7 +165,7 @@ def evaluate_predictions(
     `fingerprint`: the report refuses to mix evaluations on different data.
     """
     if not isinstance(name, str) or not name or "/" in name:
-        raise ValueError(f"evaluation name must be a non-empty string without '/', got {name!r}")
+        raise EvalInputError(f"evaluation name must be a non-empty string without '/', got {name!r}")
     if len(predictions) == 0:
         raise EvalInputError(f"model {name!r} produced no predictions: nothing to evaluate")
     scores = score_examples(predictions, references)
@@ -194,7 +195,7 @@ def evaluate_predictions(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
     } | (extra or {})
-    path = Path(out_dir) / f"{name}.eval.json"
+    path = Path(out_dir) / eval_file(name)
     write_json_atomic(path, payload)
     return path
 
@@ -218,7 +219,7 @@ def evaluate_model(
     indices, prompts, references, manifest = _read_split(prepared_dir, split, limit)
     gen = (gen or GenerationConfig()).with_settings(PromptSettings.from_manifest(manifest))
 
-    tokenizer_dir = prepared_dir / "tokenizer"
+    tokenizer_dir = prepared_dir / PREPARED_TOKENIZER_DIR
     t0 = time.perf_counter()
     loaded = load_model_with_info(spec, gen, tokenizer_dir if tokenizer_dir.is_dir() else None)
     info = loaded.info
@@ -283,9 +284,9 @@ def evaluate_models(
     """Evaluate every spec on the same split, then build the report; returns report.json's path."""
     names = [s.name for s in specs]
     if not specs:
-        raise ValueError("evaluate_models needs at least one ModelSpec")
+        raise EvalInputError("evaluate_models needs at least one ModelSpec (one --model)")
     if len(set(names)) != len(names):
-        raise ValueError(f"model names must be unique, got {names}")
+        raise EvalInputError(f"model names must be unique, got {names}; name each --model differently")
     check_output_dir(out_dir, "out_dir")
     for spec in specs:  # every model's files, before the first one spends time generating
         _check_spec(spec)
@@ -303,12 +304,12 @@ def _check_spec(spec: ModelSpec) -> None:
 def parse_model_arg(text: str) -> ModelSpec:
     """`NAME=PATH` (NAME in base/lora/full gives the kind) or `NAME:KIND=PATH`."""
     if "=" not in text:
-        raise ValueError(f"--model {text!r}: expected NAME=PATH or NAME:KIND=PATH")
+        raise EvalInputError(f"--model {text!r}: expected NAME=PATH or NAME:KIND=PATH")
     left, path = text.split("=", 1)
     name, _, kind = left.partition(":")
     if not kind:
         if name not in MODEL_KINDS:
-            raise ValueError(
+            raise EvalInputError(
                 f"--model {text!r}: cannot tell the kind of {name!r}; name it one of {list(MODEL_KINDS)} "
                 f"or write {name}:KIND={path} with KIND in {list(MODEL_KINDS)}"
             )
@@ -317,7 +318,7 @@ def parse_model_arg(text: str) -> ModelSpec:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="lora-pipeline evaluate",
         description="Evaluate base / LoRA / fully fine-tuned models with ROUGE and write a report.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -356,43 +357,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 2 bad input or a model that cannot be loaded,
-    1 another failure during evaluation)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        specs = [parse_model_arg(m) for m in args.model]
-        for s in specs:
-            if s.kind == "lora":
-                s.base, s.force = args.lora_base or s.base, args.force
-        gen = GenerationConfig(
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            num_beams=args.num_beams,
-            max_source_length=args.max_source_length,
-            device=args.device,
-            dtype=args.dtype,
-            merge_adapter=not args.no_merge,
-        )
-    except ValueError as e:  # a bad option value: one line, like every other bad input
-        raise SystemExit(report_error(e)) from None
-    try:
-        check_output_dir(args.out, "--out")  # before any model is loaded: a bad --out loses no work
-        report = evaluate_models(
-            args.prepared,
-            specs,
-            args.out,
-            args.task,
-            gen,
-            split=args.split,
-            limit=args.limit,
-            baseline=args.baseline,
-        )
-    except PipelineError as e:  # bad input, or a model that cannot be loaded: one line, exit status 2
-        return report_error(e)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
-        return 1
+    """CLI entry point; returns 0. Bad input, or a model that cannot be loaded, raises a PipelineError,
+    which `lora-pipeline` (`run_cli`) prints as one `error:` line with exit status 2."""
+    args = _parser().parse_args(argv)
+    specs = [parse_model_arg(m) for m in args.model]
+    for s in specs:
+        if s.kind == "lora":
+            s.base, s.force = args.lora_base or s.base, args.force
+    gen = GenerationConfig(
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        max_source_length=args.max_source_length,
+        device=args.device,
+        dtype=args.dtype,
+        merge_adapter=not args.no_merge,
+    )
+    check_output_dir(args.out, "--out")  # before any model is loaded: a bad --out loses no work
+    report = evaluate_models(args.prepared, specs, args.out, args.task, gen, split=args.split,
+                             limit=args.limit, baseline=args.baseline)
     print(f"report written: {report}")
-    print(report.with_name("report.md").read_text())
+    print(report.with_name(REPORT_MD_FILE).read_text())
     return 0

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lora_module.config import DTYPE_NAMES, dataclass_from_dict, torch_dtype
-from lora_module.errors import PipelineError
+from lora_module.errors import PipelineError, SettingsError
 from lora_module.files import sha256_file
 from lora_module.names import check_name
 from lora_module.prompt import PromptSettings
@@ -72,13 +72,14 @@ class GenerationConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 optional = " or None" if name.startswith("max_") else ""
-                raise ValueError(f"GenerationConfig.{name} must be an integer >= 1{optional}, got {value!r}")
+                raise SettingsError(
+                    f"GenerationConfig.{name} must be an integer >= 1{optional}, got {value!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
-            raise ValueError(
+            raise SettingsError(
                 f"GenerationConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
             )
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
-            raise ValueError(
+            raise SettingsError(
                 f"GenerationConfig.dtype must be None or one of {list(DTYPE_NAMES)}, got {self.dtype!r}"
             )
 
@@ -122,16 +123,17 @@ class ModelSpec:
     """lora only: load the adapter even onto a base whose fingerprint differs from its training base's."""
 
     def __post_init__(self) -> None:
-        check_name("ModelSpec.name (it becomes a file name)", self.name, ValueError)
+        check_name("ModelSpec.name (it becomes a file name)", self.name, SettingsError)
         if self.kind not in MODEL_KINDS:
-            raise ValueError(f"ModelSpec.kind {self.kind!r} is not valid; valid kinds: {list(MODEL_KINDS)}")
+            raise SettingsError(
+                f"ModelSpec.kind {self.kind!r} is not valid; valid kinds: {list(MODEL_KINDS)}")
         self.path = str(self.path)
         if not self.path:
-            raise ValueError(f"ModelSpec.path is empty for model {self.name!r}")
+            raise SettingsError(f"ModelSpec.path is empty for model {self.name!r}; give a folder or Hub name")
         if self.base is not None and self.kind != "lora":
-            raise ValueError(f"ModelSpec.base is only used with kind='lora', got kind={self.kind!r}")
+            raise SettingsError(f"ModelSpec.base is only used with kind='lora', got kind={self.kind!r}")
         if self.force and self.kind != "lora":
-            raise ValueError(f"ModelSpec.force is only used with kind='lora', got kind={self.kind!r}")
+            raise SettingsError(f"ModelSpec.force is only used with kind='lora', got kind={self.kind!r}")
 
     def resolved_path(self) -> Path | str:
         """The folder to load, accepting a training output dir (with adapter/ or model/) too."""
@@ -354,9 +356,11 @@ def generate(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
     if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad token nor an eos token; cannot batch prompts")
+        raise ModelLoadError(f"tokenizer {type(tokenizer).__name__} has neither a pad token nor an eos "
+                             "token, so prompts cannot be batched; save the model with a tokenizer that "
+                             "has one")
 
-    encoded = _encode(tokenizer, prompts, config.max_source_length, is_seq2seq)
+    encoded = encode_prompts(tokenizer, prompts, config.max_source_length, is_seq2seq)
     order = list(range(len(prompts)))
     if config.sort_by_length:
         # Longest first: the biggest batch runs first, so running out of memory shows up at once.
@@ -365,7 +369,7 @@ def generate(
     outputs: list[str | None] = [None] * len(prompts)
     for start in range(0, len(order), config.batch_size):
         batch_idx = order[start : start + config.batch_size]
-        input_ids, attention = _pad([encoded[i] for i in batch_idx], pad_id, left=not is_seq2seq)
+        input_ids, attention = pad_batch([encoded[i] for i in batch_idx], pad_id, left=not is_seq2seq)
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
@@ -382,7 +386,7 @@ def generate(
     return [o if o is not None else "" for o in outputs]
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_len: int | None,
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_len: int | None,
             is_seq2seq: bool) -> list[list[int]]:
     """Token ids per prompt, cut to `max_len` (None: not cut)."""
     # Over-long prompts: seq2seq keeps the start (as the data stage does), causal keeps the end,
@@ -397,7 +401,7 @@ def _encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_len:
         tokenizer.truncation_side = saved_side
 
 
-def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids [B, T], attention_mask [B, T]) of one batch, padded to its longest row."""
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

@@ -11,6 +11,9 @@
 
 Evaluations made on different data (fingerprint, split or example set) are refused: their
 numbers are not comparable. Usually called through `lora_module.evaluation.evaluate` (see its CLI).
+File names come from `lora_module.contracts` (REPORT_FILES). `format_table` is the project's one
+table formatter (Markdown or aligned text; the flows' artifacts and `lora-pipeline list` use it too),
+`rouge_table` its ROUGE-means table.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lora_module import contracts
 from lora_module.errors import PipelineError
 from lora_module.evaluation.rouge import (
     DEFAULT_RESAMPLES,
@@ -35,23 +39,26 @@ from lora_module.evaluation.rouge import (
 )
 from lora_module.files import write_atomic, write_json_atomic, write_with
 
-REPORT_FILES = ("report.json", "report.md", "rouge.png", "predictions.csv")
-
 
 class ReportInputError(PipelineError, ValueError):
     """Evaluations that cannot be combined (missing, malformed, or computed on different data)."""
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], style: str = "markdown",
-                 indent: str = "") -> str:
-    """The one table formatter: Markdown, or plain text with aligned columns (first left, rest right)."""
+                 indent: str = "", align: str | None = None) -> str:
+    """The one table formatter (reports, the flows' artifacts, `lora-pipeline list`): Markdown, or
+    plain text with padded columns. `align`: one '<' (left) or '>' (right) per column; None: plain
+    text puts the first column left and the rest right, Markdown leaves alignment to the renderer."""
+    if align is not None and (len(align) != len(header) or set(align) - {"<", ">"}):
+        raise ValueError(f"align={align!r} needs one '<' or '>' per column ({len(header)} columns)")
     if style == "markdown":
-        lines = [header, ["---"] * len(header), *rows]
-        return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
+        rule = ["---" if align is None or a == "<" else "---:" for a in align or header]
+        return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in [header, rule, *rows])
+    align = align or "<" + ">" * (len(header) - 1)
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
     return "\n".join(
-        indent + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                           for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+        indent + "  ".join(str(c).ljust(w) if a == "<" else str(c).rjust(w)
+                           for c, w, a in zip(line, widths, align, strict=True))
         for line in [header, *rows]
     )
 
@@ -190,13 +197,14 @@ def build_report(
         "models": [_model_row(name, ev, evals, baseline) for name, ev in evals.items()],
         "comparisons": _comparisons(evals, baseline, n_resamples, seed),
         "notes": _notes(evals, baseline),
-        "files": list(REPORT_FILES),
+        "files": list(contracts.REPORT_FILES),
     }
     out_dir = Path(out_dir)
-    json_path = write_json_atomic(out_dir / "report.json", report)
-    write_atomic(out_dir / "report.md", _markdown(report))
-    _write_chart(report, out_dir / "rouge.png", [len(r) for r in first["examples"]["references"]])
-    _write_predictions(evals, out_dir / "predictions.csv")
+    json_path = write_json_atomic(out_dir / contracts.REPORT_FILE, report)
+    write_atomic(out_dir / contracts.REPORT_MD_FILE, _markdown(report))
+    references = [len(r) for r in first["examples"]["references"]]
+    _write_chart(report, out_dir / contracts.ROUGE_CHART_FILE, references)
+    _write_predictions(evals, out_dir / contracts.PREDICTIONS_FILE)
     return json_path
 
 

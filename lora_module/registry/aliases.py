@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lora_module.names import InvalidNameError
 from lora_module.registry.gate import VersionScore, choose_aliases
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ def name_filter(name: str) -> str:
         return f"name='{name}'"
     if '"' not in name:
         return f'name="{name}"'
-    raise ValueError(f"registered model name {name!r} holds both quote characters: MLflow cannot search it")
+    raise InvalidNameError(
+        f"registered model name {name!r} holds both quote characters: MLflow cannot search it")
 
 
 def read_state(client: Any, name: str, metric: str, call: Callable[..., Any]

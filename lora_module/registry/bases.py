@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_module import contracts
 from lora_module.config import dataclass_from_dict
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ BASES_EXPERIMENT = "lora-bases"
 BASE_ENV = "LORA_BASE_MODEL_PATH"
 CACHE_ENV = "LORA_BASE_CACHE"
 BASE_FILE = "base.json"
-_FINGERPRINT_TAG = "base_fingerprint"
 _DONE = "complete"  # marker written after a download finished, so a broken-off one is not reused
 
 
@@ -79,11 +79,13 @@ def ensure_base_logged(name_or_path: str, fingerprint: str, client: Any = None) 
     client = client or MlflowClient(tracking_uri=uri)
     experiment_id = _bases_experiment(client, uri)
     found = client.search_runs(
-        [experiment_id], f"tags.{_FINGERPRINT_TAG} = '{fingerprint}' and attributes.status = 'FINISHED'",
+        [experiment_id],
+        f"tags.{contracts.TAG_BASE_FINGERPRINT} = '{fingerprint}' and attributes.status = 'FINISHED'",
         max_results=1)
     if found:
         return BaseRecord(name_or_path, fingerprint, f"runs:/{found[0].info.run_id}/base")
-    run = client.create_run(experiment_id, tags={_FINGERPRINT_TAG: fingerprint, "source": name_or_path},
+    tags = {contracts.TAG_BASE_FINGERPRINT: fingerprint, contracts.TAG_BASE_SOURCE: name_or_path}
+    run = client.create_run(experiment_id, tags=tags,
                             run_name=f"base-{fingerprint[:12]}")
     try:
         client.log_artifacts(run.info.run_id, name_or_path, "base")

@@ -6,9 +6,9 @@ store under `$LORA_PIPELINE_HOME` (see lora_module.registry).
     lora-pipeline list summary               # versions of one task
     lora-pipeline show summary @champion     # or a version number: show summary 3
     lora-pipeline register summary runs/x/adapter --report runs/x/eval --train-dir runs/x
+    lora-pipeline register summary old/adapter --prepared data/summary-3fa2c1d0e9b7   # no prompt recorded
     lora-pipeline promote summary 3 --reason "human review passed"
     lora-pipeline demote summary --reason "regression reported"   # drops @champion
-    lora-pipeline predict summary --text "Summarize: ..." [--file prompts.txt]
 
 A task `T` means the registered model `T-lora`; `--model-name` names another one.
 Exit status: 0 on success, 2 with a one-line `error: ...` for bad input or an unreachable registry.
@@ -21,22 +21,28 @@ import getpass
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from lora_module.errors import PipelineError, report_error
-from lora_module.registry import (
-    CHAMPION,
-    configure_tracking,
-    model_name_for,
-    register_adapter,
-)
+from lora_module import contracts as c
+from lora_module.contracts import CHALLENGER, CHAMPION
+from lora_module.errors import ArgumentParser, PipelineError
+from lora_module.evaluation.report import format_table
 from lora_module.registry.aliases import name_filter
-from lora_module.registry.gate import CHALLENGER, RetryPolicy, VersionScore
-from lora_module.registry.loading import load_predictor
+from lora_module.registry.gate import VersionScore
+from lora_module.registry.register import register_adapter
+from lora_module.registry.retry import RetryPolicy
+from lora_module.registry.tracking import configure_tracking, model_name_for
+
+
+class RegistryCommandError(PipelineError, RuntimeError):
+    """The registry refused a command (no such model, version or alias)."""
+
+
+class AliasChangeError(PipelineError, ValueError):
+    """A manual promotion or demotion that would contradict the registry's aliases (nothing changed)."""
 
 
 def _name(args: argparse.Namespace) -> str:
@@ -68,16 +74,10 @@ def _figure(value: str | None) -> str:
 def _row(mv: Any, metric: str, aliases: list[str]) -> list[str]:
     tags = mv.tags or {}
     created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M")
-    base = tags.get(f"rouge.{tags.get('eval.baseline', 'base')}.{metric}")
-    return [str(mv.version), ",".join(sorted(aliases)) or "-", _figure(tags.get(f"rouge.{metric}")),
-            _figure(base), tags.get("gate.decision", "-"), tags.get("mode", "-"),
-            tags.get("eval_data_fingerprint", "-")[:12], created]
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
-    return "\n".join(lines)
+    base = tags.get(c.rouge_key(metric, tags.get(c.TAG_EVAL_BASELINE, "base")))
+    return [str(mv.version), ",".join(sorted(aliases)) or "-", _figure(tags.get(c.rouge_key(metric))),
+            _figure(base), tags.get(c.TAG_GATE_DECISION, "-"), tags.get(c.TAG_MODE, "-"),
+            tags.get(c.TAG_EVAL_DATA_FINGERPRINT, "-")[:12], created]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -101,11 +101,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         aliases: dict[str, list[str]] = {}
         for alias, version in (model.aliases or {}).items():
             aliases.setdefault(str(version), []).append(alias)
-        task = (model.tags or {}).get("task", "?")
+        task = (model.tags or {}).get(c.TAG_TASK, "?")
         print(f"{name} (task {task}): {len(versions)} version(s)")
         if versions:
             rows = [_row(mv, args.metric, aliases.get(str(mv.version), [])) for mv in versions]
-            print(_table(rows, header))
+            print(format_table(header, rows, "text", align="><>><<<<"))
         print()
     return 0
 
@@ -122,7 +122,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"{name} v{mv.version}  aliases: {', '.join(mv.aliases or []) or '-'}")
     print(f"run {mv.run_id}  source {mv.source}  status {mv.status}")
     for k, v in sorted((mv.tags or {}).items()):
-        if k != "gate.json":
+        if k != c.TAG_GATE_JSON:
             print(f"  {k}: {v}")
     if mv.description:
         print("\n" + mv.description)
@@ -132,11 +132,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 def _record_manual(client: MlflowClient, name: str, version: str, action: str, reason: str) -> None:
     """Append the action to the version's `manual.history` tag (JSON list) and set `manual.last`."""
     mv = client.get_model_version(name, version)
-    history = json.loads((mv.tags or {}).get("manual.history", "[]"))
+    history = json.loads((mv.tags or {}).get(c.TAG_MANUAL_HISTORY, "[]"))
     entry = {"action": action, "reason": reason, "by": getpass.getuser(),
              "at": datetime.now(UTC).isoformat(timespec="seconds")}
-    client.set_model_version_tag(name, version, "manual.history", json.dumps([*history, entry]))
-    client.set_model_version_tag(name, version, "manual.last", f"{action}: {reason}")
+    client.set_model_version_tag(name, version, c.TAG_MANUAL_HISTORY, json.dumps([*history, entry]))
+    client.set_model_version_tag(name, version, c.TAG_MANUAL_LAST, f"{action}: {reason}")
 
 
 def _move_challenger(client: MlflowClient, name: str, champion: str) -> str | None:
@@ -162,10 +162,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
     mv = policy.call(lambda: client.get_model_version(name, args.version),
                      f"look up {name} v{args.version}", uri)
     if args.alias == CHALLENGER and CHAMPION in (mv.aliases or []):
-        raise ValueError(f"{name} v{mv.version} is @{CHAMPION}; demote it first to make it @{CHALLENGER}")
+        raise AliasChangeError(
+            f"{name} v{mv.version} is @{CHAMPION}; demote it first to make it @{CHALLENGER}")
     policy.call(lambda: client.set_registered_model_alias(name, args.alias, mv.version), "set alias", uri)
-    policy.call(lambda: _record_manual(client, name, mv.version, f"promoted to {args.alias}", args.reason),
-                "tag version", uri)
+    action = c.manual_action(c.PROMOTED_TO, args.alias)
+    policy.call(lambda: _record_manual(client, name, mv.version, action, args.reason), "tag version", uri)
     note = ""
     if args.alias == CHAMPION:  # one version holds one of the two: the champion leaves @challenger
         challenger = policy.call(lambda: _move_challenger(client, name, str(mv.version)), "move challenger",
@@ -182,10 +183,11 @@ def cmd_demote(args: argparse.Namespace) -> int:
     mv = policy.call(lambda: client.get_model_version_by_alias(name, args.alias),
                      f"look up {name}@{args.alias}", uri)
     if args.version is not None and str(args.version) != str(mv.version):
-        raise ValueError(f"@{args.alias} of {name} is v{mv.version}, not v{args.version}; nothing changed")
+        raise AliasChangeError(
+            f"@{args.alias} of {name} is v{mv.version}, not v{args.version}; nothing changed")
     policy.call(lambda: client.delete_registered_model_alias(name, args.alias), "delete alias", uri)
-    policy.call(lambda: _record_manual(client, name, mv.version, f"demoted from {args.alias}", args.reason),
-                "tag version", uri)
+    action = c.manual_action(c.DEMOTED_FROM, args.alias)
+    policy.call(lambda: _record_manual(client, name, mv.version, action, args.reason), "tag version", uri)
     print(f"{name} v{mv.version} is no longer @{args.alias} (manual: {args.reason})")
     return 0
 
@@ -195,47 +197,10 @@ def cmd_register(args: argparse.Namespace) -> int:
         args.task, args.adapter_dir, report_path=args.report, train_dir=args.train_dir,
         data_fingerprint=args.data_fingerprint, model_name=args.model_name, metric=args.metric,
         tracking_uri=args.tracking_uri, retries=args.retries, backoff=args.backoff,
-        tokenizer_dir=args.tokenizer_dir, candidate=args.candidate,
+        tokenizer_dir=args.tokenizer_dir, candidate=args.candidate, prepared_dir=args.prepared,
     )
     print(json.dumps({"model_uri": res.model_uri, "alias": res.alias, "run_id": res.run_id,
                       "decision": res.decision}, indent=2))
-    return 0
-
-
-def _read_texts(args: argparse.Namespace) -> list[str]:
-    texts = list(args.text or [])
-    if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise ValueError(f"--file {path} does not exist")
-        if path.suffix == ".jsonl":  # rows with a "text" (or the prepared data's "prompt") field
-            for i, line in enumerate(path.read_text().splitlines()):
-                if line.strip():
-                    row = json.loads(line)
-                    if "text" not in row and "prompt" not in row:
-                        raise ValueError(f"{path} line {i + 1} has neither a 'text' nor a 'prompt' field")
-                    texts.append(row.get("text", row.get("prompt")))
-        else:
-            texts += [line for line in path.read_text().splitlines() if line.strip()]
-    if not texts:
-        raise ValueError("nothing to predict: give --text (repeatable) or --file")
-    return texts
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    texts = _read_texts(args)
-    ref = f"models:/{args.model_name}" if args.model_name else args.task
-    predictor = load_predictor(
-        ref, version=args.version, alias=args.alias, base=args.base, force=args.force,
-        tracking_uri=args.tracking_uri, retries=args.retries, backoff=args.backoff,
-    )
-    # The same path as the served model: the task's prompt template, prompts cut as in training.
-    outputs = predictor.predict(texts, {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
-                                        "batch_size": args.batch_size})
-    if args.json:
-        print(json.dumps([{"input": t, "output": o} for t, o in zip(texts, outputs, strict=True)], indent=2))
-    else:
-        print("\n".join(o.replace("\n", " ") for o in outputs))
     return 0
 
 
@@ -264,7 +229,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """One parser whose subcommands are the `lora-pipeline` registry commands."""
-    p = argparse.ArgumentParser(prog="lora-pipeline", description=__doc__, formatter_class=_Formatter)
+    p = ArgumentParser(prog="lora-pipeline", description=__doc__, formatter_class=_Formatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     def task_cmd(name: str, help_: str, task_required: bool = True) -> argparse.ArgumentParser:
@@ -288,8 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-dir", help="training output folder (config.yaml, metrics.json)")
     s.add_argument("--data-fingerprint",
                    help="fingerprint of the prepared data (if not given: from the report)")
-    s.add_argument("--tokenizer-dir",
-                   help="tokenizer to ship with the model (if not given: the prepared data's)")
+    s.add_argument("--prepared", help="prepared data folder the adapter was trained on: its manifest's "
+                   "prompt settings are written into the registered adapter (for an adapter that records "
+                   "none), its tokenizer/ ships with the model")
+    s.add_argument("--tokenizer-dir", help="tokenizer to ship with the model (if not given: --prepared's "
+                   "tokenizer/, else the base model's is used)")
     s.add_argument("--candidate",
                    help="the report's model name for this adapter (if not given: found by checksum)")
     s.add_argument("--metric", default="rougeL", help="metric of the promotion gate")
@@ -305,28 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--alias", default=CHAMPION, help="alias to remove")
     s.add_argument("--reason", required=True, help="why (stored in the version's manual.history tag)")
     s.set_defaults(func=cmd_demote)
-    s = task_cmd("predict", "generate with a registered adapter")
-    s.add_argument("--version", help="version number (if not given: the alias's version)")
-    s.add_argument("--alias", default=CHAMPION, help="alias to load when no --version is given")
-    s.add_argument("--text", action="append", help="input text (repeatable), e.g. a dialogue: the "
-                   "task's prompt template is applied when the version records one")
-    s.add_argument("--file", help="inputs: one per line, or .jsonl rows with 'text' / 'prompt'")
-    s.add_argument("--base", help="base model folder / Hub id instead of the adapter's recorded base")
-    s.add_argument("--force", action="store_true", help="load even if the base fingerprint differs")
-    s.add_argument("--max-new-tokens", type=int, help="generated tokens per input at most (default 128)")
-    s.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
-    s.add_argument("--batch-size", type=int, help="inputs per generation batch (default 16)")
-    s.add_argument("--json", action="store_true", help="print [{input, output}] as JSON")
-    s.set_defaults(func=cmd_predict)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`lora-pipeline list|show|register|promote|demote|predict ...` (argv starts with the command)."""
+    """`lora-pipeline list|show|register|promote|demote ...` (argv starts with the command)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PipelineError, LookupError, ValueError) as e:
-        return report_error(e)
-    except MlflowException as e:
-        return report_error(e.message)
+    except MlflowException as e:  # e.g. no such version: the registry's own words, one line via run_cli
+        raise RegistryCommandError(e.message) from e

@@ -1,4 +1,4 @@
-"""The promotion gate and the retry policy of the MLflow registry (MLflow imported only to classify errors).
+"""The promotion gate of the MLflow registry: which version holds `champion` (no MLflow here).
 
 The gate is a plain function of numbers so it can be read, tested and argued about on its own:
 
@@ -12,6 +12,9 @@ at least the current champion's, both measured on the same test data (same data 
 A champion evaluated on other test data (or without the metric) is not comparable: the candidate
 is then promoted on the base comparison alone, and the reason says so. Anything else: `challenger`.
 
+Versions are read through their tags (`VersionScore.from_tags`, keys from `lora_module.contracts`);
+`Decision.as_tags` writes the decision back. Retrying registry calls is `registry.retry`'s job.
+
 Because MLflow has no compare-and-set on aliases, the registry does not apply that rule to "the
 champion it read a moment ago" but to the whole registry (`choose_aliases`): of the versions that
 are eligible (metric present, strictly above their base, not demoted by hand), those scored on the
@@ -23,21 +26,17 @@ all versions, so whatever the interleaving, the last writer leaves the gate's ch
 from __future__ import annotations
 
 import json
-import logging
 import math
-import random
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from lora_module.errors import PipelineError
+from lora_module import contracts as c
+from lora_module.contracts import CHALLENGER, CHAMPION
 
-logger = logging.getLogger(__name__)
-
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-T = TypeVar("T")
+PROMOTED = "promoted"
+NOT_PROMOTED = "not_promoted"
+PENDING = "pending"
+"""Values of the `gate.decision` tag (pending: the registration has not finished yet)."""
 
 
 def _number(value: Any) -> float | None:
@@ -85,16 +84,16 @@ class Decision:
             return "none" if v is None else (f"{v:.6f}" if isinstance(v, float) else str(v))
 
         return {
-            "gate.decision": "promoted" if self.promote else "not_promoted",
-            "gate.alias": self.alias,
-            "gate.reason": self.reason,
-            "gate.metric": self.metric,
-            "gate.candidate": show(self.candidate),
-            "gate.base": show(self.base),
-            "gate.champion": show(self.champion),
-            "gate.champion_version": show(self.champion_version),
-            "gate.champion_comparable": show(self.champion_comparable),
-            "gate.json": json.dumps(self.to_dict(), sort_keys=True),
+            c.TAG_GATE_DECISION: PROMOTED if self.promote else NOT_PROMOTED,
+            c.TAG_GATE_ALIAS: self.alias,
+            c.TAG_GATE_REASON: self.reason,
+            c.TAG_GATE_METRIC: self.metric,
+            c.TAG_GATE_CANDIDATE: show(self.candidate),
+            c.TAG_GATE_BASE: show(self.base),
+            c.TAG_GATE_CHAMPION: show(self.champion),
+            c.TAG_GATE_CHAMPION_VERSION: show(self.champion_version),
+            c.TAG_GATE_CHAMPION_COMPARABLE: show(self.champion_comparable),
+            c.TAG_GATE_JSON: json.dumps(self.to_dict(), sort_keys=True),
         }
 
     def summary(self) -> str:
@@ -166,14 +165,14 @@ class VersionScore:
     def from_tags(cls, version: str | int, tags: dict[str, str], metric: str) -> VersionScore:
         """Read `rouge.<metric>`, the baseline's `rouge.<eval.baseline>.<metric>`, the test-data
         fingerprint and a manual demotion from a version's tags (strings)."""
-        baseline = tags.get("eval.baseline")
-        fp = tags.get("eval_data_fingerprint")
-        last = tags.get("manual.last", "")
-        demoted = (last.removeprefix("demoted from ").split(":", 1)[0].strip(),) if last.startswith(
-            "demoted from ") else ()
-        return cls(str(version), _number(tags.get(f"rouge.{metric}")),
-                   _number(tags.get(f"rouge.{baseline}.{metric}")) if baseline else None,
-                   None if fp in (None, "", "unknown") else fp, demoted)
+        baseline = tags.get(c.TAG_EVAL_BASELINE)
+        fp = tags.get(c.TAG_EVAL_DATA_FINGERPRINT)
+        last = tags.get(c.TAG_MANUAL_LAST, "")
+        demoted = (last.removeprefix(c.DEMOTED_FROM).split(":", 1)[0].strip(),) if last.startswith(
+            c.DEMOTED_FROM) else ()
+        return cls(str(version), _number(tags.get(c.rouge_key(metric))),
+                   _number(tags.get(c.rouge_key(metric, baseline))) if baseline else None,
+                   None if fp in (None, "", c.UNKNOWN) else fp, demoted)
 
     @property
     def eligible(self) -> bool:
@@ -228,83 +227,3 @@ def decide_in_registry(versions: list[VersionScore], mine: str, candidate: dict[
                   f"data is {best}")
     alias = CHAMPION if wins else CHALLENGER
     return Decision(**{**decision.to_dict(), "promote": wins, "alias": alias, "reason": reason})
-
-
-class RegistryUnavailableError(PipelineError, RuntimeError):
-    """The MLflow tracking server / registry could not be reached after all retries."""
-
-
-# How SQL stores (sqlite, PostgreSQL, MySQL) word a unique-constraint conflict.
-WRITE_CONFLICTS = ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: the registry is down, overloaded or its database briefly locked."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, requests.HTTPError):
-        return exc.response is None or exc.response.status_code >= 500 or exc.response.status_code == 429
-    if isinstance(exc, MlflowException):
-        # Transport failures surface as INTERNAL_ERROR ("API request to ... failed with exception").
-        if exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
-            return True
-        # Two machines writing the same row at once (e.g. setting one alias): the store's unique
-        # constraint rejects the second insert as BAD_REQUEST. Our writes are idempotent, and the
-        # alias step re-reads after writing, so trying again is right.
-        return any(m in str(exc) for m in WRITE_CONFLICTS)
-    return False
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How registry calls are retried: capped exponential backoff between attempts."""
-
-    retries: int = 10
-    """Extra attempts after the first one (0: fail at once)."""
-    backoff: float = 1.0
-    """Seconds before the first retry; doubled for each further retry."""
-    max_backoff: float = 10.0
-    """Cap on one wait, in seconds (short enough to notice a server soon after it is back)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.retries, int) or self.retries < 0:
-            raise ValueError(f"RetryPolicy.retries must be an integer >= 0, got {self.retries!r}")
-        for name in ("backoff", "max_backoff"):
-            value = getattr(self, name)
-            if _number(value) is None or value < 0:
-                raise ValueError(f"RetryPolicy.{name} must be a number >= 0 seconds, got {value!r}")
-
-    @property
-    def total_wait(self) -> float:
-        """Seconds slept before giving up (without jitter): the defaults wait 1+2+4+8+10*6 = 75 s,
-        so a registration outlives a tracking server that is down for 30 s and then takes its
-        usual 8-30 s to start."""
-        return sum(min(self.max_backoff, self.backoff * 2**a) for a in range(self.retries))
-
-    def wait(self, attempt: int) -> float:
-        """Seconds to sleep after failed attempt number `attempt` (0-based), with 10% jitter so
-        concurrent registrations do not retry in lockstep."""
-        base = min(self.max_backoff, self.backoff * (2**attempt))
-        return base * (1.0 + 0.1 * random.random())
-
-    def call(self, fn: Callable[[], T], what: str, uri: str) -> T:
-        """Run `fn`, retrying transient failures; then raise RegistryUnavailableError naming `uri`."""
-        for attempt in range(self.retries + 1):
-            try:
-                return fn()
-            except Exception as e:
-                if not is_transient(e):
-                    raise
-                if attempt == self.retries:
-                    raise RegistryUnavailableError(
-                        f"MLflow registry at {uri} unreachable: {what} failed {attempt + 1} time(s); "
-                        f"last error: {type(e).__name__}: {str(e)[:300]}"
-                    ) from e
-                delay = self.wait(attempt)
-                logger.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__,
-                               str(e)[:120], attempt + 1, self.retries, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")  # the loop returns or raises

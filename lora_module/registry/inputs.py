@@ -2,23 +2,34 @@
 metrics, files and version tags. No MLflow calls here except copying training loss curves.
 
 Used by `lora_module.registry.register_adapter`; `read_inputs(...)` checks every path first, so a
-bad folder fails before anything is written to the registry.
+bad folder fails before anything is written to the registry. Tag keys and file names come from
+`lora_module.contracts`.
+
+The prompt settings come from the adapter itself (its sidecar, written by the training export). An
+adapter without them is refused unless `prepared_dir` names the prepared data it was trained on:
+its manifest's settings are then written into the copy that is logged (`adapter_to_log`), never
+into the caller's folder. Nothing is guessed: the tokenizer that ships is `tokenizer_dir`, else
+the prepared folder's, else none (serving then takes the base model's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_module.adapter_io import read_adapter_config
+from lora_module import contracts as c
+from lora_module.adapter_io import read_adapter_config, read_prompt_settings, write_prompt_settings
 from lora_module.errors import AdapterLoadError, PipelineError
 from lora_module.files import sha256_file
 from lora_module.lineage import git_commit
@@ -28,9 +39,6 @@ from lora_module.training.outputs import current_outputs
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILES = ("report.json", "report.md", "rouge.png", "predictions.csv")
-TRAIN_FILES = ("config.yaml", "metrics.json")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json")
 _PARAM_LIMIT = 6000  # MLflow's maximum param value length
 
 
@@ -73,13 +81,14 @@ def _read_json(path: Path, what: str) -> dict:
 def resolve_adapter_dir(path: str | os.PathLike) -> Path:
     """The PEFT-format adapter folder: `path` itself or `path/adapter` (a training output)."""
     p = Path(path)
-    if not (p / "adapter_config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
-        p = p / "adapter"
-    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (p / f).is_file()]
+    if not (p / c.ADAPTER_CONFIG_FILE).is_file() and (p / c.ADAPTER_DIR / c.ADAPTER_CONFIG_FILE).is_file():
+        p = p / c.ADAPTER_DIR
+    missing = [f for f in (c.ADAPTER_CONFIG_FILE, c.ADAPTER_WEIGHTS_FILE) if not (p / f).is_file()]
     if missing:
         raise RegistrationInputError(
             f"adapter_dir {p} is not a PEFT-format adapter folder: missing {missing} (it needs "
-            "adapter_config.json and adapter_model.safetensors, or a training output with adapter/)"
+            f"{c.ADAPTER_CONFIG_FILE} and {c.ADAPTER_WEIGHTS_FILE}, or a training output with "
+            f"{c.ADAPTER_DIR}/)"
         )
     return p
 
@@ -105,7 +114,25 @@ class RegistrationInputs:
     report_md: str | None = None
     training_run: tuple[str, str] | None = None  # (tracking uri, run id) of the training run
     prompt: PromptSettings | None = None  # template and lengths the adapter was trained with
+    prompt_source: Path | None = None  # the prepared folder they came from; None: the adapter's sidecar
     timestamp_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+    @property
+    def rouge_types(self) -> list[str]:
+        """The ROUGE types the report scored the adapter on."""
+        return [k for k in self.candidate_metrics if k != "data_fingerprint"]
+
+    @contextlib.contextmanager
+    def adapter_to_log(self) -> Iterator[Path]:
+        """The adapter folder to log: `adapter_dir` when its sidecar holds the prompt settings, else a
+        temporary copy whose sidecar gets them (from `prompt_source`); the given folder is never changed."""
+        if self.prompt_source is None or self.prompt is None:
+            yield self.adapter_dir
+            return
+        with tempfile.TemporaryDirectory(prefix="register-") as tmp:
+            copy = Path(shutil.copytree(self.adapter_dir, Path(tmp) / c.ADAPTER_DIR))
+            write_prompt_settings(copy, self.prompt)
+            yield copy
 
     def description(self, limit: int) -> str:
         """The report's Markdown table (cut to `limit` characters), or a note that there is none."""
@@ -197,23 +224,23 @@ def _read_report(inp: RegistrationInputs, path: Path, metric: str, candidate: st
             for stat in ("mean", "ci_low", "ci_high"):
                 if _number(s.get(stat)) is not None:
                     suffix = "" if stat == "mean" else f".{stat}"
-                    inp.metrics.append((_key(f"rouge.{m['name']}.{t}{suffix}"), float(s[stat]), 0))
-            tags[_key(f"rouge.{m['name']}.{t}")] = f"{s['mean']:.6f}"
+                    inp.metrics.append((_key(c.rouge_key(t, m["name"]) + suffix), float(s[stat]), 0))
+            tags[_key(c.rouge_key(t, m["name"]))] = f"{s['mean']:.6f}"
             if m is cand:
-                tags[_key(f"rouge.{t}")] = f"{s['mean']:.6f}"
+                tags[_key(c.rouge_key(t))] = f"{s['mean']:.6f}"
                 inp.candidate_metrics[t] = float(s["mean"])
                 if _number(s.get("ci_low")) is not None and _number(s.get("ci_high")) is not None:
-                    tags[_key(f"rouge.{t}.ci95")] = f"[{s['ci_low']:.6f}, {s['ci_high']:.6f}]"
+                    tags[_key(c.rouge_ci_key(t))] = f"[{s['ci_low']:.6f}, {s['ci_high']:.6f}]"
         for t, v in (m.get("change_vs_baseline_points") or {}).items():
             if _number(v) is not None:
-                inp.metrics.append((_key(f"rouge.{m['name']}.{t}.vs_{baseline}_points"), float(v), 0))
+                inp.metrics.append((_key(c.rouge_change_key(t, baseline, m["name"])), float(v), 0))
                 if m is cand:
-                    tags[_key(f"rouge.{t}.vs_{baseline}_points")] = f"{v:+.4f}"
-    for c in report.get("comparisons") or []:
-        for t, r in (c.get("metrics") or {}).items():
+                    tags[_key(c.rouge_change_key(t, baseline))] = f"{v:+.4f}"
+    for comp in report.get("comparisons") or []:
+        for t, r in (comp.get("metrics") or {}).items():
             for stat in ("mean_diff", "ci_low", "ci_high", "p_value"):
                 if _number((r or {}).get(stat)) is not None:
-                    key = _key(f"compare.{c.get('a')}_vs_{c.get('b')}.{t}.{stat}")
+                    key = _key(f"compare.{comp.get('a')}_vs_{comp.get('b')}.{t}.{stat}")
                     inp.metrics.append((key, float(r[stat]), 0))
     if metric not in inp.candidate_metrics:
         raise RegistrationInputError(
@@ -225,13 +252,13 @@ def _read_report(inp: RegistrationInputs, path: Path, metric: str, candidate: st
         rouge = base.get("rouge") or {}
         inp.base_metrics = {t: s.get("mean") for t, s in rouge.items() if isinstance(s, dict)}
     tags.update({
-        "eval.candidate": cand["name"], "eval.baseline": base["name"] if base else "none",
-        "eval.split": str(report.get("split", "unknown")), "eval.n": str(report.get("n", "unknown")),
-        "eval_data_fingerprint": eval_fp or "unknown",
+        c.TAG_EVAL_CANDIDATE: cand["name"], c.TAG_EVAL_BASELINE: base["name"] if base else c.NONE,
+        c.TAG_EVAL_SPLIT: str(report.get("split", c.UNKNOWN)), c.TAG_EVAL_N: str(report.get("n", c.UNKNOWN)),
+        c.TAG_EVAL_DATA_FINGERPRINT: eval_fp or c.UNKNOWN,
     })
-    md = path.parent / "report.md"
+    md = path.parent / c.REPORT_MD_FILE
     inp.report_md = md.read_text() if md.is_file() else None
-    inp.report_files = [path.parent / f for f in REPORT_FILES if (path.parent / f).is_file()]
+    inp.report_files = [path.parent / f for f in c.REPORT_FILES if (path.parent / f).is_file()]
 
 
 def _read_training(inp: RegistrationInputs, train_dir: Path) -> dict:
@@ -240,7 +267,7 @@ def _read_training(inp: RegistrationInputs, train_dir: Path) -> dict:
 
     if not train_dir.is_dir():
         raise RegistrationInputError(f"train_dir {train_dir} is not a folder (expected a training output)")
-    config_file, metrics_file = train_dir / "config.yaml", train_dir / "metrics.json"
+    config_file, metrics_file = train_dir / c.CONFIG_FILE, train_dir / c.METRICS_FILE
     config: dict = {}
     if config_file.is_file():
         try:
@@ -265,8 +292,8 @@ def _read_training(inp: RegistrationInputs, train_dir: Path) -> dict:
                             inp.metrics.append((_key(f"training/{name}"), float(value), step))
     if metrics.get("mlflow_run_id") and metrics.get("mlflow_tracking_uri"):
         inp.training_run = (str(metrics["mlflow_tracking_uri"]), str(metrics["mlflow_run_id"]))
-        inp.run_tags["training_run_id"] = str(metrics["mlflow_run_id"])
-    inp.train_files = [train_dir / f for f in TRAIN_FILES if (train_dir / f).is_file()]
+        inp.run_tags[c.TAG_TRAINING_RUN_ID] = str(metrics["mlflow_run_id"])
+    inp.train_files = [train_dir / f for f in c.TRAIN_FILES if (train_dir / f).is_file()]
     return {"config": flatten(config), "metrics": metrics}
 
 
@@ -289,19 +316,50 @@ def _check_training_matches(train: Path, training: dict, adapter: Path, cfg: dic
         )
 
 
-def _prepared_dir(tokenizer_dir: Path | None, config: dict[str, Any]) -> Path | None:
-    """The prepared data folder the adapter was trained on: the given tokenizer's folder, else the
-    training config's `data.prepared_dir`."""
-    candidates = [tokenizer_dir.parent] if tokenizer_dir is not None else []
-    candidates += [Path(v) for k, v in config.items() if k.endswith("prepared_dir") and isinstance(v, str)]
-    return next((p for p in candidates if (p / "manifest.json").is_file()), None)
+def _prepared_prompt(prepared: Path) -> PromptSettings:
+    """The prompt settings in a prepared data folder's manifest."""
+    manifest = prepared / c.MANIFEST_FILE
+    if not manifest.is_file():
+        raise RegistrationInputError(
+            f"prepared_dir {prepared} has no {c.MANIFEST_FILE}: pass the folder `lora-pipeline prepare` "
+            "wrote (the one the adapter was trained on)")
+    return PromptSettings.from_manifest(_read_json(manifest, "prepared data manifest"))
 
 
-def _find_tokenizer(adapter_dir: Path, prepared: Path | None) -> Path | None:
-    """The prepared data's tokenizer (what evaluation used), unless the adapter folder has one."""
-    if any((adapter_dir / f).is_file() for f in _TOKENIZER_FILES):
-        return None  # shipped inside the adapter artifact already
-    return prepared / "tokenizer" if prepared is not None and (prepared / "tokenizer").is_dir() else None
+def _read_prompt(inp: RegistrationInputs, prepared: Path | None) -> None:
+    """`inp.prompt` from the adapter's sidecar, else from `prepared`'s manifest (recorded as its
+    source, so the logged copy gets them); neither: RegistrationInputError saying how to fix it."""
+    try:
+        own = read_prompt_settings(inp.adapter_dir)
+    except AdapterLoadError as e:
+        raise RegistrationInputError(str(e)) from e
+    given = _prepared_prompt(prepared) if prepared is not None else None
+    if own is None and given is None:
+        raise RegistrationInputError(
+            f"adapter {inp.adapter_dir} records no prompt settings (its {c.ADAPTER_SIDECAR_FILE} has no "
+            "'prompt'; `lora-pipeline fit` writes them): register it with --prepared DIR "
+            "(register_adapter(..., prepared_dir=DIR)), DIR being the prepared data folder it was trained on")
+    if own is not None and given is not None and own != given:
+        differ = sorted(k for k, v in own.to_dict().items() if given.to_dict()[k] != v)
+        raise RegistrationInputError(
+            f"adapter {inp.adapter_dir} records prompt settings that differ from {prepared}'s manifest in "
+            f"{differ}: leave out --prepared to register the adapter with its own, or pass the data it was "
+            "trained on")
+    inp.prompt = own or given
+    inp.prompt_source = prepared.resolve() if own is None else None
+
+
+def _shipped_tokenizer(adapter: Path, tokenizer_dir: Path | None, prepared: Path | None) -> Path | None:
+    """The tokenizer to log with the model: `tokenizer_dir`, else the prepared folder's (what training
+    and evaluation used) unless the adapter folder holds one; None: serving uses the base model's."""
+    if tokenizer_dir is not None:
+        if not tokenizer_dir.is_dir():
+            raise RegistrationInputError(f"tokenizer_dir {tokenizer_dir} is not a folder")
+        return tokenizer_dir
+    if prepared is None or any((adapter / f).is_file() for f in c.TOKENIZER_FILES):
+        return None
+    tok = prepared / c.PREPARED_TOKENIZER_DIR
+    return tok if tok.is_dir() else None
 
 
 def read_inputs(
@@ -314,6 +372,7 @@ def read_inputs(
     *,
     tokenizer_dir: str | os.PathLike | None = None,
     candidate: str | None = None,
+    prepared_dir: str | os.PathLike | None = None,
 ) -> RegistrationInputs:
     """Check the paths and compute everything a registration logs (see RegistrationInputs)."""
     check_name("task name", task, RegistrationInputError)
@@ -326,43 +385,36 @@ def read_inputs(
         raise RegistrationInputError(str(e)) from e
     report = Path(report_path) if report_path is not None else None
     if report is not None and report.is_dir():
-        report = report / "report.json"
+        report = report / c.REPORT_FILE
     if report is not None and not report.is_file():
         raise RegistrationInputError(
-            f"report_path {report} does not exist (expected build_report's report.json or its folder)")
+            f"report_path {report} does not exist (expected build_report's {c.REPORT_FILE} or its folder)")
     # One export of a training output, read as a whole (a concurrent publish cannot mix two).
     train = current_outputs(train_dir) if train_dir is not None else None
-    tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
-    if tok is not None and not tok.is_dir():
-        raise RegistrationInputError(f"tokenizer_dir {tok} is not a folder")
-    inp = RegistrationInputs(task, adapter.resolve(), report and report.resolve(), train and train.resolve(),
-                             tok, cfg)
+    prepared = Path(prepared_dir) if prepared_dir is not None else None
+    tok = _shipped_tokenizer(adapter, Path(tokenizer_dir) if tokenizer_dir is not None else None, prepared)
+    inp = RegistrationInputs(task, adapter, report and report.resolve(), train and train.resolve(), tok, cfg)
+    _read_prompt(inp, prepared)
     for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "task_type",
               "base_model_name_or_path", "base_fingerprint"):
         value = cfg.get(k)
         inp.params[f"adapter.{k}"] = json.dumps(value) if isinstance(value, list) else str(value)
     training = _read_training(inp, train) if train is not None else {"config": {}, "metrics": {}}
-    prepared = _prepared_dir(tok, training["config"])
-    if inp.tokenizer_dir is None:
-        inp.tokenizer_dir = _find_tokenizer(adapter, prepared)
-    if prepared is not None:
-        manifest = _read_json(prepared / "manifest.json", "prepared data manifest")
-        inp.prompt = PromptSettings.from_manifest(manifest)
-    _tag_version(inp, adapter, cfg, training, data_fingerprint)
+    _tag_version(inp, adapter, cfg, training)
+    sha = inp.version_tags[c.TAG_ADAPTER_SHA256]
     if train is not None:
-        _check_training_matches(train, training, adapter, cfg, inp.version_tags["adapter_sha256"])
+        _check_training_matches(train, training, adapter, cfg, sha)
     if report is not None:
-        _read_report(inp, inp.report_path, metric, candidate, inp.version_tags["adapter_sha256"])
+        _read_report(inp, inp.report_path, metric, candidate, sha)
     else:
-        inp.version_tags["eval_data_fingerprint"] = "unknown"
+        inp.version_tags[c.TAG_EVAL_DATA_FINGERPRINT] = c.UNKNOWN
     train_fp = (data_fingerprint or training["metrics"].get("data_fingerprint")
                 or _meta(cfg).get("data_fingerprint") or inp.candidate_metrics.get("data_fingerprint"))
-    inp.version_tags["data_fingerprint"] = str(train_fp or "unknown")
-    if "training_run_id" in inp.run_tags:
-        inp.version_tags["training_run_id"] = inp.run_tags["training_run_id"]
-    tags = inp.version_tags
-    inp.run_tags.update({"task": task, "adapter_dir": str(inp.adapter_dir),
-                         "adapter_sha256": tags["adapter_sha256"], "mode": tags["mode"]})
+    inp.version_tags[c.TAG_DATA_FINGERPRINT] = str(train_fp or c.UNKNOWN)
+    if c.TAG_TRAINING_RUN_ID in inp.run_tags:
+        inp.version_tags[c.TAG_TRAINING_RUN_ID] = inp.run_tags[c.TAG_TRAINING_RUN_ID]
+    inp.run_tags.update({c.TAG_TASK: task, c.TAG_ADAPTER_DIR: str(inp.adapter_dir), c.TAG_ADAPTER_SHA256: sha,
+                         c.TAG_MODE: inp.version_tags[c.TAG_MODE]})
     return inp
 
 
@@ -371,23 +423,22 @@ def _meta(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg.get("lora_pipeline") if isinstance(cfg.get("lora_pipeline"), dict) else {}
 
 
-def _tag_version(inp: RegistrationInputs, adapter: Path, cfg: dict[str, Any], training: dict,
-                 data_fingerprint: str | None) -> None:
+def _tag_version(inp: RegistrationInputs, adapter: Path, cfg: dict[str, Any], training: dict) -> None:
     """Version tags that describe the adapter itself (base, LoRA settings, checksum, code)."""
-    weights = adapter / "adapter_model.safetensors"
+    weights = adapter / c.ADAPTER_WEIGHTS_FILE
     mode = _meta(cfg).get("finetune") or training["metrics"].get("finetune") or next(
         (v for k, v in training["config"].items() if k.endswith("finetune")), None) or "lora"
     targets = cfg.get("target_modules")
     inp.version_tags.update({
-        "task": inp.task,
-        "base_model": str(cfg.get("base_model_name_or_path") or "unknown"),
-        "base_fingerprint": str(cfg.get("base_fingerprint") or "unknown"),
-        "lora.r": str(cfg.get("r")),
-        "lora.alpha": str(cfg.get("lora_alpha")),
-        "lora.targets": ",".join(targets) if isinstance(targets, list) else str(targets),
-        "lora.rslora": str(bool(cfg.get("use_rslora"))),
-        "mode": str(mode),
-        "adapter_sha256": sha256_file(weights),
-        "adapter_bytes": str(weights.stat().st_size),
-        "git_commit": git_commit() or "unknown",
+        c.TAG_TASK: inp.task,
+        c.TAG_BASE_MODEL: str(cfg.get("base_model_name_or_path") or c.UNKNOWN),
+        c.TAG_BASE_FINGERPRINT: str(cfg.get("base_fingerprint") or c.UNKNOWN),
+        c.TAG_LORA_R: str(cfg.get("r")),
+        c.TAG_LORA_ALPHA: str(cfg.get("lora_alpha")),
+        c.TAG_LORA_TARGETS: ",".join(targets) if isinstance(targets, list) else str(targets),
+        c.TAG_LORA_RSLORA: str(bool(cfg.get("use_rslora"))),
+        c.TAG_MODE: str(mode),
+        c.TAG_ADAPTER_SHA256: sha256_file(weights),
+        c.TAG_ADAPTER_BYTES: str(weights.stat().st_size),
+        c.TAG_GIT_COMMIT: git_commit() or c.UNKNOWN,
     })

@@ -1,279 +1,128 @@
-"""Many tasks' registered adapters on one base, rows of different tasks in ONE batch.
+"""Register one model that serves several tasks' adapters on one base (mixed-task batches).
 
-    from lora_module.registry.multitask import MultiTaskPredictor, TaskRef
-    mt = MultiTaskPredictor.load([TaskRef.parse("summary"), TaskRef.parse("topic=3")])
-    mt.predict(["summary", "topic", "summary"], ["#Person1#: ...", "...", "..."])
+    lora-pipeline register-multitask --tasks summary topic        # -> models:/lora-tasks@champion
+    lora-pipeline serve-model models:/lora-tasks@champion --port 5001
 
-Each task's adapter is loaded under its own name onto one LoraModel; `predict` applies each task's
-prompt template and length limits (the prepared data's manifest, logged with the version), then
-generates all rows together with per-row adapters (`LoraModel.generate(adapter_names=...)`, the
-same arithmetic as PEFT's mixed batches). Decoding is greedy unless `num_beams` is given; rows
-of one batch generate up to the longest row's `max_new_tokens` and each row is cut to its own (for
-greedy decoding that is exactly what generating it alone gives).
-
-New champions without a restart: a task named by alias (`summary` = `summary-lora@champion`) is
-re-resolved at most every `refresh_seconds` (default 60; 0: on every request; None: never) and on
-a request with `refresh=True`; a new version is downloaded and hot-loaded (adapters are small),
-and the old one dropped. A version that fails to load (registry away, another base) is logged and
-the previous one keeps serving. A pinned task (`summary=3`) never changes.
+The logged pyfunc model (`serving.multitask.LoraMultiTaskModel`) names its tasks, not their
+versions: each task's champion is resolved by alias when the model loads and re-resolved while it
+serves (`task=3` pins a version, `task@alias` follows another alias). Every task must resolve, in
+the registry at `--tracking-uri`, and all must share one base, recorded portably (`bases`).
 """
 
 from __future__ import annotations
 
-import logging
+import argparse
+import json
 import tempfile
-import threading
-import time
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import torch
+import mlflow
+import mlflow.pyfunc
 
-from lora_module.names import check_name
-from lora_module.prompt import PromptSettings
-from lora_module.registry.bases import resolve_base
-from lora_module.registry.gate import CHAMPION
-from lora_module.registry.loading import download_adapter
-from lora_module.registry.pyfunc import generation_config, read_prompt_settings
-from lora_module.registry.register import model_name_for
+from lora_module import contracts
+from lora_module.contracts import CHAMPION
+from lora_module.errors import ArgumentParser, PipelineError
+from lora_module.registry.bases import BaseRecord, ensure_base_logged
+from lora_module.registry.store import NotRegisteredError, download_adapter
+from lora_module.registry.tracking import configure_tracking, ensure_experiment
+from lora_module.serving.multitask import TaskRef, multitask_signature
+from lora_module.serving.pyfunc import (
+    MULTI_TASK_CODE,
+    MULTI_TASK_ENTRY,
+    copy_code,
+    entry_code,
+    pip_requirements,
+)
 
-logger = logging.getLogger(__name__)
-
-DEFAULT_REFRESH_SECONDS = 60.0
-DEFAULT_MAX_INPUT_CHARS = 20_000
-
-
-@dataclass(frozen=True)
-class TaskRef:
-    """Which registered version serves a task."""
-
-    task: str
-    """The task name rows carry in their `task` column."""
-    model: str
-    """Registered model name (default `<task>-lora`)."""
-    alias: str | None = CHAMPION
-    """Alias resolved at load and on refresh; None when `version` pins one."""
-    version: str | None = None
-    """A pinned version number, never refreshed."""
-
-    @classmethod
-    def parse(cls, spec: str) -> TaskRef:
-        """`task` (its champion), `task@alias` or `task=version`."""
-        if "=" in spec:
-            task, version = spec.split("=", 1)
-            if not version.isdigit():
-                raise ValueError(f"task spec {spec!r}: the version after '=' must be a number")
-            return cls(check_name("task name", task), model_name_for(task), None, version)
-        task, _, alias = spec.partition("@")
-        return cls(check_name("task name", task), model_name_for(task), alias or CHAMPION)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TaskRef:
-        return cls(**d)
-
-    def describe(self) -> str:
-        return f"models:/{self.model}" + (f"/{self.version}" if self.version else f"@{self.alias}")
+MULTITASK_EXPERIMENT = "lora-multitask"
+DEFAULT_MULTITASK_NAME = "lora-tasks"
 
 
-@dataclass
-class TaskState:
-    """A loaded task: its adapter's name on the shared model, the version, prompt settings, tokenizer."""
-
-    adapter: str
-    version: str
-    prompt: PromptSettings
-    tokenizer: Any
+class MultiTaskRegistrationError(PipelineError, ValueError):
+    """The tasks cannot share one registered model (a task without that version, different bases)."""
 
 
-@dataclass
-class RowJob:
-    """One row ready to generate: adapter, prompt token ids, its own decoding limits, its tokenizer."""
+def _resolve_refs(client: Any, uri: str, refs: list[TaskRef], tmp: Path) -> BaseRecord:
+    """Check every task resolves in the registry at `uri` and all share one base; the base's record
+    (logged once if local)."""
+    from lora_module.adapter_io import read_adapter_config
 
-    adapter: str
-    ids: list[int]
-    max_new_tokens: int
-    num_beams: int
-    tokenizer: Any = field(repr=False)
-
-
-class MultiTaskPredictor:
-    """One base model, one adapter per task, mixed-task batches (see the module docstring)."""
-
-    def __init__(self, model: Any, tokenizer: Any, refs: list[TaskRef], force: bool = False,
-                 refresh_seconds: float | None = DEFAULT_REFRESH_SECONDS,
-                 max_input_chars: int = DEFAULT_MAX_INPUT_CHARS, tracking_uri: str | None = None) -> None:
-        tasks = [r.task for r in refs]
-        if not tasks or len(set(tasks)) != len(tasks):
-            raise ValueError(f"give one or more distinct tasks, got {tasks}")
-        self.model, self.tokenizer, self.force = model, tokenizer, force
-        self.refs = {r.task: r for r in refs}
-        self.refresh_seconds, self.max_input_chars = refresh_seconds, max_input_chars
-        self.tracking_uri = tracking_uri
-        self.states: dict[str, TaskState] = {}
-        self._lock = threading.RLock()  # the model's adapter set is shared state: load xor generate
-        self._next_check = 0.0
-        self.is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-
-    @classmethod
-    def load(cls, refs: list[TaskRef], base: str | None = None, **options: Any) -> MultiTaskPredictor:
-        """Resolve every task, load the base once (`base`, else as `bases.resolve_base` says for the
-        first task's adapter) and every adapter onto it; `options`: the constructor's keywords."""
-        from lora_module import LoraModel, load_base_model
-
-        base = base or resolve_base(None) or base_of(refs[0], options.get("tracking_uri"))
-        model = LoraModel(load_base_model(str(base)), None).eval()
-        if torch.cuda.is_available():
-            model.to("cuda")
-        predictor = cls(model, _tokenizer(base), refs, **options)
-        for ref in refs:
-            predictor.attach(ref.task, ref.version)
-        predictor._next_check = time.monotonic() + (predictor.refresh_seconds or 0)
-        return predictor
-
-    @property
-    def versions(self) -> dict[str, str]:
-        """Task -> the version serving it now."""
-        return {task: state.version for task, state in self.states.items()}
-
-    def attach(self, task: str, version: str | None = None) -> TaskState:
-        """Download `task`'s version (default: its ref's) and load it, replacing the one serving now."""
-        from transformers import AutoTokenizer
-
-        ref = self.refs[task]
-        with tempfile.TemporaryDirectory(prefix="lora-multitask-") as tmp:
-            reg = download_adapter(f"models:/{ref.model}", tmp, version or ref.version, ref.alias,
-                                   self.tracking_uri)
-            tokenizer = AutoTokenizer.from_pretrained(str(reg.tokenizer_dir)) if reg.tokenizer_dir else None
-            state = TaskState(f"{task}-v{reg.version}", reg.version, read_prompt_settings(reg.prompt_dir),
-                              tokenizer or self.tokenizer)
-            with self._lock:
-                old = self.states.get(task)
-                if old is not None and old.version == state.version:
-                    return old
-                self.model.load_adapter(reg.adapter_dir, state.adapter, force=self.force)
-                self.states[task] = state
-                if old is not None:
-                    self.model.delete_adapter(old.adapter)
-        logger.info("task %s: serving %s version %s", task, ref.model, state.version)
-        return state
-
-    def refresh(self, now: bool = False) -> dict[str, str]:
-        """Re-resolve the aliases when due (or `now`) and hot-load changed versions; {task: new version}."""
-        from mlflow import MlflowClient
-
-        from lora_module.registry.register import configure_tracking
-
-        if not now and (self.refresh_seconds is None or time.monotonic() < self._next_check):
-            return {}
-        self._next_check = time.monotonic() + (self.refresh_seconds or 0)
-        uri = configure_tracking(self.tracking_uri)
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        changed = {}
-        for task, ref in self.refs.items():
-            if ref.version is not None:
-                continue
-            try:
-                version = str(client.get_model_version_by_alias(ref.model, ref.alias).version)
-                if version != self.states[task].version:
-                    changed[task] = self.attach(task, version).version
-            except Exception as e:  # noqa: BLE001 - keep serving the loaded version; retried when next due
-                logger.warning("task %s: could not refresh %s (%s: %s); still serving version %s", task,
-                               ref.describe(), type(e).__name__, e, self.states[task].version)
-        return changed
-
-    def check_rows(self, tasks: list[Any], texts: list[Any]) -> None:
-        """Raise ValueError naming the first bad row (unknown task, non-text, too long)."""
-        if len(tasks) != len(texts):
-            raise ValueError(f"{len(tasks)} tasks for {len(texts)} texts: give one task per text")
-        for i, (task, text) in enumerate(zip(tasks, texts, strict=True)):
-            if task not in self.refs:
-                raise ValueError(f"row {i}: unknown task {task!r}; tasks served: {sorted(self.refs)}")
-            if not isinstance(text, str):
-                raise ValueError(f"row {i}: text must be a string, got {type(text).__name__}")
-            if len(text) > self.max_input_chars:
-                raise ValueError(f"row {i}: text has {len(text)} characters; the limit is "
-                                 f"{self.max_input_chars} (model_config max_input_chars)")
-
-    def predict(self, tasks: list[str], texts: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        """One output per row, in order; `params`: max_new_tokens, num_beams, batch_size, refresh."""
-        params = {k: v for k, v in (params or {}).items() if v is not None}
-        refresh = bool(params.pop("refresh", False))
-        gen = generation_config(params)
-        self.check_rows(tasks, texts)
-        self.refresh(now=refresh)
-        with self._lock:
-            per_task = {t: gen.with_settings(self.states[t].prompt) for t in set(tasks)}
-            jobs = [self._job(task, text, per_task[task]) for task, text in zip(tasks, texts, strict=True)]
-            return generate_mixed(self.model, jobs, gen.batch_size, self.is_seq2seq)
-
-    def _job(self, task: str, text: str, gen: Any) -> RowJob:
-        from lora_module.evaluation.generation import _encode
-
-        state = self.states[task]
-        prompt = state.prompt.render([text])[0]
-        ids = _encode(state.tokenizer, [prompt], gen.max_source_length, self.is_seq2seq)[0]
-        return RowJob(state.adapter, ids, gen.max_new_tokens, gen.num_beams, state.tokenizer)
-
-
-@torch.inference_mode()
-def generate_mixed(model: Any, jobs: list[RowJob], batch_size: int, is_seq2seq: bool) -> list[str]:
-    """Generate every row with its own adapter, `batch_size` rows per `generate`; texts in input order.
-
-    Rows are batched longest first (less padding); within a batch they are ordered by adapter, so
-    each adapter's rows are one slice (no gathers). Beam search rows batch only with rows of the same
-    beam width and length limit (a beam result cannot be cut to a shorter limit)."""
-    from lora_module.evaluation.generation import _pad
-
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault((job.num_beams, job.max_new_tokens if job.num_beams > 1 else 0), []).append(i)
-    outputs = [""] * len(jobs)
-    device = next(model.parameters()).device
-    for (beams, _), rows in groups.items():
-        rows.sort(key=lambda i: -len(jobs[i].ids))
-        for start in range(0, len(rows), batch_size):
-            batch = sorted(rows[start : start + batch_size], key=lambda i: jobs[i].adapter)
-            pad_id = _pad_id(jobs[batch[0]].tokenizer)
-            input_ids, attention = _pad([jobs[i].ids for i in batch], pad_id, left=not is_seq2seq)
-            out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                adapter_names=[jobs[i].adapter for i in batch], num_beams=beams, do_sample=False,
-                max_new_tokens=max(jobs[i].max_new_tokens for i in batch), pad_token_id=pad_id,
-            )
-            if not is_seq2seq:
-                out = out[:, input_ids.shape[1] :]
-            for row, i in enumerate(batch):
-                tokens = out[row, : jobs[i].max_new_tokens + (1 if is_seq2seq else 0)]  # + decoder start
-                outputs[i] = jobs[i].tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    return outputs
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad token nor an eos token; cannot batch prompts")
-    return pad_id
-
-
-def base_of(ref: TaskRef, tracking_uri: str | None) -> str:
-    """The base a task's adapter was trained on, resolved for this machine (`bases.resolve_base`)."""
-    from lora_module import read_adapter_config
-    from lora_module.registry.bases import BaseRecord
-
-    with tempfile.TemporaryDirectory(prefix="lora-multitask-") as tmp:
-        reg = download_adapter(f"models:/{ref.model}", tmp, ref.version, ref.alias, tracking_uri)
+    bases: dict[str, str] = {}
+    record = None
+    for ref in refs:
+        try:
+            reg = download_adapter(f"models:/{ref.model}", tmp / ref.task, ref.version, ref.alias, uri)
+        except NotRegisteredError as e:
+            raise MultiTaskRegistrationError(f"task {ref.task!r}: {e}") from e
         config = read_adapter_config(reg.adapter_dir)
-        record = BaseRecord.read(reg.base_dir)
-        if record is None:
-            record = BaseRecord(str(config.get("base_model_name_or_path")),
-                                str(config.get("base_fingerprint")))
-        return str(resolve_base(record))
+        bases[ref.task] = str(config.get("base_fingerprint"))
+        record = record or BaseRecord.read(reg.base_dir) or ensure_base_logged(
+            str(config.get("base_model_name_or_path")), bases[ref.task], client)
+    if len(set(bases.values())) > 1:
+        shown = {task: fp[:12] for task, fp in bases.items()}
+        raise MultiTaskRegistrationError(f"the tasks' champions use different bases (fingerprints {shown}); "
+                                         "one multi-task model serves one base: register one per base")
+    return record
 
 
-def _tokenizer(base: str) -> Any:
-    from transformers import AutoTokenizer
+def register_multitask(tasks: Sequence[str], name: str = DEFAULT_MULTITASK_NAME, alias: str = CHAMPION,
+                       tracking_uri: str | None = None) -> str:
+    """Register a new version of `name` serving `tasks` (`task`, `task@alias`, `task=version`), give it
+    `alias`; returns its `models:/name/version`."""
+    from mlflow import MlflowClient
+    from mlflow.models import Model
 
-    return AutoTokenizer.from_pretrained(str(base))
+    refs = [TaskRef.parse(t) for t in tasks]
+    uri = configure_tracking(tracking_uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with tempfile.TemporaryDirectory(prefix="lora-multitask-") as tmp_name:
+        tmp = Path(tmp_name)
+        record = _resolve_refs(client, uri, refs, tmp / "adapters")  # before anything is written
+        spec_dir = tmp / contracts.MULTITASK_ARTIFACT
+        spec_dir.mkdir()
+        spec = {"tasks": [r.__dict__ for r in refs]}
+        (spec_dir / contracts.TASKS_FILE).write_text(json.dumps(spec, indent=2))
+        (tmp / "entry.py").write_text(entry_code(MULTI_TASK_ENTRY))
+        experiment_id = ensure_experiment(client, uri, MULTITASK_EXPERIMENT)
+        run = client.create_run(experiment_id, run_name=f"{name}-" + "-".join(r.task for r in refs),
+                                tags={contracts.TAG_TASKS: " ".join(r.describe() for r in refs)})
+        logged = client.create_logged_model(experiment_id, name=contracts.MULTITASK_ARTIFACT,
+                                            source_run_id=run.info.run_id)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            info = Model.log(
+                artifact_path=None, name=contracts.MULTITASK_ARTIFACT, flavor=mlflow.pyfunc,
+                run_id=run.info.run_id, model_id=logged.model_id, python_model=str(tmp / "entry.py"),
+                artifacts={contracts.MULTITASK_ARTIFACT: str(spec_dir),
+                           contracts.BASE_ARTIFACT: str(record.write(tmp / contracts.BASE_ARTIFACT))},
+                code_paths=[str(copy_code(tmp / "code", MULTI_TASK_CODE))], signature=multitask_signature(),
+                pip_requirements=pip_requirements())
+        client.set_terminated(run.info.run_id, "FINISHED")
+    version = mlflow.register_model(info.model_uri, name).version
+    client.set_registered_model_alias(name, alias, version)
+    return f"models:/{name}/{version}"
 
 
-__all__ = ["MultiTaskPredictor", "RowJob", "TaskRef", "TaskState", "generate_mixed"]
+def build_parser() -> ArgumentParser:
+    """The `register-multitask` command."""
+    p = ArgumentParser(prog="lora-pipeline register-multitask", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", required=True,
+                   help="tasks: NAME (its @champion, followed while serving), NAME@ALIAS, "
+                        "or NAME=VERSION (pinned)")
+    p.add_argument("--name", default=DEFAULT_MULTITASK_NAME,
+                   help="registered model name (default %(default)s)")
+    p.add_argument("--alias", default=CHAMPION, help="alias given to the new version (default %(default)s)")
+    p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (if not given: $MLFLOW_TRACKING_URI, "
+                   "else the SQLite store under the pipeline home)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`lora-pipeline register-multitask --tasks ...`."""
+    args = build_parser().parse_args(argv)
+    print(register_multitask(args.tasks, args.name, args.alias, args.tracking_uri))
+    return 0

@@ -1,21 +1,28 @@
 """MLflow model registry: every trained adapter becomes a version of its task's registered model.
 
-    from lora_module.registry import register_adapter, load_registered
+    from lora_module.registry.register import register_adapter
     res = register_adapter("dialogsum", "runs/x/adapter", report_path="runs/x/eval/report.json",
                            train_dir="runs/x")
     res.version, res.alias, res.decision["reason"]
-    model, tokenizer = load_registered("dialogsum")          # models:/dialogsum-lora@champion
+    register_adapter("dialogsum", "old/adapter", prepared_dir="data/dialogsum-3fa2c1d0e9b7")
 
-Command line: `lora-pipeline list|show|register|promote|demote|predict` (lora_module.registry.cli).
+Command line: `lora-pipeline list|show|register|promote|demote` (lora_module.registry.cli); loading
+a registered version to generate with is `lora_module.serving`'s.
 
 Tracking: the store of a `lora_module.home.PipelineHome` (`register_adapter(..., home=...)`, else
 `PipelineHome.from_env()`): `$MLFLOW_TRACKING_URI` (for example an `http://` server) or the
-embedded SQLite file `<home>/mlflow.db` with artifacts in `<home>/mlartifacts/<experiment>`.
+embedded SQLite file `<home>/mlflow.db` with artifacts in `<home>/mlartifacts/<experiment>`
+(set up by `registry.tracking`; retries by `registry.retry`; tag keys from `lora_module.contracts`).
+
+The adapter must say which prompt template and lengths it was trained with (its sidecar's prompt
+settings, written by the training export); one that does not is refused unless `prepared_dir=`
+(`--prepared`) names the prepared data it was trained on, whose manifest's settings are then
+written into the registered copy. Serving reads them from the registered adapter folder.
 
 One registration = one MLflow run in the task's experiment `lora-<task>`, beside its training
 runs (params from the resolved training config, loss curves, ROUGE metrics and report files) +
 the adapter logged as a pyfunc model
-(`pyfunc.LoraAdapterModel`) + a new version of `<task>-lora` carrying about a dozen tags
+(`logged_model.log_adapter_model`) + a new version of `<task>-lora` carrying about a dozen tags
 (`version_lineage.version_tags`: task, ROUGE, gate decision, training run, fingerprints; the rest in
 the run's `lineage.json`) and as description a link to its training run and the report's Markdown
 table. The training run gets a `registered_version` tag and a note linking back; a training run
@@ -37,39 +44,37 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
-from lora_module.home import PipelineHome, artifact_location_for, ensure_store_folder, experiment_name_for
+from lora_module import contracts as c
+from lora_module.contracts import CHAMPION
+from lora_module.home import PipelineHome, experiment_name_for
 from lora_module.lineage import same_store
 from lora_module.names import check_name
 from lora_module.registry.aliases import converge_aliases, name_filter, read_state, registration_lock
 from lora_module.registry.gate import (
-    CHAMPION,
+    PENDING,
     Decision,
-    RegistryUnavailableError,
-    RetryPolicy,
     choose_champion,
     decide_in_registry,
     decide_promotion,
 )
 from lora_module.registry.inputs import RegistrationInputError, RegistrationInputs, read_inputs
-from lora_module.registry.pyfunc import log_adapter_model
+from lora_module.registry.logged_model import log_adapter_model
+from lora_module.registry.retry import RegistryUnavailableError, RetryPolicy
+from lora_module.registry.tracking import configure_tracking, ensure_experiment, model_name_for
 from lora_module.registry.version_lineage import (
-    LINEAGE_FILE,
     gate_tags,
     lineage_header,
     lineage_record,
     link_runs,
-    registration_run_name,
     version_tags,
 )
 
@@ -77,69 +82,11 @@ logger = logging.getLogger(__name__)
 
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
 _DESCRIPTION_LIMIT = 5000  # the registry's description column is String(5000)
-_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-_URI_ENV_LOCK = threading.Lock()
-
-
-# ---- tracking -----------------------------------------------------------------------------------
-def configure_tracking(uri: str | None = None) -> str:
-    """Point MLflow's tracking and registry at `uri` (default: `PipelineHome.from_env()`'s); returns it."""
-    uri = ensure_store_folder(uri or PipelineHome.from_env().tracking_uri)
-    # Our RetryPolicy does the retrying; MLflow's own transport retries (7 by default, about four
-    # minutes per call) would hide an outage inside one attempt. Explicit settings win.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # mlflow.set_*_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI for subprocesses; put
-    # them back, or a later PipelineHome.from_env() in this process would take whichever store was
-    # configured last for the user's choice (the training subprocess gets its store as an argument).
-    with _URI_ENV_LOCK:
-        saved = {key: os.environ.get(key) for key in _URI_ENV}
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return uri
-
-
-def model_name_for(task: str) -> str:
-    """Registered model name of a task: `<task>-lora`."""
-    return f"{task}-lora"
-
-
-def ensure_experiment(
-    client: MlflowClient, uri: str, name: str, artifact_location: str | None = None
-) -> str:
-    """The id of experiment `name`, created if missing; artifact root `artifact_location_for` unless given."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        location = artifact_location or artifact_location_for(uri, name)
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException as e:
-        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-            raise
-        return client.get_experiment_by_name(name).experiment_id  # a concurrent registration won
-
-
-def ensure_task_experiment(home: PipelineHome, task: str) -> str:
-    """Create the MLflow store and the experiment of `task` up front (training, registration); its id.
-
-    For callers that then start runs concurrently: two processes opening a fresh SQLite store at
-    once both run its schema migrations (one fails), and two runs creating one experiment collide.
-    """
-    uri = configure_tracking(home.tracking_uri)
-    name = home.experiment(task)
-    return ensure_experiment(MlflowClient(tracking_uri=uri), uri, name, home.artifact_location(name))
 
 
 def _ensure_registered_model(client: MlflowClient, name: str, task: str) -> None:
     try:
-        client.create_registered_model(name, tags={"task": task},
+        client.create_registered_model(name, tags={c.TAG_TASK: task},
                                        description=f"LoRA adapters for task {task!r}")
     except MlflowException as e:
         if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
@@ -182,8 +129,8 @@ def champion_info(client: MlflowClient, name: str, metric: str) -> dict[str, Any
         raise
     tags = mv.tags or {}
     return {
-        metric: tags.get(f"rouge.{metric}"),
-        "data_fingerprint": tags.get("eval_data_fingerprint"),
+        metric: tags.get(c.rouge_key(metric)),
+        "data_fingerprint": tags.get(c.TAG_EVAL_DATA_FINGERPRINT),
         "version": mv.version,
     }
 
@@ -196,8 +143,9 @@ def _chunks(items: list, n: int) -> Iterator[list]:
 def _log_params_and_files(client: MlflowClient, run_id: str, inp: RegistrationInputs, call) -> None:
     params = [Param(k, v) for k, v in inp.params.items()]
     for chunk in _chunks(params, 100):  # MLflow's per-request limit
-        call(lambda c=chunk: client.log_batch(run_id, params=c), "log params")
-    for artifact_path, files in (("evaluation", inp.report_files), ("training", inp.train_files)):
+        call(lambda part=chunk: client.log_batch(run_id, params=part), "log params")
+    for artifact_path, files in ((c.EVALUATION_ARTIFACT, inp.report_files),
+                                 (c.TRAINING_ARTIFACT, inp.train_files)):
         for f in files:
             call(lambda f=f, p=artifact_path: client.log_artifact(run_id, str(f), p), f"upload {f.name}")
 
@@ -207,22 +155,23 @@ def _log_metrics(client: MlflowClient, run_id: str, inp: RegistrationInputs, cal
     # the logged model, one request per metric.
     metrics = [Metric(k, v, inp.timestamp_ms, step) for k, v, step in inp.metrics]
     for chunk in _chunks(metrics, 1000):
-        call(lambda c=chunk: client.log_batch(run_id, metrics=c), "log metrics")
+        call(lambda part=chunk: client.log_batch(run_id, metrics=part), "log metrics")
 
 
 def _identity(inp: RegistrationInputs, name: str) -> dict[str, str]:
     """What makes two registration attempts the same registration: the adapter's checksum, its
     training run and the registered model. Tags of the run and of the version, set at creation."""
-    return {"adapter_sha256": inp.version_tags["adapter_sha256"],
-            "training_run_id": inp.run_tags.get("training_run_id", "none"), "registered_model": name}
+    return c.registration_identity(inp.version_tags[c.TAG_ADAPTER_SHA256],
+                                   inp.run_tags.get(c.TAG_TRAINING_RUN_ID), name)
 
 
 def _unfinished_version(client: MlflowClient, name: str, identity: dict[str, str]) -> Any | None:
     """The oldest version of this registration whose run never finished (an interrupted attempt)."""
-    found = client.search_model_versions(
-        f"{name_filter(name)} and tags.adapter_sha256 = '{identity['adapter_sha256']}'")
+    sha = identity[c.TAG_ADAPTER_SHA256]
+    found = client.search_model_versions(f"{name_filter(name)} and tags.{c.TAG_ADAPTER_SHA256} = '{sha}'")
     for mv in sorted(found, key=lambda mv: int(mv.version)):
-        same_run = (mv.tags or {}).get("training_run_id", "none") == identity["training_run_id"]
+        run = (mv.tags or {}).get(c.TAG_TRAINING_RUN_ID, c.NONE)
+        same_run = run == identity[c.TAG_TRAINING_RUN_ID]
         if same_run and client.get_run(mv.run_id).info.status != RunStatus.to_string(RunStatus.FINISHED):
             return mv
     return None
@@ -249,8 +198,8 @@ def _close_abandoned_runs(client: MlflowClient, experiment_id: str, identity: di
 def _log_model(client: MlflowClient, experiment_id: str, run_id: str, inp: RegistrationInputs) -> str:
     """Log the adapter model (after failing a previous try's partial one); returns its model id."""
     _fail_pending_models(client, experiment_id, run_id)
-    return log_adapter_model(run_id, inp.adapter_dir, inp.tokenizer_dir, prompt=inp.prompt,
-                             experiment_id=experiment_id).model_id
+    with inp.adapter_to_log() as adapter:  # the adapter with its prompt settings in the sidecar
+        return log_adapter_model(run_id, adapter, inp.tokenizer_dir, experiment_id=experiment_id).model_id
 
 
 def _create_version(client: MlflowClient, name: str, run_id: str, model_id: str, tags: dict[str, str],
@@ -283,6 +232,7 @@ def register_adapter(
     candidate: str | None = None,
     max_backoff: float = RetryPolicy.max_backoff,
     home: PipelineHome | None = None,
+    prepared_dir: str | os.PathLike | None = None,
 ) -> RegistrationResult:
     """Log, register and gate one adapter; returns its version and the gate's decision.
 
@@ -291,16 +241,20 @@ def register_adapter(
     `config.yaml` / `metrics.json`; `candidate`: the report's model name for this adapter (found
     by adapter checksum, else the only `lora` model). Without a report the version is registered
     but only ever a challenger. `home`: the pipeline home (its store unless `tracking_uri` is
-    given, its lock folder); None: `PipelineHome.from_env()`.
+    given, its lock folder); None: `PipelineHome.from_env()`. `prepared_dir`: the prepared data
+    the adapter was trained on, for an adapter whose sidecar records no prompt settings (they are
+    taken from its manifest; its `tokenizer/` ships unless `tokenizer_dir` is given).
 
     Re-running after a failure completes the version the failed call created (same adapter
     checksum and training run) instead of adding one. Each registry call is retried (by default
     for about 75 s, longer than a server restart); then RegistryUnavailableError.
     """
-    inp = read_inputs(task, adapter_dir, report_path, train_dir, data_fingerprint, metric,
-                      tokenizer_dir=tokenizer_dir, candidate=candidate)
-    # Checked before anything is created: MLflow's registry filters are quoted strings (no `o'brien`).
+    # The names first, before any file is read or anything created: MLflow's registry filters are
+    # quoted strings (no `o'brien`).
+    check_name("task name", task, RegistrationInputError)
     name = check_name("registered model name", model_name or model_name_for(task), RegistrationInputError)
+    inp = read_inputs(task, adapter_dir, report_path, train_dir, data_fingerprint, metric,
+                      tokenizer_dir=tokenizer_dir, candidate=candidate, prepared_dir=prepared_dir)
     home = home or PipelineHome.from_env()
     uri = configure_tracking(tracking_uri or home.tracking_uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -309,13 +263,7 @@ def register_adapter(
     def call(fn, what: str):
         return policy.call(fn, what, uri)
 
-    if inp.training_run is not None and not same_store(inp.training_run[0], uri):
-        logger.warning(
-            "training run %s was logged to tracking store %s, but this registration goes to %s: the "
-            "version records the run id and that store (tag training_run_store), but the MLflow UI "
-            "cannot link them. Register into the training's store (--tracking-uri %s), or train with "
-            "the same MLFLOW_TRACKING_URI", inp.training_run[1], inp.training_run[0], uri,
-            inp.training_run[0])
+    _warn_other_store(inp, uri)
     try:
         return _register(client, uri, name, inp, metric, call, home.locks_dir)
     except RegistryUnavailableError as e:
@@ -324,6 +272,17 @@ def register_adapter(
             f"({inp.report_path or 'none'}) are kept; re-run the registration (register_adapter or "
             "`lora-pipeline register ...`) once the registry is reachable: it completes this attempt"
         ) from e
+
+
+def _warn_other_store(inp: RegistrationInputs, uri: str) -> None:
+    """Say so when the training run lives in another tracking store than this registration's."""
+    if inp.training_run is not None and not same_store(inp.training_run[0], uri):
+        logger.warning(
+            "training run %s was logged to tracking store %s, but this registration goes to %s: the "
+            "version records the run id and that store (tag %s), but the MLflow UI "
+            "cannot link them. Register into the training's store (--tracking-uri %s), or train with "
+            "the same MLFLOW_TRACKING_URI", inp.training_run[1], inp.training_run[0], uri,
+            c.TAG_TRAINING_RUN_STORE, inp.training_run[0])
 
 
 def _register(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs, metric: str,
@@ -338,7 +297,7 @@ def _register(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs
     if found is None:
         call(lambda: _close_abandoned_runs(client, experiment_id, identity), "close abandoned attempts")
         inp.copy_training_curves(client, uri, call)
-        run = call(lambda: client.create_run(experiment_id, run_name=registration_run_name(task),
+        run = call(lambda: client.create_run(experiment_id, run_name=c.registration_run_name(task),
                                              tags={**inp.run_tags, **identity}), "create run")
         run_id, version = run.info.run_id, None
     else:
@@ -375,7 +334,7 @@ def _pending_gate_tags(client: MlflowClient, name: str, inp: RegistrationInputs,
     champion = choose_champion(read_state(client, name, metric, call)[0])
     decision = decide_promotion(inp.candidate_metrics, inp.base_metrics,
                                 champion and champion.as_champion(metric), metric)
-    return {**gate_tags(decision), "gate.decision": "pending"}
+    return {**gate_tags(decision), c.TAG_GATE_DECISION: PENDING}
 
 
 def _complete(client: MlflowClient, uri: str, name: str, version: str, run_id: str, inp: RegistrationInputs,
@@ -390,8 +349,9 @@ def _complete(client: MlflowClient, uri: str, name: str, version: str, run_id: s
             call(lambda k=key, v=value: client.set_model_version_tag(name, version, k, v), f"tag v{version}")
     print(f"{name} v{version}: {decision.summary()}")
     record = lineage_record(inp, name, version, run_id, uri, decision)
-    call(lambda: client.log_dict(run_id, record, LINEAGE_FILE), f"upload {LINEAGE_FILE}")
-    call(lambda: client.set_tag(run_id, "registered_version", f"{name}/{version}"), "tag run")
+    call(lambda: client.log_dict(run_id, record, c.LINEAGE_FILE), f"upload {c.LINEAGE_FILE}")
+    call(lambda: client.set_tag(run_id, c.TAG_REGISTERED_VERSION, c.registered_version(name, version)),
+         "tag run")
     link_runs(client, uri, inp, name, version, run_id, call)
     call(lambda: client.set_terminated(run_id, "FINISHED"), "finish run")
     return decision

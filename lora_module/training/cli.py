@@ -37,19 +37,16 @@ from jsonargparse._common import debug_mode_active
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
-from lora_module.config import LoraConfig
-from lora_module.errors import (
-    BAD_INPUT_STATUS,
-    LoraConfigError,
-    PipelineError,
-    check_output_dir,
-    one_line,
-    report_error,
-)
+from lora_module.errors import BAD_INPUT_STATUS, PipelineError, check_output_dir, one_line, run_cli
 from lora_module.home import PipelineHome, artifact_location_for, ensure_store_folder, experiment_name_for
 from lora_module.qlora import check_model_source
-from lora_module.training.datamodule import PreparedDataModule, check_prepared_dir
-from lora_module.training.module import FineTuneModule
+from lora_module.training.datamodule import (
+    CHECKED_LOADER_SETTINGS,
+    PreparedDataModule,
+    check_loader_settings,
+    check_prepared_dir,
+)
+from lora_module.training.module import CHECKED_HPARAMS, FineTuneModule, check_hparams
 from lora_module.training.resume import CheckpointMismatchError
 
 DEFAULT_EXPERIMENT = "lora_pipeline"
@@ -132,25 +129,18 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     return ckpt_path
 
 
+def _given(section: Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The values of `keys` set in a config section, nested sections as dicts."""
+    values = {k: section.get(k) for k in keys if section.get(k) is not None}
+    return {k: v.as_dict() if isinstance(v, Namespace) else v for k, v in values.items()}
+
+
 def check_config(config: Namespace) -> None:
-    """Checks jsonargparse cannot do from types alone; raises ValueError naming the key."""
+    """Checks jsonargparse cannot do from types alone: the module's and the data module's own checks, run
+    before either is built; raises a PipelineError naming the key."""
     model = config.get("model") or Namespace()
-    lora = model.get("lora")
-    if lora is not None:
-        try:
-            LoraConfig(**(lora.as_dict() if isinstance(lora, Namespace) else dict(lora)))
-        except LoraConfigError as e:
-            raise ValueError(f"model.lora: {e}") from e
-        except TypeError as e:  # an unknown key given programmatically
-            raise ValueError(f"model.lora: {e}; valid keys: {LoraConfig.field_names()}") from e
-    data = config.get("data") or Namespace()
-    for key in ("batch_size", "eval_batch_size"):
-        value = data.get(key)
-        if value is not None and value < 1:
-            raise ValueError(f"data.{key} must be >= 1, got {value}")
-    lr = model.get("learning_rate")
-    if lr is not None and not lr > 0:
-        raise ValueError(f"model.learning_rate must be > 0, got {lr}")
+    check_hparams(**_given(model, CHECKED_HPARAMS))
+    check_loader_settings(**_given(config.get("data") or Namespace(), CHECKED_LOADER_SETTINGS))
     if model.get("output_dir"):
         check_output_dir(model.output_dir, "model.output_dir")
 
@@ -218,7 +208,7 @@ class LoraCLI(LightningCLI):
                 # checkpoint callbacks (ours comes from the module), and finding none it trains from
                 # scratch with a warning, overwriting last.ckpt.
                 config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), config.model.output_dir)
-        except (ValueError, PipelineError) as e:
+        except PipelineError as e:
             self.parser.error(f"{INVALID}{e}")
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -260,15 +250,20 @@ def parse_config(args: Sequence[str], quiet: bool = False) -> Namespace:
             raise ConfigParseError(one_line(str(e))) from None
 
 
+def _run(args: list[str]) -> None:
+    LoraCLI(args=args)
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Run the CLI on `args` (None: sys.argv), which start with fit, validate, test or predict.
 
-    The entry of `lora-pipeline fit|validate|test|predict-ckpt` and of `python -m lora_module.training`.
+    The entry of `lora-pipeline fit|validate|test|predict-ckpt` and of `python -m lora_module.training`,
+    so it is a process edge of its own: bad input found while building or running (a PipelineError) goes
+    through `run_cli`, one `error:` line and exit status 2.
     """
     with warnings.catch_warnings():
         # The `lora-pipeline` command passes its own argv on (as args): not the mistake warned about.
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        try:
-            LoraCLI(args=args)
-        except PipelineError as e:  # bad input found while building or running: one line, no traceback
-            raise SystemExit(report_error(e)) from None
+        status = run_cli(_run, sys.argv[1:] if args is None else args)
+    if status:
+        raise SystemExit(status)

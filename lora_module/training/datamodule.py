@@ -28,7 +28,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lora_module.errors import InputNotFoundError
+from lora_module.contracts import MANIFEST_FILE
+from lora_module.errors import InputNotFoundError, SettingsError
 from lora_pipeline.data import load_prepared, load_tokenizer
 
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
@@ -38,12 +39,27 @@ IGNORE_INDEX = -100
 def check_prepared_dir(prepared_dir: str | Path) -> Path:
     """The folder as a Path if data preparation wrote it (it has manifest.json), else InputNotFoundError."""
     path = Path(prepared_dir)
-    if not (path / "manifest.json").is_file():
+    if not (path / MANIFEST_FILE).is_file():
         raise InputNotFoundError(
-            f"data.prepared_dir={str(prepared_dir)!r} is not a prepared-data folder (no manifest.json);"
+            f"data.prepared_dir={str(prepared_dir)!r} is not a prepared-data folder (no {MANIFEST_FILE});"
             " run `lora-pipeline prepare` first and pass the folder it prints"
         )
     return path
+
+
+# The PreparedDataModule arguments `check_loader_settings` checks.
+CHECKED_LOADER_SETTINGS = ("batch_size", "eval_batch_size", "num_workers")
+
+
+def check_loader_settings(*, batch_size: int | None = None, eval_batch_size: int | None = None,
+                          num_workers: int | None = None) -> None:
+    """The one check of the data loader settings (None: not given): PreparedDataModule runs it when built,
+    and the training CLI on a parsed config before it builds anything. Raises SettingsError naming the key."""
+    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if value is not None and value < 1:
+            raise SettingsError(f"data.{name} must be >= 1, got {value}")
+    if num_workers is not None and num_workers < 0:
+        raise SettingsError(f"data.num_workers must be >= 0, got {num_workers}")
 
 
 class PaddingCollator:
@@ -199,11 +215,7 @@ class PreparedDataModule(L.LightningDataModule):
             max_eval_samples: Use only the first N validation/test rows.
         """
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value is not None and value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        check_loader_settings(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
         self.save_hyperparameters()
         self.prepared_dir = check_prepared_dir(prepared_dir)
         self.batch_size = batch_size
@@ -229,8 +241,9 @@ class PreparedDataModule(L.LightningDataModule):
         dataset, self.manifest = load_prepared(self.prepared_dir)
         self.tokenizer = load_tokenizer(self.prepared_dir)
         if self.tokenizer.pad_token_id is None:
-            raise ValueError(
-                f"the tokenizer in {self.prepared_dir}/tokenizer has no pad token; set one when preparing"
+            raise InputNotFoundError(
+                f"the tokenizer in {self.prepared_dir}/tokenizer has no pad token; prepare the data again "
+                "with a tokenizer that has a pad or an eos token"
             )
         limits = {"train": self.max_train_samples}
         for split in dataset:
@@ -243,7 +256,7 @@ class PreparedDataModule(L.LightningDataModule):
         if self.dataset is None:
             self.setup()
         if name not in self.dataset or len(self.dataset[name]) == 0:
-            raise ValueError(
+            raise InputNotFoundError(
                 f"prepared data {self.prepared_dir} has no rows in split {name!r}; splits: "
                 + ", ".join(f"{k}={len(v)}" for k, v in self.dataset.items())
             )

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
+from lora_module.errors import ArgumentParser, SettingsError
 from lora_module.files import move_aside, publish_dir
 from lora_pipeline.data.tokenizer import NUM_SENTINELS, train_tokenizer
 
@@ -100,34 +101,35 @@ class DemoBaseConfig:
         for name in ("seed", "corpus_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise ValueError(f"DemoBaseConfig.{name} must be an integer >= 0, got {value!r}")
+                raise SettingsError(f"DemoBaseConfig.{name} must be an integer >= 0, got {value!r}")
         sizes = ("corpus_size", "steps", "batch_size", "seq_len", "d_model", "num_layers", "num_heads",
                  "d_ff", "instruction_rows", "max_prompt_tokens")
         for name in sizes:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DemoBaseConfig.{name} must be a positive integer, got {value!r}")
+                raise SettingsError(f"DemoBaseConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.instruction_steps, int) or self.instruction_steps < 0:
-            raise ValueError(f"DemoBaseConfig.instruction_steps must be an integer >= 0, "
-                             f"got {self.instruction_steps!r}")
+            raise SettingsError(f"DemoBaseConfig.instruction_steps must be an integer >= 0, "
+                                f"got {self.instruction_steps!r}")
         if self.d_model % self.num_heads:
-            raise ValueError(
+            raise SettingsError(
                 f"DemoBaseConfig.d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
             )
         if not 0.0 < self.noise_density < 0.5:
-            raise ValueError(f"DemoBaseConfig.noise_density must be in (0, 0.5), got {self.noise_density!r}")
+            raise SettingsError(
+                f"DemoBaseConfig.noise_density must be in (0, 0.5), got {self.noise_density!r}")
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"DemoBaseConfig.objective must be one of {list(OBJECTIVES)}, "
-                             f"got {self.objective!r}")
+            raise SettingsError(f"DemoBaseConfig.objective must be one of {list(OBJECTIVES)}, "
+                                f"got {self.objective!r}")
         if self.mean_span < 1:
-            raise ValueError(f"DemoBaseConfig.mean_span must be >= 1, got {self.mean_span!r}")
+            raise SettingsError(f"DemoBaseConfig.mean_span must be >= 1, got {self.mean_span!r}")
         if self.seq_len < 16:
-            raise ValueError(f"DemoBaseConfig.seq_len must be >= 16 tokens, got {self.seq_len!r}")
+            raise SettingsError(f"DemoBaseConfig.seq_len must be >= 16 tokens, got {self.seq_len!r}")
         if self.lr <= 0:
-            raise ValueError(f"DemoBaseConfig.lr must be > 0, got {self.lr!r}")
+            raise SettingsError(f"DemoBaseConfig.lr must be > 0, got {self.lr!r}")
         spans = _num_spans(self.seq_len, self.noise_density, self.mean_span)
         if spans > NUM_SENTINELS:
-            raise ValueError(
+            raise SettingsError(
                 f"DemoBaseConfig: seq_len={self.seq_len} needs {spans} sentinels but the tokenizer has "
                 f"{NUM_SENTINELS}; lower seq_len or noise_density, or raise mean_span"
             )
@@ -213,7 +215,8 @@ def pack(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> 
     ids = [i for row in tokenizer(texts, add_special_tokens=True)["input_ids"] for i in row]
     rows = len(ids) // seq_len
     if rows < 1:
-        raise ValueError(f"corpus has {len(ids)} tokens, fewer than one sequence of seq_len={seq_len}")
+        raise SettingsError(f"the corpus has {len(ids)} tokens, fewer than one sequence of "
+                            f"seq_len={seq_len}; raise the corpus size or lower seq_len")
     return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)  # [rows, seq_len]
 
 
@@ -276,7 +279,8 @@ def pretrain(
     rows = pack(tokenizer, texts, config.seq_len)  # [n, seq_len]
     sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])
     if tokenizer.unk_token_id in sentinels:
-        raise ValueError("tokenizer lacks the <extra_id_N> sentinels needed for span corruption")
+        raise SettingsError("the tokenizer lacks the <extra_id_N> sentinels span corruption needs; use one "
+                            "trained by lora_pipeline.data.tokenizer.train_tokenizer (it adds them)")
     instruct_steps = config.instruction_steps if instructions else 0
     eos, rng = tokenizer.eos_token_id, random.Random(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -392,9 +396,9 @@ def read_manifest(path: str | Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """`lora-pipeline demo-base OUT_DIR [...]`: build (or reuse), then print the folder and its manifest."""
-    parser = argparse.ArgumentParser(prog="lora-pipeline demo-base",
-                                     description="Build (or reuse) the demo base T5 model.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog="lora-pipeline demo-base",
+                            description="Build (or reuse) the demo base T5 model.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("out_dir", type=Path,
                         help="folder that holds the builds (each in demo-t5-<fingerprint>/)")
     parser.add_argument("--corpus-size", type=int, default=2000,

@@ -1,6 +1,10 @@
 """The end of a fit: write the run's outputs (adapter/ or model/, metrics.json, config.yaml) as one
 export that appears whole or not at all (`training.outputs.publish`), and log them to MLflow.
 
+The adapter is self-describing: its sidecar records the prompt settings of the prepared data it was
+trained on (`adapter_io.write_prompt_settings`, from the data module's manifest), which registration
+and serving read instead of looking for the data.
+
 Called by `FineTuneModule.on_train_end` on global rank 0 only.
 """
 
@@ -15,7 +19,10 @@ import yaml
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from lora_module import contracts as c
+from lora_module.adapter_io import write_prompt_settings
 from lora_module.files import sha256_file
+from lora_module.prompt import PromptSettings
 from lora_module.training.outputs import publish
 
 
@@ -62,48 +69,49 @@ def export_outputs(
     if mlflow is not None:
         metrics["mlflow_run_id"] = mlflow.run_id
         metrics["mlflow_tracking_uri"] = getattr(mlflow, "_tracking_uri", None)
+    # Without a manifest (a data module of one's own) there is nothing to record: registration then
+    # asks for the prepared folder.
+    prompt = PromptSettings.from_manifest(manifest) if manifest else None
     # adapter/ or model/, metrics.json and config.yaml appear together (one atomic switch).
-    folder = publish(out, _write_outputs(module, out, metrics))
+    folder = publish(out, _write_outputs(module, out, metrics, prompt))
     if mlflow is not None:
         run = mlflow.experiment
-        run.log_artifact(mlflow.run_id, str(folder / "metrics.json"))
-        run.log_artifact(mlflow.run_id, str(folder / "config.yaml"))
+        for name in c.TRAIN_FILES:
+            run.log_artifact(mlflow.run_id, str(folder / name))
         if module.finetune != "full":
-            run.log_artifacts(mlflow.run_id, str(folder / "adapter"), artifact_path="adapter")
+            run.log_artifacts(mlflow.run_id, str(folder / c.ADAPTER_DIR), artifact_path=c.ADAPTER_DIR)
     rank_zero_info(f"training outputs written to {out}")
 
-def _write_outputs(module: Any, out: Path, metrics: dict[str, Any]) -> Callable[[Path], None]:
+def _write_outputs(module: Any, out: Path, metrics: dict[str, Any],
+                   prompt: PromptSettings | None) -> Callable[[Path], None]:
     """The writer of one export folder: adapter/ or model/, then metrics.json and config.yaml."""
 
     def write(folder: Path) -> None:
         if module.finetune == "full":
-            _save_full_model(module, folder / "model")
-            metrics["model_bytes"] = _folder_bytes(folder / "model")
+            _save_full_model(module, folder / c.MODEL_DIR)
+            metrics["model_bytes"] = _folder_bytes(folder / c.MODEL_DIR)
         else:
-            _save_adapter(module, metrics)(folder / "adapter")
-            metrics["adapter_bytes"] = _folder_bytes(folder / "adapter")
+            adapter = folder / c.ADAPTER_DIR
+            _save_adapter(module, metrics, adapter, prompt)
+            metrics["adapter_bytes"] = _folder_bytes(adapter)
             # Lets a reader check that metrics.json describes the adapter beside it.
-            metrics["adapter_sha256"] = sha256_file(folder / "adapter" / "adapter_model.safetensors")
-            metrics["adapter_dir"] = str(out / "adapter")
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            metrics["adapter_sha256"] = sha256_file(adapter / c.ADAPTER_WEIGHTS_FILE)
+            metrics["adapter_dir"] = str(out / c.ADAPTER_DIR)
+        (folder / c.METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         # Without the CLI (plain Trainer) the hyperparameters are the resolved config.
         config = module.resolved_config or yaml.safe_dump({"model": dict(module.hparams)}, sort_keys=False)
-        (folder / "config.yaml").write_text(config)
+        (folder / c.CONFIG_FILE).write_text(config)
 
     return write
 
-def _save_adapter(module: Any, metrics: dict[str, Any]) -> Callable[[Path], None]:
-    def save(path: Path) -> None:
-        meta = {
-            k: metrics[k] for k in ("finetune", "steps", "train_loss", "val_loss", "data_fingerprint")
-        }
-        module.model.save_pretrained(
-            path,
-            base_model_name_or_path=_local_path_or_name(module.hparams.model_name_or_path),
-            metadata=meta,
-        )
-
-    return save
+def _save_adapter(module: Any, metrics: dict[str, Any], path: Path, prompt: PromptSettings | None) -> None:
+    """The adapter in PEFT format, its sidecar with our metadata and the prompt settings it learnt with."""
+    meta = {k: metrics[k] for k in ("finetune", "steps", "train_loss", "val_loss", "data_fingerprint")}
+    module.model.save_pretrained(
+        path, base_model_name_or_path=_local_path_or_name(module.hparams.model_name_or_path), metadata=meta,
+    )
+    if prompt is not None:
+        write_prompt_settings(path, prompt)
 
 def _save_full_model(module: Any, path: Path) -> None:
     module.model.save_pretrained(path)

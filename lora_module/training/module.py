@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lora_module import LoraConfig, get_lora_model, load_base_model
 from lora_module.config import torch_dtype
-from lora_module.errors import PipelineError
+from lora_module.errors import LoraConfigError, PipelineError, SettingsError
 from lora_module.evaluation.generation import DEFAULT_MAX_NEW_TOKENS
 from lora_module.prompt import PromptSettings
 from lora_module.training.export import export_outputs
@@ -73,25 +73,38 @@ class WarmupDecay:
         return 1.0 - progress
 
 
-def _checked_hparams(finetune: str, lora: LoraConfig | dict | None, learning_rate: float, warmup_steps: int,
-                     warmup_ratio: float, checkpoint_every_n_steps: int | None) -> LoraConfig:
-    """The LoRA config (from a dict, or the default), after checking the values Lightning's CLI cannot."""
-    if finetune not in ("lora", "qlora", "full"):
-        raise ValueError(f"model.finetune must be one of 'lora', 'qlora', 'full', got {finetune!r}")
-    if not learning_rate > 0:
-        raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
-    if warmup_steps < 0 or not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(
-            "model.warmup_steps must be >= 0 and model.warmup_ratio in [0, 1),"
-            f" got {warmup_steps} and {warmup_ratio}"
-        )
+# The FineTuneModule arguments `check_hparams` checks: what the CLI's types alone cannot.
+CHECKED_HPARAMS = ("finetune", "lora", "learning_rate", "warmup_steps", "warmup_ratio",
+                   "checkpoint_every_n_steps")
+
+
+def check_hparams(*, finetune: str | None = None, lora: LoraConfig | dict | None = None,
+                  learning_rate: float | None = None, warmup_steps: int | None = None,
+                  warmup_ratio: float | None = None, checkpoint_every_n_steps: int | None = None
+                  ) -> LoraConfig:
+    """The LoRA config (from a dict, or the default) after checking the given values; None: not given.
+
+    The one place these values are checked: FineTuneModule runs it when built, and the training CLI runs
+    it on a parsed config before it builds anything. Raises SettingsError or LoraConfigError naming the key.
+    """
+    if finetune is not None and finetune not in ("lora", "qlora", "full"):
+        raise SettingsError(f"model.finetune must be one of 'lora', 'qlora', 'full', got {finetune!r}")
+    if learning_rate is not None and not learning_rate > 0:
+        raise SettingsError(f"model.learning_rate must be > 0, got {learning_rate}")
+    if warmup_steps is not None and warmup_steps < 0:
+        raise SettingsError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+    if warmup_ratio is not None and not 0.0 <= warmup_ratio < 1.0:
+        raise SettingsError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
     if checkpoint_every_n_steps is not None and checkpoint_every_n_steps < 1:
-        raise ValueError(
+        raise SettingsError(
             f"model.checkpoint_every_n_steps must be >= 1 or null, got {checkpoint_every_n_steps}"
         )
-    if isinstance(lora, dict):
-        lora = LoraConfig.from_dict(lora)
-    return lora if lora is not None else LoraConfig()
+    if lora is None or isinstance(lora, LoraConfig):
+        return lora if lora is not None else LoraConfig()
+    try:
+        return LoraConfig.from_dict(dict(lora))
+    except LoraConfigError as e:
+        raise LoraConfigError(f"model.lora: {e}") from e
 
 
 class FineTuneModule(L.LightningModule):
@@ -138,8 +151,9 @@ class FineTuneModule(L.LightningModule):
             output_dir: This run's outputs: adapter/ or model/, metrics.json, config.yaml, checkpoints/.
         """
         super().__init__()
-        lora = _checked_hparams(finetune, lora, learning_rate, warmup_steps, warmup_ratio,
-                                checkpoint_every_n_steps)
+        lora = check_hparams(finetune=finetune, lora=lora, learning_rate=learning_rate,
+                             warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
+                             checkpoint_every_n_steps=checkpoint_every_n_steps)
         self.save_hyperparameters(ignore=["lora"])
         self.hparams["lora"] = lora.to_dict()
         self.finetune = finetune
@@ -347,7 +361,7 @@ class FineTuneModule(L.LightningModule):
         )
         total = total_optimizer_steps(self.trainer)  # not estimated_stepping_batches: see resume.py
         if not math.isfinite(total):
-            raise ValueError(
+            raise SettingsError(
                 "set trainer.max_steps or trainer.max_epochs: the LR schedule needs a finite length"
             )
         warmup = hp.warmup_steps or math.ceil(hp.warmup_ratio * total)
@@ -426,7 +440,7 @@ class FineTuneModule(L.LightningModule):
         embeddings = self.model.get_input_embeddings().num_embeddings
         if tokenizer is not None and len(tokenizer) > embeddings:
             # Token ids past the embedding table would fail deep inside the model (or on a GPU, assert).
-            raise ValueError(
+            raise SettingsError(
                 f"the prepared data's tokenizer has {len(tokenizer)} tokens but"
                 f" {self.hparams.model_name_or_path} has {embeddings} embeddings:"
                 " prepare the data with this model's tokenizer"

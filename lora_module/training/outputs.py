@@ -24,9 +24,11 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from lora_module import contracts as c
+
 EXPORTS = "exports"
 CURRENT = "current"
-PUBLISHED = ("adapter", "model", "metrics.json", "config.yaml")
+PUBLISHED = (c.ADAPTER_DIR, c.MODEL_DIR, c.METRICS_FILE, c.CONFIG_FILE)
 
 
 def current_outputs(out: str | os.PathLike) -> Path:
@@ -43,34 +45,6 @@ def _symlink_atomically(target: str, link: Path) -> None:
     os.replace(tmp, link)
 
 
-def _adopt_legacy(out: Path) -> None:
-    """Move outputs written before this layout (real files in `out`) into an export of their own.
-
-    Copies first, points `current` at the copy, then replaces each real entry by its link: every
-    step leaves the same contents visible. Only a directory entry has a short gap (rename, link).
-    """
-    legacy = [n for n in PUBLISHED if (out / n).exists() and not (out / n).is_symlink()]
-    if not legacy:
-        return
-    folder = out / EXPORTS / f"legacy-{uuid.uuid4().hex[:8]}"
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    tmp.mkdir(parents=True)
-    for name in legacy:
-        src = out / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / name)
-    tmp.rename(folder)
-    _symlink_atomically(f"{EXPORTS}/{folder.name}", out / CURRENT)
-    for name in legacy:
-        src = out / name
-        if src.is_dir():
-            aside = out / f".{name}.legacy"
-            src.rename(aside)
-            _symlink_atomically(f"{CURRENT}/{name}", src)
-            shutil.rmtree(aside)
-        else:
-            _symlink_atomically(f"{CURRENT}/{name}", src)
-
-
 def publish(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run `write(folder)` on a fresh folder, then make it `out`'s current export in one atomic step.
 
@@ -80,7 +54,6 @@ def publish(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     out = Path(out)
     exports = out / EXPORTS
     exports.mkdir(parents=True, exist_ok=True)
-    _adopt_legacy(out)
     export_id = uuid.uuid4().hex[:12]
     tmp = exports / f".{export_id}.tmp"
     tmp.mkdir()

@@ -5,7 +5,8 @@ Called by `FineTuneModule.on_fit_start` for each MLflow logger (rank 0 only):
     run name  summary-lora-r8-20261130T231502Z-3fa2c1   (task, method, rank, UTC start, run id; unless
               one was given)
     tags      task, finetune, lora.r, data_fingerprint, base_fingerprint, git_commit (in a git checkout),
-              tracking_uri (the store the run lives in; the registry compares it with its own)
+              tracking_uri (the store the run lives in; the registry compares it with its own):
+              `contracts.training_run_tags`
 
 The task is the logger's `task` (PipelineMLFlowLogger), else the experiment name's `lora-<task>`,
 else the prepared data's name. The registry later adds `registered_version` and a note linking
@@ -20,8 +21,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
+from lora_module import contracts
 from lora_module.home import experiment_name_for
-from lora_module.lineage import GIT_TAG, TASK_TAG, git_commit, run_name
+from lora_module.lineage import git_commit
 
 _TASK_PREFIX = experiment_name_for("")
 
@@ -37,20 +39,12 @@ def task_of(logger: MLFlowLogger, manifest: dict[str, Any]) -> str | None:
     return manifest.get("name")
 
 
-def lineage_tags(task: str | None, finetune: str, r: int | None, manifest: dict[str, Any],
-                 base_fingerprint: str | None, tracking_uri: str | None) -> dict[str, str]:
-    """The tags of a training run (values that are unknown are left out, never written as 'None')."""
-    tags = {TASK_TAG: task, "finetune": finetune, "lora.r": None if finetune == "full" else r,
-            "data_fingerprint": manifest.get("fingerprint"), "base_fingerprint": base_fingerprint,
-            GIT_TAG: git_commit(), "tracking_uri": tracking_uri}
-    return {k: str(v) for k, v in tags.items() if v is not None}
-
-
 def tag_training_run(logger: MLFlowLogger, finetune: str, r: int | None, manifest: dict[str, Any],
                      base_fingerprint: str | None) -> None:
     """Set the lineage tags (and our run name, when the logger was given none) on the logger's run."""
     task = task_of(logger, manifest)
-    tags = lineage_tags(task, finetune, r, manifest, base_fingerprint, getattr(logger, "_tracking_uri", None))
+    tags = contracts.training_run_tags(task, finetune, r, manifest.get("fingerprint"), base_fingerprint,
+                                       git_commit(), getattr(logger, "_tracking_uri", None))
     if getattr(logger, "_run_name", None) is None:  # MLflow generated one: seeded, so not unique
-        tags[MLFLOW_RUN_NAME] = run_name(task, finetune, r, run_id=logger.run_id)
+        tags[MLFLOW_RUN_NAME] = contracts.run_name(task, finetune, r, run_id=logger.run_id)
     logger.experiment.log_batch(logger.run_id, tags=[RunTag(k, v) for k, v in tags.items()])

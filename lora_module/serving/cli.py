@@ -1,0 +1,163 @@
+"""The serving commands: generate with a registered adapter, or serve a registered model over HTTP.
+
+    lora-pipeline predict summary --text "#Person1#: ..." [--file inputs.jsonl] [--json]
+    lora-pipeline serve-model models:/lora-tasks@champion --port 5001
+    curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\
+      -d '{"dataframe_records": [{"task": "summary", "text": "#Person1#: ..."}],
+           "params": {"max_new_tokens": 32}}'
+
+`predict` runs the same path as the served model (`serving.predictor.AdapterPredictor`: the task's
+prompt template, prompts cut as in training, greedy by default). `serve-model` runs `mlflow models
+serve --env-manager local` with this interpreter's `bin` first on PATH (MLflow execs `uvicorn` by
+name) and the tracking URI exported, so it works from a fresh shell on any machine that reaches
+the tracking server. Tracking URI: `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else the
+embedded SQLite store under `$LORA_PIPELINE_HOME`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lora_module.contracts import CHAMPION
+from lora_module.errors import ArgumentParser, InputNotFoundError
+from lora_module.registry.bases import BASE_ENV
+from lora_module.registry.retry import RetryPolicy
+from lora_module.serving.multitask import DEFAULT_REFRESH_SECONDS, REFRESH_ENV
+from lora_module.serving.predictor import PredictInputError
+
+TRACKING_HELP = ("MLflow tracking/registry URI (if not given: $MLFLOW_TRACKING_URI, else the SQLite store "
+                 "under the pipeline home)")
+
+
+def read_texts(texts: list[str] | None, file: str | None) -> list[str]:
+    """`--text` values plus `--file` lines (or .jsonl rows' `text` / `prompt` field), in order."""
+    out = list(texts or [])
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise InputNotFoundError(f"--file {path} does not exist")
+        if path.suffix == ".jsonl":  # rows with a "text" (or the prepared data's "prompt") field
+            for i, line in enumerate(path.read_text().splitlines()):
+                if line.strip():
+                    row = json.loads(line)
+                    if "text" not in row and "prompt" not in row:
+                        raise PredictInputError(
+                            f"{path} line {i + 1} has neither a 'text' nor a 'prompt' field")
+                    out.append(row.get("text", row.get("prompt")))
+        else:
+            out += [line for line in path.read_text().splitlines() if line.strip()]
+    if not out:
+        raise PredictInputError("nothing to predict: give --text (repeatable) or --file")
+    return out
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lora_module.serving.loading import load_predictor
+
+    texts = read_texts(args.text, args.file)
+    ref = f"models:/{args.model_name}" if args.model_name else args.task
+    predictor = load_predictor(
+        ref, version=args.version, alias=args.alias, base=args.base, force=args.force,
+        tracking_uri=args.tracking_uri, retries=args.retries, backoff=args.backoff,
+    )
+    outputs = predictor.predict(texts, {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
+                                        "batch_size": args.batch_size})
+    if args.json:
+        print(json.dumps([{"input": t, "output": o} for t, o in zip(texts, outputs, strict=True)], indent=2))
+    else:
+        print("\n".join(o.replace("\n", " ") for o in outputs))
+    return 0
+
+
+def serve_command(model_uri: str, host: str, port: int, workers: int) -> list[str]:
+    """The `mlflow models serve` line, run by this interpreter (so its environment's MLflow serves)."""
+    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "-h", host, "-p", str(port), "-w", str(workers)]
+
+
+def serve_env(tracking_uri: str, base: str | None, refresh_seconds: float | None) -> dict[str, str]:
+    """The environment of the server: this interpreter's bin first on PATH, the tracking URI, settings."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = tracking_uri
+    if base:
+        env[BASE_ENV] = base
+    if refresh_seconds is not None:
+        env[REFRESH_ENV] = str(refresh_seconds)
+    return env
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lora_module.registry.store import check_registered
+    from lora_module.registry.tracking import configure_tracking
+
+    uri = configure_tracking(args.tracking_uri)
+    if args.model_uri.startswith("models:/"):  # fail in one line before starting a server for nothing
+        check_registered(args.model_uri, uri)
+    cmd = serve_command(args.model_uri, args.host, args.port, args.workers)
+    print(f"serving {args.model_uri} (registry {uri}) on http://{args.host}:{args.port}/invocations",
+          flush=True)
+    os.execve(cmd[0], cmd, serve_env(uri, args.base, args.refresh_seconds))
+    return 0  # not reached: execve replaces this process
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("predict", help="generate with a registered adapter (default @champion)",
+                       description="Generate with a task's registered adapter: the task's prompt template "
+                       "is applied to each input, prompts are cut as in training.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("task", help="task name (registered model <task>-lora)")
+    s.add_argument("--model-name", help="registered model name, instead of <task>-lora")
+    s.add_argument("--version", help="version number (if not given: the alias's version)")
+    s.add_argument("--alias", default=CHAMPION, help="alias to load when no --version is given")
+    s.add_argument("--text", action="append", help="input text (repeatable), e.g. a dialogue")
+    s.add_argument("--file", help="inputs: one per line, or .jsonl rows with 'text' / 'prompt'")
+    s.add_argument("--base", help="base model folder / Hub id instead of the adapter's recorded base")
+    s.add_argument("--force", action="store_true", help="load even if the base fingerprint differs")
+    s.add_argument("--max-new-tokens", type=int,
+                   help="generated tokens per input at most (if not given: the trained target length)")
+    s.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
+    s.add_argument("--batch-size", type=int, help="inputs per generation batch (if not given: 16)")
+    s.add_argument("--json", action="store_true", help="print [{input, output}] as JSON")
+    s.add_argument("--tracking-uri", help=TRACKING_HELP)
+    s.add_argument("--retries", type=int, default=RetryPolicy.retries, help="retries of each registry call")
+    s.add_argument("--backoff", type=float, default=RetryPolicy.backoff, help="first retry wait in seconds")
+    s.set_defaults(func=cmd_predict)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve-model", help="serve a registered model over HTTP (mlflow models serve)",
+                       description="Serve a registered model (one task's adapter, or a multi-task model "
+                       "from register-multitask) over HTTP: POST /invocations.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION (one task or lora-tasks)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=5001, help="port")
+    s.add_argument("--workers", type=int, default=1, help="server processes, each with its own model")
+    s.add_argument("--base", help=f"base folder or Hub id instead of the recorded one (sets {BASE_ENV}; "
+                   "if not given: the recorded folder, else its logged copy, else the Hub id)")
+    s.add_argument("--refresh-seconds", type=float, help=f"alias re-resolution period of a multi-task "
+                   f"model (sets {REFRESH_ENV}; if not given: {DEFAULT_REFRESH_SECONDS:g}; negative: never)")
+    s.add_argument("--tracking-uri", help=TRACKING_HELP)
+    s.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> ArgumentParser:
+    """The `predict` and `serve-model` commands."""
+    p = ArgumentParser(prog="lora-pipeline", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_predict(sub)
+    _add_serve(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`lora-pipeline predict|serve-model ...` (argv starts with the command)."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
