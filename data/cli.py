@@ -8,9 +8,10 @@
 `prepare` takes every DataConfig field as an option named like its YAML key (`--max_source_length
 256`); a given option overrides the YAML's value. Values are read as YAML (`--files '{train:
 a.jsonl}'`, `--reference_columns '[a, b]'`, `--num_proc null`), text fields as written. It prints a
-summary of the manifest (or the whole manifest with --json). `demo-corpus` writes the generated
-dialogues as `<out>/demo.jsonl`. A relative `--config` that does not exist under the working
-directory is looked up among the shipped files (`deploy/configs/...` of the installed package).
+summary of the manifest (with --json: the prepared folder's `path`, `reused` and the whole
+manifest). `demo-corpus` writes the generated dialogues as `<out>/demo.jsonl`. A relative
+`--config` that does not exist under the working directory is looked up among the shipped files
+(`deploy/configs/...` of the installed package).
 `inspect` prints a file's or Hub data set's columns, row counts, token-length percentiles and a
 suggested DataConfig YAML (`lora_pipeline.data.inspection`). README "Bring your own data" walks
 through local files with renamed columns and several references.
@@ -120,6 +121,11 @@ def summary(p: PreparedData) -> str:
     return "\n".join(lines)
 
 
+def as_json(p: PreparedData) -> dict[str, Any]:
+    """What `prepare --json` prints: the folder (`path`, what `fit --data.prepared_dir` takes), whether
+    it was reused, then the manifest's own keys."""
+    return {"path": str(p.path), "reused": p.reused, **p.manifest}
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the data commands (`prepare`, `inspect`, `demo-corpus`)."""
@@ -132,10 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="YAML file of DataConfig fields, optionally under a top-level `data:` key "
                            "(default: none, every field from its default or option)")
     prep.add_argument("--json", action="store_true",
-                      help="print the whole manifest as JSON instead of a summary (default: off)")
+                      help="print the prepared folder (`path`), `reused` and the whole manifest as JSON "
+                           "instead of a summary (default: off)")
     add_config_options(prep)
     _add_inspect(sub)
     demo = sub.add_parser("demo-corpus", help="write generated demo dialogues to <out>/demo.jsonl",
+                          description="Write the demo corpus (generated dialogues with a summary and a "
+                          "topic each; the same seed gives the same rows) to <out>/demo.jsonl.",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--out", required=True, help="folder to write demo.jsonl into (created if missing)")
     demo.add_argument("--n", type=int, default=3600, help="number of dialogues")
@@ -145,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_inspect(sub: Any) -> None:
     insp = sub.add_parser("inspect", help="columns, row counts, token lengths and a suggested config of a "
-                          "data file or Hub data set", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          "data file or Hub data set", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                          description="Print a data file's or Hub data set's columns (type, non-empty rows, "
+                          "token-length percentiles) and a suggested DataConfig YAML: the input column, and "
+                          "the target column or, for several references (summary1, summary2, ...; ref_a, "
+                          "ref_b, ...), reference_columns. Review the guess, then `lora-pipeline prepare "
+                          "--config FILE`.")
     insp.add_argument("target", metavar="PATH_OR_HUB_NAME",
                       help="a .json/.jsonl/.csv/.parquet file, or a Hub data set name")
     insp.add_argument("--tokenizer", default=DataConfig.tokenizer,
@@ -170,7 +184,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
         cfg = dataclasses.replace(cfg, output_root=str(PipelineHome.from_env().data_dir))
     prepared = prepare(cfg)
-    print(json.dumps(prepared.manifest, indent=2) if args.json else summary(prepared))
+    print(json.dumps(as_json(prepared), indent=2) if args.json else summary(prepared))
 
 
 def _demo_corpus(args: argparse.Namespace) -> None:

@@ -11,8 +11,9 @@ A path ending in .json/.jsonl/.csv/.parquet is read as a file (one split, named 
 else is a Hub data set name. Lengths are in tokens of `--tokenizer`: "demo" (the default) trains the
 demo byte-level BPE on the inspected rows' text, which is what `prepare` would do with the default
 config. The suggested config guesses the input column (long text named like dialogue/text/...), the
-target column (shorter text named like summary/abstract/...) and numbered reference columns
-(summary1, summary2, ...); review it before use.
+target column (shorter text named like summary/abstract/...) and several reference columns: columns
+that differ only by a numbered or lettered suffix (summary1, summary2, ...; ref_a, ref_b, ...) become
+`reference_columns`, the first of them also the target; review it before use.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ INPUT_NAMES = ("dialogue", "conversation", "dialog", "text", "document", "articl
                "context", "content", "body", "prompt", "question")
 TARGET_NAMES = ("summary", "abstract", "target", "output", "label", "answer", "response", "headline",
                 "highlights", "title", "topic")
+# Several references of one row: a column name's stem is one of these, or shared by its siblings.
+REFERENCE_NAMES = ("ref", "reference", "references", "gold", "human", "annotation", "annotator")
+# A name ending in a number (summary2, ref_10) or a single letter after a separator (ref_c, gold-b).
+_VARIANT = re.compile(r"(?P<stem>.+?)(?:[_\-\s]?(?P<num>\d+)|[_\-\s](?P<letter>[A-Za-z]))")
 # Token lengths are measured on at most this many rows per split (counts always use every row).
 SAMPLE_ROWS = 5000
 
@@ -133,6 +138,31 @@ def _named(cols: list[ColumnInfo], names: tuple[str, ...]) -> list[ColumnInfo]:
     return sorted((c for c in cols if stem(c) in names), key=lambda c: names.index(stem(c)))
 
 
+def _variant(name: str) -> tuple[str, str] | None:
+    """(stem, suffix) of a name ending in a number or a separated letter (`summary2`, `ref_c`), else None."""
+    match = _VARIANT.fullmatch(name)
+    return (match["stem"].lower(), (match["num"] or match["letter"]).lower()) if match else None
+
+
+def _natural(suffix: str) -> tuple[int, str]:
+    return (int(suffix), "") if suffix.isdigit() else (-1, suffix)
+
+
+def reference_groups(cols: list[ColumnInfo]) -> list[list[str]]:
+    """Sets of two or more columns that differ only by a numbered or lettered suffix (summary1 ..
+    summary3, ref_a .. ref_c): several references of one row. Groups named like a target or a
+    reference come first, then larger groups; columns in suffix order."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for c in cols:
+        variant = _variant(c.name)
+        if variant is not None:
+            groups.setdefault(variant[0], []).append((variant[1], c.name))
+    found = [(stem, sorted(members, key=lambda m: _natural(m[0])))
+             for stem, members in groups.items() if len(members) > 1]
+    found.sort(key=lambda g: (g[0] not in TARGET_NAMES + REFERENCE_NAMES, -len(g[1])))
+    return [[name for _, name in members] for _, members in found]
+
+
 def guess_columns(split: SplitInfo) -> dict[str, Any]:
     """{"input_column", "target_column" or "reference_columns"} guessed by name, then by length."""
     text = [c for c in split.columns if c.tokens]
@@ -143,11 +173,11 @@ def guess_columns(split: SplitInfo) -> dict[str, Any]:
     rest = [c for c in text if c is not source]
     if not rest:
         return {"input_column": source.name}
-    labels = _named(rest, TARGET_NAMES) or sorted(rest, key=lambda c: c.tokens["mean_chars"])
-    numbered = [c.name for c in labels if re.search(r"\d+$", c.name)
-                and re.sub(r"\d+$", "", c.name) == re.sub(r"\d+$", "", labels[0].name)]
-    if len(numbered) > 1:
-        return {"input_column": source.name, "reference_columns": sorted(numbered)}
+    groups = reference_groups(rest)
+    named = _named(rest, TARGET_NAMES)
+    if groups and (not named or _variant(named[0].name) is not None):
+        return {"input_column": source.name, "reference_columns": groups[0]}
+    labels = named or sorted(rest, key=lambda c: c.tokens["mean_chars"])
     return {"input_column": source.name, "target_column": labels[0].name}
 
 

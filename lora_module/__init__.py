@@ -9,11 +9,11 @@ and bitsandbytes load only when a name that needs them is first used.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lora_module.config import LoraConfig
 from lora_module.errors import AdapterLoadError, FingerprintMismatchError, LoraConfigError
+from lora_module.lazy import lazy_attributes
 
 _LAZY = {
     "LoraLinear": "lora_module.layers",
@@ -39,9 +39,4 @@ if TYPE_CHECKING:
     from lora_module.qlora import is_quantized, load_base_model, quantize_nf4
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lora_module' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -11,6 +11,8 @@ Servers are started once per session, on first use, and stopped at its end:
   "exactly N versions" still hold);
 - `restartable_mlflow_server`: another one that fault tests stop, kill and restart; it is running
   again at the start of every test that asks for it.
+Prefect settings, `os.environ` and MLflow's process-wide tracking and registry URIs are put back
+after every test, so what one test points at never leaks into the next.
 
 Lanes (markers, see pyproject): a test that uses one of these servers is `integration`; a test
 that is neither `integration` nor `slow` is `unit`, so `pytest -m unit` (the same tests as
@@ -20,6 +22,7 @@ that is neither `integration` nor `slow` is `unit`, so `pytest -m unit` (the sam
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +36,12 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# rouge_score imports absl, whose logging handler keeps the stderr of the moment it is created (pytest's
+# capture file) and closes that stream whenever code reconfigures logging (Prefect's dictConfig closes
+# every handler): pytest then died with "lost sys.stderr". The real stderr is one absl never closes.
+import absl.logging  # noqa: E402
+
+absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
 from mlflow_server import MlflowServer, free_port  # noqa: E402
 from transformers import (  # noqa: E402
     AutoTokenizer,
@@ -147,6 +156,35 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
         if not (item.get_closest_marker("integration") or item.get_closest_marker("slow")):
             item.add_marker(pytest.mark.unit)
+
+
+def _mlflow_global_uris() -> tuple[str | None, str | None]:
+    if "mlflow" not in sys.modules:
+        return None, None
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    return tracking._tracking_uri, registry._registry_uri
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks_between_tests() -> Iterator[None]:
+    """Put back the environment and MLflow's process-wide tracking and registry URIs after each test.
+
+    In-process code sets both (a fit exports MLFLOW_TRACKING_URI; registration calls
+    `mlflow.set_registry_uri`): left behind, a later `MlflowClient(tracking_uri=X)` reads models
+    from the previous test's registry instead of X's.
+    """
+    environ, uris = dict(os.environ), _mlflow_global_uris()
+    yield
+    if dict(os.environ) != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+    if _mlflow_global_uris() != uris:
+        from mlflow.tracking._model_registry import utils as registry
+        from mlflow.tracking._tracking_service import utils as tracking
+
+        tracking._tracking_uri, registry._registry_uri = uris
 
 
 @pytest.fixture(scope="session")

@@ -170,3 +170,27 @@ def test_demo_printout_states_lora_recovered_share(tmp_path):
     text = render(summary, 9.0, 6.0, PipelineHome(tmp_path, "http://127.0.0.1:5000"))
     assert ("LoRA recovers 90% of full fine-tuning's ROUGE-1 gain over the base, "
             "training 3.85% of the parameters") in text
+
+
+def test_cli_steps_options_set_both_stages(tmp_path, monkeypatch, capsys):
+    """`--steps` is stage 1 (denoising) only; `--instruction-steps` sets stage 2; --help says so."""
+    from lora_module.training import demo_base
+
+    calls = []
+
+    def build(out_dir, corpus_size, seed, steps, **overrides):
+        calls.append({"steps": steps, **overrides})
+        kw = {**TINY, "instruction_steps": overrides["instruction_steps"]}
+        return build_demo_base(out_dir, corpus_size=40, seed=seed, steps=steps, log_every=0, **kw)
+
+    monkeypatch.setattr(demo_base, "build_demo_base", build)
+    demo_base.main([str(tmp_path), "--steps", "3", "--instruction-steps", "2"])
+    path = capsys.readouterr().out.splitlines()[0]
+    assert calls == [{"steps": 3, "instruction_steps": 2}]
+    assert read_manifest(path)["config"]["instruction_steps"] == 2
+    demo_base.main([str(tmp_path), "--steps", "3"])
+    assert calls[-1] == {"steps": 3, "instruction_steps": DemoBaseConfig.instruction_steps}
+    with pytest.raises(SystemExit):
+        demo_base.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--instruction-steps" in out and "denoising pretraining, only" in out

@@ -90,3 +90,38 @@ def test_command_line_and_bad_input(tmp_path, frames, capsys):
         lora_pipeline(["inspect", "--help"])
     assert e.value.code == 0
     assert "--tokenizer" in capsys.readouterr().out
+
+
+def test_lettered_references_are_suggested_as_reference_columns(tmp_path, frames):
+    """Three references named ref_a/ref_b/ref_c (not numbered): reference_columns, not one target."""
+    _, test = frames
+    refs = test.rename(columns={"summary1": "ref_a", "summary2": "ref_b", "summary3": "ref_c"})
+    refs.loc[:, "ref_c"] = refs["ref_c"].str.split().str[:3].str.join(" ")  # the shortest column
+    path = tmp_path / "refs.jsonl"
+    refs.to_json(path, orient="records", lines=True)
+    cfg = _yaml_part(inspect_source(str(path)))
+    assert cfg["input_column"] == "dialogue" and cfg["reference_columns"] == ["ref_a", "ref_b", "ref_c"]
+    assert cfg["target_column"] == "ref_a"  # the train split's label: the first reference
+    assert DataConfig.from_dict(cfg).columns_for("test")[1] == ["ref_a", "ref_b", "ref_c"]
+
+
+@pytest.mark.parametrize(("columns", "expected"), [
+    (["dialogue", "summary1", "summary2", "summary10"], {"reference_columns": ["summary1", "summary2",
+                                                                              "summary10"]}),
+    (["text", "gold-1", "gold-2"], {"reference_columns": ["gold-1", "gold-2"]}),
+    (["dialogue", "summary", "turn_1", "turn_2"], {"target_column": "summary"}),  # named target wins
+    (["conversation", "abstract"], {"target_column": "abstract"}),  # 't' is no letter suffix
+])
+def test_reference_guess_rules(columns, expected):
+    from lora_pipeline.data.inspection import ColumnInfo, SplitInfo, guess_columns
+
+    cols = [ColumnInfo(name, "string", 3, {"mean_chars": 500.0 if i == 0 else 40.0 + i})
+            for i, name in enumerate(columns)]
+    assert guess_columns(SplitInfo("train", "x", 3, cols)) == {"input_column": columns[0], **expected}
+
+
+def test_inspect_help_says_what_it_suggests(capsys):
+    with pytest.raises(SystemExit):
+        lora_pipeline(["inspect", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "reference_columns" in out and "ref_a" in out

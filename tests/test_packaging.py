@@ -1,7 +1,9 @@
 """The wheel: built from pyproject.toml, installed apart from the checkout, run from another directory.
 
-Builds the wheel from a copy of the sources (so the checkout gets no build/ folder), installs it with
-`pip install --no-deps --target` beside the venv's dependencies, and runs the installed
+Builds the wheel from a copy of the sources (so the checkout gets no build/ folder) with the commands
+README "On a fresh machine" gives, as written plus what keeps them offline (`--no-build-isolation`:
+setuptools from this venv; `--no-deps --target`: installed beside the venv's dependencies, torch's
+CPU build among them), and runs the installed
 `lora-pipeline` from a scratch directory with that folder first on PYTHONPATH: imports must come
 from the installed copy, the shipped task specs and configs must be found inside the package, and a
 tiny flow must run end to end (prepare, evaluate, train in a subprocess, evaluate, register).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,10 +24,31 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "lora_module", "data", "flows", "deploy", "benchmarks")
+
+
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def readme_install_lines() -> tuple[list[str], list[str], list[str]]:
+    """The `pip` lines of README "On a fresh machine": build the wheel, CPU torch, install the wheel."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("\n## On a fresh machine\n")
+    section = text[start:text.index("\n## ", start + 1)]
+    lines = [shlex.split(line, comments=True) for block in re.findall(r"```bash\n(.*?)```", section, re.S)
+             for line in block.splitlines()]
+    build, torch, install = [words for words in lines if words[:1] == ["pip"]]
+    return build, torch, install
+
+
+def test_readme_install_lines_build_then_cpu_torch_then_the_wheel():
+    build, torch, install = readme_install_lines()
+    assert build[:2] == ["pip", "wheel"] and "--no-deps" in build and build[-1] == "."
+    assert torch == ["pip", "install", "--index-url", CPU_INDEX, "torch"]  # before the wheel pulls CUDA's
+    assert install[:2] == ["pip", "install"] and install[2].endswith(".whl")
 
 
 def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> str:
@@ -49,10 +73,12 @@ def installed(tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "LORA_PIPELINE_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(src)], env, root)
-    (wheel,) = (root / "dist").glob("lora_pipeline-*.whl")
+    build, _, install = readme_install_lines()  # run in the source folder, as the README says
+    _run([*pip, *build[1:], "--no-build-isolation"], env, src)
+    wheel = src / install[2]
+    assert list((src / "dist").glob("*.whl")) == [wheel], "the README names another wheel than pip writes"
     site = root / "site"
-    _run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], env, root)
+    _run([*pip, *install[1:], "--no-deps", "--target", str(site)], env, src)
     work = root / "work"
     work.mkdir()
     env.update(PYTHONPATH=str(site), PREFECT_HOME=str(root / "prefect"), HF_HUB_OFFLINE="1",

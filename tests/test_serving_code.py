@@ -69,7 +69,8 @@ def test_copied_code_runs_on_its_own(files, module, tiny_t5_dir, tmp_path):
     write_prompt_settings(adapter, PROMPT)
     here = AdapterPredictor.from_adapter(adapter).predict(TEXTS, {"max_new_tokens": 6})
     code = copy_code(tmp_path / "code", files).parent
-    out = subprocess.run([sys.executable, "-c", _RUN.format(module=module), str(code), str(adapter),
-                          json.dumps(TEXTS), str(ROOT)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    cmd = [sys.executable, "-c", _RUN.format(module=module), str(code), str(adapter), json.dumps(TEXTS),
+           str(ROOT)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == here

@@ -18,8 +18,9 @@ the few registry modules it reads through (`store`, `bases`, `retry`, `tracking`
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lora_module.lazy import lazy_attributes
 
 _LAZY = {
     "register_adapter": "lora_module.registry.register",
@@ -59,9 +60,4 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lora_module.registry' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

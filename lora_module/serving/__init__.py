@@ -14,8 +14,9 @@ Names are imported lazily (PEP 562), so the logged models ship this `__init__` a
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lora_module.lazy import lazy_attributes
 
 _LAZY = {
     "AdapterPredictor": "lora_module.serving.predictor",
@@ -37,9 +38,4 @@ if TYPE_CHECKING:
     from lora_module.serving.predictor import AdapterPredictor, load_adapter_with_base
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lora_module.serving' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

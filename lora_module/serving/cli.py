@@ -1,7 +1,7 @@
 """The serving commands: generate with a registered adapter, or serve a registered model over HTTP.
 
     lora-pipeline predict summary --text "#Person1#: ..." [--file inputs.jsonl] [--json]
-    lora-pipeline serve-model models:/lora-tasks@champion --port 5001
+    lora-pipeline serve-model models:/lora-tasks@champion --port 5001 [--workers 2 --threads 1]
     curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\
       -d '{"dataframe_records": [{"task": "summary", "text": "#Person1#: ..."}],
            "params": {"max_new_tokens": 32}}'
@@ -12,6 +12,13 @@ serve --env-manager local` with this interpreter's `bin` first on PATH (MLflow e
 name) and the tracking URI exported, so it works from a fresh shell on any machine that reaches
 the tracking server. Tracking URI: `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else the
 embedded SQLite store under `$LORA_PIPELINE_HOME`.
+
+Threads: each server worker runs torch with `--threads` intra-op threads (default: `$OMP_NUM_THREADS`
+if set, else 1), set as OMP_NUM_THREADS / MKL_NUM_THREADS in the server's environment, which torch
+reads when it starts. Why 1: a request is a few short sequences, too little work to share between
+cores, and torch's default (one thread per core) made 6 mixed-task rows take 21 s instead of 0.25 s
+on a busy 2-core machine, its threads spinning against other processes. Scale with `--workers`; give
+more threads to a large base on an idle machine (`--threads 0`: torch's default).
 """
 
 from __future__ import annotations
@@ -24,11 +31,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lora_module.contracts import CHAMPION
-from lora_module.errors import ArgumentParser, InputNotFoundError
+from lora_module.errors import ArgumentParser, InputNotFoundError, PipelineError
 from lora_module.registry.bases import BASE_ENV
 from lora_module.registry.retry import RetryPolicy
 from lora_module.serving.multitask import DEFAULT_REFRESH_SECONDS, REFRESH_ENV
 from lora_module.serving.predictor import PredictInputError
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read by torch (and its BLAS) at start-up
+DEFAULT_SERVE_THREADS = 1
+
+
+class ServeSettingsError(PipelineError, ValueError):
+    """A `serve-model` setting out of range (names the option and what is valid)."""
+
 
 TRACKING_HELP = ("MLflow tracking/registry URI (if not given: $MLFLOW_TRACKING_URI, else the SQLite store "
                  "under the pipeline home)")
@@ -80,8 +95,24 @@ def serve_command(model_uri: str, host: str, port: int, workers: int) -> list[st
             "-h", host, "-p", str(port), "-w", str(workers)]
 
 
-def serve_env(tracking_uri: str, base: str | None, refresh_seconds: float | None) -> dict[str, str]:
-    """The environment of the server: this interpreter's bin first on PATH, the tracking URI, settings."""
+def serve_threads(threads: int | None) -> int | None:
+    """Intra-op threads of each server worker: `threads`, else `$OMP_NUM_THREADS`, else 1; None (from
+    0): leave torch's default."""
+    if threads is None:
+        given = os.environ.get(THREAD_ENV[0], "").strip()
+        if given and not given.isdigit():
+            raise ServeSettingsError(f"$OMP_NUM_THREADS is {given!r}, not a whole number; unset it or "
+                                     "give --threads N")
+        threads = int(given) if given else DEFAULT_SERVE_THREADS
+    if threads < 0:
+        raise ServeSettingsError(f"--threads must be >= 0 (0: torch's default), got {threads}")
+    return threads or None
+
+
+def serve_env(tracking_uri: str, base: str | None, refresh_seconds: float | None,
+              threads: int | None = None) -> dict[str, str]:
+    """The environment of the server: this interpreter's bin first on PATH, the tracking URI, settings,
+    and `serve_threads(threads)` as OMP_NUM_THREADS / MKL_NUM_THREADS."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = tracking_uri
@@ -89,6 +120,12 @@ def serve_env(tracking_uri: str, base: str | None, refresh_seconds: float | None
         env[BASE_ENV] = base
     if refresh_seconds is not None:
         env[REFRESH_ENV] = str(refresh_seconds)
+    count = serve_threads(threads)
+    for key in THREAD_ENV:
+        if count is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(count)
     return env
 
 
@@ -96,13 +133,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lora_module.registry.store import check_registered
     from lora_module.registry.tracking import configure_tracking
 
+    env_threads = serve_threads(args.threads)  # a bad value fails before the registry is asked
     uri = configure_tracking(args.tracking_uri)
     if args.model_uri.startswith("models:/"):  # fail in one line before starting a server for nothing
         check_registered(args.model_uri, uri)
     cmd = serve_command(args.model_uri, args.host, args.port, args.workers)
-    print(f"serving {args.model_uri} (registry {uri}) on http://{args.host}:{args.port}/invocations",
-          flush=True)
-    os.execve(cmd[0], cmd, serve_env(uri, args.base, args.refresh_seconds))
+    threads = f"{env_threads} thread(s)" if env_threads else "torch's default threads"
+    print(f"serving {args.model_uri} (registry {uri}) on http://{args.host}:{args.port}/invocations "
+          f"({args.workers} worker(s), {threads} each)", flush=True)
+    os.execve(cmd[0], cmd, serve_env(uri, args.base, args.refresh_seconds, args.threads))
     return 0  # not reached: execve replaces this process
 
 
@@ -139,6 +178,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=5001, help="port")
     s.add_argument("--workers", type=int, default=1, help="server processes, each with its own model")
+    s.add_argument("--threads", type=int, help="torch threads per worker (sets OMP_NUM_THREADS and "
+                   "MKL_NUM_THREADS; if not given: $OMP_NUM_THREADS, else 1: a request is too small to "
+                   "share between cores, and more threads than idle cores slow it many times; 0: "
+                   "torch's default, one per core)")
     s.add_argument("--base", help=f"base folder or Hub id instead of the recorded one (sets {BASE_ENV}; "
                    "if not given: the recorded folder, else its logged copy, else the Hub id)")
     s.add_argument("--refresh-seconds", type=float, help=f"alias re-resolution period of a multi-task "

@@ -56,11 +56,11 @@ from lora_module.serving.predictor import (
 SINGLE_TASK_CODE = (
     "lora_module/__init__.py", "lora_module/adapter_io.py", "lora_module/config.py",
     "lora_module/contracts.py", "lora_module/errors.py", "lora_module/files.py", "lora_module/home.py",
-    "lora_module/layers.py", "lora_module/mixed_batch.py", "lora_module/model.py", "lora_module/names.py",
-    "lora_module/prompt.py", "lora_module/qlora.py", "lora_module/evaluation/__init__.py",
-    "lora_module/evaluation/generation.py", "lora_module/registry/__init__.py",
-    "lora_module/registry/bases.py", "lora_module/serving/__init__.py", "lora_module/serving/predictor.py",
-    "lora_module/serving/pyfunc.py",
+    "lora_module/layers.py", "lora_module/lazy.py", "lora_module/mixed_batch.py", "lora_module/model.py",
+    "lora_module/names.py", "lora_module/prompt.py", "lora_module/qlora.py",
+    "lora_module/evaluation/__init__.py", "lora_module/evaluation/generation.py",
+    "lora_module/registry/__init__.py", "lora_module/registry/bases.py", "lora_module/serving/__init__.py",
+    "lora_module/serving/predictor.py", "lora_module/serving/pyfunc.py",
 )
 MULTI_TASK_CODE = (
     *SINGLE_TASK_CODE, "lora_module/registry/retry.py", "lora_module/registry/store.py",

@@ -1,6 +1,7 @@
 """The demo base model: a small T5 that learns the corpus's language by denoising, then follows instructions.
 
     lora-pipeline demo-base runs/demo_base            # builds (or reuses) and prints the folder
+    lora-pipeline demo-base runs/demo_base --steps 100 --instruction-steps 50   # stage 1, stage 2 steps
     from lora_module.training.demo_base import build_demo_base
     base_dir = build_demo_base("runs/demo_base", corpus_size=2000, seed=0, steps=300)
 
@@ -397,15 +398,22 @@ def read_manifest(path: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """`lora-pipeline demo-base OUT_DIR [...]`: build (or reuse), then print the folder and its manifest."""
     parser = ArgumentParser(prog="lora-pipeline demo-base",
-                            description="Build (or reuse) the demo base T5 model.",
+                            description="Build (or reuse) the demo base T5 model: --steps of denoising "
+                            "pretraining, then --instruction-steps of instruction tuning.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("out_dir", type=Path,
                         help="folder that holds the builds (each in demo-t5-<fingerprint>/)")
-    parser.add_argument("--corpus-size", type=int, default=2000,
+    parser.add_argument("--corpus-size", type=int, default=DemoBaseConfig.corpus_size,
                         help="demo corpus examples for the tokenizer and pretraining")
     parser.add_argument("--seed", type=int, default=0, help="seed of weight init, batch order and span masks")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of denoising pretraining")
+    parser.add_argument("--steps", type=int, default=DemoBaseConfig.steps,
+                        help="optimizer steps of stage 1, denoising pretraining, only; stage 2 runs "
+                        "--instruction-steps more")
+    parser.add_argument("--instruction-steps", type=int, default=DemoBaseConfig.instruction_steps,
+                        help="optimizer steps of stage 2, instruction tuning, after --steps (0: a "
+                        "denoising-only base, which does not answer the summary prompt zero-shot)")
     args = parser.parse_args(argv)
-    path = build_demo_base(args.out_dir, args.corpus_size, args.seed, args.steps)
+    path = build_demo_base(args.out_dir, args.corpus_size, args.seed, args.steps,
+                           instruction_steps=args.instruction_steps)
     print(path)
     print(json.dumps(read_manifest(path), indent=2))
