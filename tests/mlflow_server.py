@@ -26,6 +26,14 @@ import urllib.request
 from pathlib import Path
 
 
+def client_for(uri: str):
+    """An MlflowClient whose tracking AND registry are `uri`. Given only a tracking URI, MlflowClient
+    takes MLflow's process-wide registry URI, which is whatever an earlier test configured."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
     """Until `url` answers 200; fails at once, with the end of the server's `log`, if `proc` exits."""
     deadline = time.monotonic() + timeout

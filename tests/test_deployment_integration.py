@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow_server import log_tail
+from mlflow_server import client_for, log_tail
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -110,7 +110,6 @@ def stack(tmp_path_factory, tiny_t5_dir, prefect_api, mlflow_server):
 
 
 def test_deployment_runs_on_worker_and_registers(stack):
-    from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -131,7 +130,7 @@ def test_deployment_runs_on_worker_and_registers(stack):
     assert crons == [s["cron"] for s in expected["schedules"]] and all(s.active for s in deployment.schedules)
     assert deployment.work_pool_name == POOL
 
-    client = MlflowClient(tracking_uri=stack["mlflow"].uri)
+    client = client_for(stack["mlflow"].uri)
     versions = client.search_model_versions("name='tiny_summary-lora'")
     assert [str(v.version) for v in versions] == ["1"]
     assert versions[0].tags["task"] == "tiny_summary"

@@ -140,7 +140,8 @@ def test_many_tasks_register_cache_and_survive_faults(harness, tmp_path, tiny_t5
         assert art and "ROUGE" in art[0].data and f"{name}-lora v1" in art[0].data
         assert r["run_id"] in art[0].data
     assert read_artifacts("lora-tasks-summary")
-    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    store = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     topic_v1 = client.get_model_version("tiny_topic-lora", "1")
     assert topic_v1.tags["task"] == "tiny_topic"
     # One experiment per task holds its training runs (full and LoRA) and its registration run.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from mlflow import MlflowClient
+from mlflow_server import client_for
 from registry_helpers import make_candidate
 
 from lora_module.home import PipelineHome
@@ -109,7 +109,7 @@ def test_model_name_with_a_quote_is_refused_before_anything_exists(tiny_t5_dir, 
     assert not (home.root / "mlflow.db").exists() and not home.root.exists()
     # A model left by an older version of the code (before names were checked) does not break `list`.
     uri = configure_tracking(home.tracking_uri)
-    MlflowClient(uri).create_registered_model("o'brien")
+    client_for(uri).create_registered_model("o'brien")
     register_adapter("demo", adapter, report, retries=0, home=home)
     capsys.readouterr()
     assert cli_main(["list", "--tracking-uri", uri]) == 0

@@ -22,7 +22,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
+from mlflow_server import client_for
 from registry_helpers import make_report
 from test_training import prepare_tiny
 from test_training_cli import DEMO_CONFIG, overrides
@@ -92,7 +92,7 @@ def test_tag_dicts_are_built_from_the_contract():
 
 
 def test_training_runs_are_named_tagged_and_in_the_task_experiment(trained):
-    client = MlflowClient(trained["home"].tracking_uri)
+    client = client_for(trained["home"].tracking_uri)
     runs = [client.get_run(m["mlflow_run_id"]) for m in trained["metrics"]]
     names = [r.info.run_name for r in runs]
     assert all(NAME.match(n) for n in names), names
@@ -121,7 +121,7 @@ def test_version_and_training_run_link_each_other(trained, tmp_path):
     home, out, metrics = trained["home"], trained["outs"][0], trained["metrics"][0]
     report = make_report(tmp_path / "eval", out / "adapter", lora_hits=6, base_hits=1, task=TASK)
     res = register_adapter(TASK, out / "adapter", report, train_dir=out, home=home, retries=1, backoff=0.1)
-    client = MlflowClient(home.tracking_uri)
+    client = client_for(home.tracking_uri)
     mv = client.get_model_version(res.model_name, res.version)
     training = client.get_run(metrics["mlflow_run_id"])
     assert client.get_run(res.run_id).info.experiment_id == training.info.experiment_id
@@ -149,7 +149,7 @@ def test_registration_into_another_store_warns_and_records_it(trained, tmp_path,
                                backoff=0.1)
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert metrics["mlflow_tracking_uri"] in warning and other.tracking_uri in warning
-    mv = MlflowClient(other.tracking_uri).get_model_version(res.model_name, res.version)
+    mv = client_for(other.tracking_uri).get_model_version(res.model_name, res.version)
     assert mv.tags["training_run_store"] == metrics["mlflow_tracking_uri"]
     assert "of another tracking store" in mv.description
 

@@ -17,9 +17,9 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+from mlflow_server import client_for
 from registry_helpers import PROMPTS, generate_texts, make_adapter, make_candidate, weights_sha
 from transformers import AutoTokenizer
 
@@ -138,7 +138,7 @@ def test_versions_gate_tags_and_run(registered, home, tiny_t5_dir):
     assert "below the current champion v1" in results[2].decision["reason"]
     uri = configure_tracking()
     assert uri == f"sqlite:///{home / 'mlflow.db'}"
-    client = MlflowClient(uri)
+    client = client_for(uri)
     assert str(client.get_model_version_by_alias("demo-lora", "champion").version) == "3"
     assert str(client.get_model_version_by_alias("demo-lora", "challenger").version) == "2"
     mv = client.get_model_version("demo-lora", "2")
@@ -243,7 +243,7 @@ def test_cli_list_show_promote_demote_predict(registered, capsys, tmp_path, tiny
     assert shown["version"] == "3" and shown["tags"]["gate.decision"] == "promoted"
 
     assert cli_main(["promote", "demo", "1", "--reason", "human review"]) == 0
-    client = MlflowClient(configure_tracking())
+    client = client_for(configure_tracking())
     assert str(client.get_model_version_by_alias("demo-lora", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("demo-lora", "challenger").version) == "3"  # newest other
     manual = client.get_model_version("demo-lora", "1").tags["manual.last"]
@@ -285,7 +285,7 @@ def test_four_concurrent_registrations_embedded(home, tiny_t5_dir, tmp_path):
     with ThreadPoolExecutor(len(cands)) as pool:
         results = list(pool.map(register, cands))
     assert sorted(int(r.version) for r in results) == [1, 2, 3, 4]
-    client = MlflowClient(configure_tracking())
+    client = client_for(configure_tracking())
     for r, c in zip(results, cands, strict=True):
         mv = client.get_model_version("conc-lora", r.version)
         assert mv.tags["adapter_sha256"] == weights_sha(c[0])
@@ -328,7 +328,7 @@ def test_an_adapter_without_prompt_settings_is_registered_only_with_prepared(hom
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "--prepared DIR" in err, err
     assert "records no prompt settings" in err
-    assert not MlflowClient(configure_tracking()).search_registered_models("name = 'bare-lora'")
+    assert not client_for(configure_tracking()).search_registered_models("name = 'bare-lora'")
 
     prepared = tmp_path / "prepared"
     prepared.mkdir()
@@ -337,7 +337,7 @@ def test_an_adapter_without_prompt_settings_is_registered_only_with_prepared(hom
     assert {f.name: f.read_bytes() for f in bare.iterdir()} == before
     reg = download_adapter("bare", tmp_path / "dl", version=1)
     assert read_prompt_settings(reg.adapter_dir) == PromptSettings.from_manifest(MANIFEST)
-    client = MlflowClient(configure_tracking())
+    client = client_for(configure_tracking())
     run_id = client.get_model_version("bare-lora", "1").run_id
     lineage = json.loads(Path(client.download_artifacts(run_id, "lineage.json", str(tmp_path))).read_text())
     assert lineage["prompt"] == {"settings": PromptSettings.from_manifest(MANIFEST).to_dict(),
@@ -361,7 +361,7 @@ def test_explicit_home_wins_over_the_environment(home, tiny_t5_dir, tmp_path):
     adapter, report, _ = make_candidate(tmp_path / "c", tiny_t5_dir, seed=5, lora_hits=4)
     res = register_adapter("explicit", adapter, report, retries=0, home=other)
     assert res.tracking_uri == other.tracking_uri != configure_tracking(None)
-    client = MlflowClient(other.tracking_uri)
+    client = client_for(other.tracking_uri)
     experiment = client.get_experiment(client.get_run(res.run_id).info.experiment_id)
     assert experiment.name == "lora-explicit"
     assert experiment.artifact_location == other.artifact_location("lora-explicit")
@@ -370,7 +370,7 @@ def test_explicit_home_wins_over_the_environment(home, tiny_t5_dir, tmp_path):
 
 
 def test_register_without_report_reads_training_outputs(home, tiny_t5_dir, tmp_path, capsys):
-    client = MlflowClient(configure_tracking())
+    client = client_for(configure_tracking())
     # The training CLI logs its loss curves to MLflow and records that run in metrics.json.
     train_run = client.create_run(client.create_experiment("training-test")).info.run_id
     for step, loss in enumerate([2.5, 2.0, 1.6]):

@@ -28,7 +28,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
-from mlflow_server import MlflowServer
+from mlflow_server import MlflowServer, client_for
 from registry_helpers import make_candidate, weights_sha
 
 import lora_module.registry.register as register_module
@@ -56,7 +56,7 @@ def _home(server: MlflowServer, name: str) -> PipelineHome:
 def _check_end_state(server: MlflowServer, model: str, adapter_sha: str, champion: str) -> tuple[str, list]:
     """Exactly one complete version for the adapter, the expected champion, every run of the
     experiment FINISHED or FAILED, no logged model PENDING. Returns (version, runs)."""
-    client = MlflowClient(server.uri)
+    client = client_for(server.uri)
     mine = [mv for mv in client.search_model_versions(f"name='{model}'")
             if mv.tags.get("adapter_sha256") == adapter_sha]
     assert len(mine) == 1, f"{len(mine)} versions of {model} for one adapter"
@@ -141,7 +141,7 @@ def test_kill_during_model_upload_then_rerun_starts_over_cleanly(server, tiny_t5
         register_adapter("killb", adapter, report, retries=1, backoff=0.1, home=home)
     assert fired.is_set()
     server.start()
-    client = MlflowClient(server.uri)
+    client = client_for(server.uri)
     exp = client.get_experiment_by_name("lora-killb").experiment_id
     assert any(m.status == LoggedModelStatus.PENDING for m in client.search_logged_models([exp]))
     res = register_adapter("killb", adapter, report, retries=2, backoff=0.5, home=home)
@@ -180,7 +180,7 @@ def test_kill_between_alias_writes_default_retries_outlast_a_30s_outage(server, 
     assert fired.is_set() and outage["seconds"] >= 30, outage
     assert (res.version, res.alias, res.resumed) == ("2", "champion", False)
     _check_end_state(server, "killc-lora", weights_sha(a2), "2")
-    aliases = MlflowClient(server.uri).get_registered_model("killc-lora").aliases
+    aliases = client_for(server.uri).get_registered_model("killc-lora").aliases
     assert {k: str(v) for k, v in aliases.items()} == {"champion": "2", "challenger": "1"}
     print(f"outage {outage['seconds']:.1f} s survived with the default retries "
           f"({RetryPolicy().total_wait:.0f} s budget)")
@@ -235,7 +235,7 @@ def test_two_machines_race_twenty_rounds_champion_is_always_the_best(server, tin
         return register_adapter("race", adapter, report, retries=6, backoff=0.2, max_backoff=2.0,
                                 home=homes[m])
 
-    client = MlflowClient(server.uri)
+    client = client_for(server.uri)
     history, wrong = [], []
     with ThreadPoolExecutor(2) as pool:
         for r, (fp, *hits) in enumerate(plan):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow_server import client_for
 from registry_helpers import PROMPTS, generate_texts, make_candidate, weights_sha
 from transformers import AutoTokenizer
 
@@ -64,7 +65,7 @@ def test_two_versions_gate_both_ways_and_load_by_alias(server, tiny_t5_dir, tmp_
     assert (first.version, first.alias) == ("1", "champion")
     assert (second.version, second.alias) == ("2", "challenger")
     assert "below the current champion v1" in second.decision["reason"]
-    client = MlflowClient(server.uri)
+    client = client_for(server.uri)
     for v in ("1", "2"):
         _complete(client, "srv-lora", v)
     # Artifacts went through the server's proxy into its --artifacts-destination folder.
@@ -87,7 +88,7 @@ def test_four_concurrent_registrations(server, tiny_t5_dir, tmp_path):
         results = list(pool.map(register, cands))
     assert sorted(int(r.version) for r in results) == [1, 2, 3, 4]
     assert len({r.run_id for r in results}) == 4
-    client = MlflowClient(server.uri)
+    client = client_for(server.uri)
     for r, c in zip(results, cands, strict=True):
         _complete(client, "conc-lora", r.version)
         assert client.get_model_version("conc-lora", r.version).tags["adapter_sha256"] == weights_sha(c[0])
@@ -130,7 +131,7 @@ def test_outage_clear_error_then_retry_through_restart(server, tiny_t5_dir, tmp_
                            max_backoff=4.0)
     restarter.join()
     assert res.alias == "champion"  # the failed attempt created no version, so no champion existed
-    client = MlflowClient(server.uri)
+    client = client_for(server.uri)
     assert [str(mv.version) for mv in client.search_model_versions("name='outage-lora'")] == [res.version]
     _complete(client, "outage-lora", res.version)
     # The first attempt's run (left RUNNING while the server was away) was closed as FAILED.

@@ -115,7 +115,8 @@ def test_sweep_flow_charts_recommends_and_registers(harness, tmp_path, tiny_t5_d
     art = read_artifacts("rank-sweep-tiny-sweep")
     assert art and f"Recommended: {out['recommended']['name']}" in art[0].data
     assert "data:image/png" in art[0].data
-    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    store = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     run = client.get_run(out["mlflow_run_id"])
     assert run.data.params["recommended"] == out["recommended"]["name"]
     assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {"rank_sweep.png", "sweep.json"}

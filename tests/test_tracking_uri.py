@@ -22,7 +22,7 @@ from pathlib import Path
 import mlflow.tracking._model_registry.utils as registry_uri_state
 import mlflow.tracking._tracking_service.utils as tracking_uri_state
 import pytest
-from mlflow import MlflowClient
+from mlflow_server import client_for
 from registry_helpers import PROMPTS, generate_texts, make_candidate
 from transformers import AutoTokenizer
 
@@ -78,7 +78,7 @@ def registered(mlflow_server, tiny_t5_dir, tmp_path_factory) -> dict:
 
 
 def test_register_writes_only_to_the_server(registered):
-    client = MlflowClient(registered["uri"])
+    client = client_for(registered["uri"])
     for task in TASKS:
         mv = client.get_model_version_by_alias(f"{task}-lora", "champion")
         assert mv.version == "1" and mv.tags["task"] == task
@@ -95,9 +95,9 @@ def test_list_show_promote_demote_read_the_server(registered, tmp_path, capsys):
         assert lora_pipeline(["show", TASKS[2], "@champion", "--json", *uri]) == 0
         assert json.loads(capsys.readouterr().out)["version"] == "1"
         assert lora_pipeline(["demote", TASKS[2], "--reason", "uri test", *uri]) == 0
-        assert MlflowClient(registered["uri"]).get_registered_model(name).aliases == {}
+        assert client_for(registered["uri"]).get_registered_model(name).aliases == {}
         assert lora_pipeline(["promote", TASKS[2], "1", "--reason", "uri test", *uri]) == 0
-        client = MlflowClient(registered["uri"])
+        client = client_for(registered["uri"])
         assert client.get_registered_model(name).aliases == {"champion": "1"}
         assert client.get_model_version(name, "1").tags["manual.last"] == "promoted to champion: uri test"
         assert lora_pipeline(["list", *uri]) == 0  # every model: read from the server, not the home
@@ -124,7 +124,7 @@ def test_register_multitask_resolves_and_registers_on_the_server(registered, tmp
                             "--tracking-uri", registered["uri"]])
         assert rc == 0, capsys.readouterr().err
     assert capsys.readouterr().out.strip().splitlines()[-1] == "models:/uri-tasks/1"
-    client = MlflowClient(registered["uri"])
+    client = client_for(registered["uri"])
     mv = client.get_model_version_by_alias("uri-tasks", "champion")
     tasks = client.get_run(mv.run_id).data.tags["tasks"]
     assert mv.version == "1" and tasks == " ".join(f"models:/{t}-lora@champion" for t in TASKS[:2])

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from jsonargparse import Namespace
+from mlflow_server import client_for
 from test_training import prepare_tiny
 
 from lora_module import LoraModel, load_base_model
@@ -75,7 +76,6 @@ def cli_run(tmp_path_factory, tiny_t5_dir, prepared_dir) -> dict:
 
 
 def test_run_fit_writes_outputs_and_logs_to_mlflow(cli_run, tiny_t5_dir, prepared_dir):
-    from mlflow import MlflowClient
 
     out, first = cli_run["out"], cli_run["first"]
     assert first["steps"] == 4 and first["finetune"] == "lora"
@@ -85,7 +85,7 @@ def test_run_fit_writes_outputs_and_logs_to_mlflow(cli_run, tiny_t5_dir, prepare
     model = LoraModel.from_pretrained(load_base_model(str(tiny_t5_dir)), out / "adapter")
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
-    client = MlflowClient(cli_run["uri"])
+    client = client_for(cli_run["uri"])
     run = client.get_run(first["mlflow_run_id"])
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == "lora-cli_test"

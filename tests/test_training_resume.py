@@ -28,7 +28,7 @@ from test_training import prepare_tiny
 from lora_module.registry.inputs import RegistrationInputError, read_inputs
 from lora_module.training import export, outputs
 from lora_module.training.cli import main
-from lora_module.training.outputs import current_outputs, publish
+from lora_module.training.outputs import current_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "deploy" / "configs" / "demo_summary_lora.yaml"
@@ -213,12 +213,12 @@ def test_export_killed_midway_leaves_previous_outputs_whole(
         raise SimulatedKill(f"killed during {fail_at}")
 
     if fail_at == "adapter save":
-        monkeypatch.setattr(export, "_save_adapter", lambda module, metrics: crash)
+        monkeypatch.setattr(export, "_save_adapter", crash)
     elif fail_at == "after all files written":
         write_outputs = export._write_outputs
 
-        def written_then_killed(module, out_dir, metrics):
-            write = write_outputs(module, out_dir, metrics)
+        def written_then_killed(*args):
+            write = write_outputs(*args)
             return lambda folder: (write(folder), crash())
 
         monkeypatch.setattr(export, "_write_outputs", written_then_killed)
@@ -233,26 +233,6 @@ def test_export_killed_midway_leaves_previous_outputs_whole(
     fit_in_process(tiny_t5_dir, prepared_dir, out, r=4)  # a complete re-run replaces everything at once
     assert_whole(out, 4)
     assert [p.name for p in (out / "exports").iterdir()] == [current_outputs(out).name]
-
-
-def test_publish_adopts_outputs_written_before_the_layout(tmp_path):
-    out = tmp_path / "old"
-    (out / "adapter").mkdir(parents=True)
-    (out / "adapter" / "w").write_text("old")
-    (out / "metrics.json").write_text("{}")
-    (out / "config.yaml").write_text("old: 1")
-
-    def write(folder: Path) -> None:
-        (folder / "adapter").mkdir()
-        (folder / "adapter" / "w").write_text("new")
-        (folder / "metrics.json").write_text('{"new": 1}')
-        (folder / "config.yaml").write_text("new: 1")
-
-    folder = publish(out, write)
-    assert current_outputs(out) == folder.resolve()
-    assert (out / "adapter" / "w").read_text() == "new" and (out / "config.yaml").read_text() == "new: 1"
-    assert all((out / n).is_symlink() for n in ("adapter", "metrics.json", "config.yaml"))
-    assert not (out / "model").exists()  # a dangling link reads as absent
 
 
 def test_registration_refuses_training_folder_that_disagrees_with_adapter(

@@ -20,8 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
-from mlflow_server import free_port, wait_http
+from mlflow_server import client_for, free_port, wait_http
 from registry_helpers import make_report
 from test_training import prepare_tiny
 from test_training_cli import DEMO_CONFIG, overrides
@@ -83,7 +82,7 @@ def registered(tmp_path_factory, tiny_t5_dir, seq2seq_tokenizer_dir, mlflow_serv
         os.environ.update(saved_env)
     metrics = json.loads((out / "metrics.json").read_text())
     return {"server": mlflow_server, "res": res, "report": report, "training_run": metrics["mlflow_run_id"],
-            "client": MlflowClient(mlflow_server.uri)}
+            "client": client_for(mlflow_server.uri)}
 
 
 def test_mlflow_training_run_page_shows_lineage(registered, shots):
