@@ -352,13 +352,7 @@ def generate(
     device = next(hf_model.parameters()).device
     model.eval()
 
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
-    if pad_id is None:
-        raise ModelLoadError(f"tokenizer {type(tokenizer).__name__} has neither a pad token nor an eos "
-                             "token, so prompts cannot be batched; save the model with a tokenizer that "
-                             "has one")
+    pad_id = pad_token_id(tokenizer)
 
     encoded = encode_prompts(tokenizer, prompts, config.max_source_length, is_seq2seq)
     order = list(range(len(prompts)))
@@ -384,6 +378,18 @@ def generate(
         for i, text in zip(batch_idx, texts, strict=True):
             outputs[i] = text.strip()
     return [o if o is not None else "" for o in outputs]
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id prompts are padded with: the pad token, else the eos token (causal LMs often lack a pad)."""
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    if pad_id is None:
+        raise ModelLoadError(f"tokenizer {type(tokenizer).__name__} has neither a pad token nor an eos "
+                             "token, so prompts cannot be batched; save the model with a tokenizer that "
+                             "has one")
+    return pad_id
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_len: int | None,

@@ -244,7 +244,7 @@ def generate_mixed(model: Any, jobs: list[RowJob], batch_size: int, is_seq2seq: 
     Rows are batched longest first (less padding); within a batch they are ordered by adapter, so
     each adapter's rows are one slice (no gathers). Beam search rows batch only with rows of the same
     beam width and length limit (a beam result cannot be cut to a shorter limit)."""
-    from lora_module.evaluation.generation import pad_batch
+    from lora_module.evaluation.generation import pad_batch, pad_token_id
 
     groups: dict[tuple[int, int], list[int]] = {}
     for i, job in enumerate(jobs):
@@ -255,7 +255,7 @@ def generate_mixed(model: Any, jobs: list[RowJob], batch_size: int, is_seq2seq: 
         rows.sort(key=lambda i: -len(jobs[i].ids))
         for start in range(0, len(rows), batch_size):
             batch = sorted(rows[start : start + batch_size], key=lambda i: jobs[i].adapter)
-            pad_id = _pad_id(jobs[batch[0]].tokenizer)
+            pad_id = pad_token_id(jobs[batch[0]].tokenizer)
             input_ids, attention = pad_batch([jobs[i].ids for i in batch], pad_id, left=not is_seq2seq)
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device),
@@ -268,14 +268,6 @@ def generate_mixed(model: Any, jobs: list[RowJob], batch_size: int, is_seq2seq: 
                 tokens = out[row, : jobs[i].max_new_tokens + (1 if is_seq2seq else 0)]  # + decoder start
                 outputs[i] = jobs[i].tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return outputs
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise PredictInputError("the tokenizer has neither a pad token nor an eos token; "
-                                "cannot batch prompts")
-    return pad_id
 
 
 def base_of(ref: TaskRef, tracking_uri: str | None) -> str:
