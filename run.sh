@@ -13,15 +13,22 @@ setup() {
     "$PY" -m venv "$VENV"
   fi
   "$VENV/bin/pip" install -q --upgrade pip
-  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    # TORCH_SPEC picks the torch build; the pinned CPU build keeps set-up to minutes where there is no GPU.
-    if command -v nvidia-smi >/dev/null 2>&1; then
-      "$VENV/bin/pip" install -q "${TORCH_SPEC:-torch}"
-    else
-      "$VENV/bin/pip" install -q "${TORCH_SPEC:-torch==2.13.0}"
-    fi
+  local gpu=""
+  if command -v nvidia-smi >/dev/null 2>&1; then gpu=1; fi
+  if [ -z "$gpu" ] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    # The CPU build of torch first (TORCH_SPEC overrides it): the lock's torch line is then already met
+    # and none of the CUDA build's nvidia packages come in. On a GPU machine cuda.lock brings torch.
+    "$VENV/bin/pip" install -q "${TORCH_SPEC:-torch==2.13.0}"
   fi
-  "$VENV/bin/pip" install -q -e '.[dev]'
+  # LOCK: the pinned set every machine gets (requirements/refresh.sh re-resolves it); LOCK=none takes
+  # the newest releases pyproject.toml admits instead.
+  local lock=${LOCK:-requirements/$([ -n "$gpu" ] && echo cuda || echo cpu).lock}
+  if [ "$lock" = none ]; then
+    "$VENV/bin/pip" install -q -e '.[dev]'
+  else
+    "$VENV/bin/pip" install -q -r "$lock"
+    "$VENV/bin/pip" install -q --no-deps -e '.[dev]'
+  fi
 }
 
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false TOKENIZERS_PARALLELISM=false

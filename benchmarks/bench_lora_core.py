@@ -15,6 +15,9 @@ Memory is reported two ways:
 - `rss_delta_bytes` (full size only): peak resident set during two train steps minus the resident
   set just before them (Linux VmHWM, reset through /proc/self/clear_refs), each contender in a
   fresh subprocess; it includes allocator overhead and the weights' copies, so it is noisier.
+DoRA (`use_dora`, same r and targets): ours and PEFT's DoRA steps are timed interleaved with our
+LoRA step, after the main rounds: ours / PEFT (goal <= 1, as LoRA's), DoRA / LoRA step time and
+training memory; raw figures under `dora` in the JSON.
 Profile: one more train step of full, PEFT and ours under torch.profiler; the Markdown lists the
 operators with the most self CPU time per step. PEFT's column is also what our LoraLinear computed
 before it scaled the r-wide hidden instead of the output and added in place (it copied PEFT's steps).
@@ -51,17 +54,19 @@ LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q", "v"]}
 
 
 def build(contender: str, setting: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The model for one contender (same base weights for all) and its AdamW over trainable params."""
+    """The model for one contender (same base weights for all) and its AdamW over trainable params;
+    `ours_dora` / `peft_dora` are ours and PEFT's with `use_dora`."""
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(T5Config(**setting["model"], decoder_start_token_id=0))
-    if contender == "ours":
+    lora = {**LORA, "use_dora": True} if contender.endswith("_dora") else LORA
+    if contender.startswith("ours"):
         from lora_module import LoraConfig, LoraModel
 
-        model = LoraModel(model, LoraConfig(**LORA))
-    elif contender == "peft":
+        model = LoraModel(model, LoraConfig(**lora))
+    elif contender.startswith("peft"):
         import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_2_SEQ_LM", **LORA))
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_2_SEQ_LM", **lora))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer
@@ -177,6 +182,34 @@ def _rss_child(contender: str) -> None:
     print(json.dumps({"rss_before_bytes": before, "rss_peak_bytes": peak, "rss_delta_bytes": peak - before}))
 
 
+DORA_CONTENDERS = ("ours_dora", "peft_dora")
+
+
+def measure_dora(lora: tuple[torch.nn.Module, torch.optim.Optimizer], setting: dict, batch: dict
+                 ) -> tuple[list[Figure], dict]:
+    """DoRA's figures: ours and PEFT's DoRA steps timed interleaved with our (warm) LoRA step `lora`."""
+    built = {"ours": lora, **{c: build(c, setting) for c in DORA_CONTENDERS}}
+    first_loss = {}
+    for name in DORA_CONTENDERS:
+        torch.manual_seed(2)  # the dropout masks of the main rounds' first step: the same start for both
+        first_loss[name] = train_step(*built[name], batch)
+    seconds = time_interleaved({name: (lambda m=m: train_step(*m, batch)) for name, m in built.items()},
+                               repeats=setting["repeats"], warmup=setting["warmup"])
+    memory = {name: train_state_bytes(*m, batch) for name, m in built.items()}
+    params = {name: sum(p.numel() for p in m[0].parameters() if p.requires_grad) for name, m in built.items()}
+    total = {name: m["total"] for name, m in memory.items()}
+    figures = [
+        Figure("ours / PEFT train step time, DoRA", seconds["ours_dora"] / seconds["peft_dora"], goal=1.00,
+               detail={"ours_s": seconds["ours_dora"], "peft_s": seconds["peft_dora"]}),
+        Figure("DoRA / LoRA step time (ours)", seconds["ours_dora"] / seconds["ours"],
+               detail={"dora_s": seconds["ours_dora"], "lora_s": seconds["ours"]}),
+        Figure("ours / PEFT training memory, DoRA", total["ours_dora"] / total["peft_dora"]),
+        Figure("DoRA / LoRA training memory (ours)", total["ours_dora"] / total["ours"]),
+    ]
+    return figures, {"step_seconds": seconds, "memory_bytes": memory, "trainable": params,
+                     "first_step_loss": first_loss}
+
+
 def run(quick: bool = False, out_dir: Path | None = None, threads: int | None = None) -> Path:
     """Measure and write JSON + Markdown; returns the JSON path. `threads` fixes torch's thread count."""
     if threads:
@@ -208,7 +241,8 @@ def run(quick: bool = False, out_dir: Path | None = None, threads: int | None = 
     cpu_seconds = {name: statistics.median(v[setting["warmup"]:]) for name, v in cpu_samples.items()}
     memory = {name: train_state_bytes(model, optimizer, batch) for name, (model, optimizer) in built.items()}
     ops = profile_ops(built, batch)
-    built.clear()  # free the three models before the memory subprocesses
+    dora_figures, dora_raw = measure_dora(built["ours"], setting, batch)
+    built.clear()  # free the models before the memory subprocesses
     gc.collect()
     if not quick:
         for name in CONTENDERS:
@@ -233,9 +267,11 @@ def run(quick: bool = False, out_dir: Path | None = None, threads: int | None = 
     if rss["ours"] and rss["peft"] and rss["full"]:
         figures.append(Figure("ours / PEFT peak-RSS growth", rss["ours"] / rss["peft"]))
         figures.append(Figure("LoRA (ours) / full fine-tuning peak-RSS growth", rss["ours"] / rss["full"]))
+    figures += dora_figures
     raw = {"setting": setting, "lora": LORA, "quick": quick, "torch_threads": torch.get_num_threads(),
            "step_seconds": seconds, "step_cpu_seconds": cpu_seconds,
            "memory_bytes": memory, "parameters": counts, "first_step_loss": first_loss, "profile_ops": ops,
+           "dora": dora_raw,
            "memory_note": "total = gradients + AdamW state + activations saved for backward "
                           "(weights excluded); rss_delta = ru_maxrss growth over 3 steps in a new process"}
     path = write_results("bench_lora_core", figures, raw, out_dir)

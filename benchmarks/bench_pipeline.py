@@ -1,7 +1,7 @@
 """The demo pipeline's wall time, per stage, and the share taken by Prefect and MLflow themselves.
 
     lora-pipeline bench --only pipeline                # the demo's sizes, both tasks (minutes)
-    from lora_pipeline.benchmarks.bench_pipeline import run; run(quick=True, out_dir=tmp)   # tiny model, one task
+    from lora_pipeline.benchmarks.bench_pipeline import run; run(quick=True, out_dir=tmp)  # tiny model
 
 Two contenders do the same work on the same prebuilt base model, each in a fresh process and a
 fresh pipeline home (so nothing is cached), one after the other:
@@ -162,7 +162,8 @@ def _child(mode: str, home: Path, base: str, quick: bool, out: Path) -> None:
 
 def _run_child(mode: str, scratch: Path, base: str, quick: bool) -> dict[str, Any]:
     out = scratch / f"{mode}.json"
-    cmd = [sys.executable, "-m", "lora_pipeline.benchmarks.bench_pipeline", "--child", mode, "--home", str(scratch / mode),
+    cmd = [sys.executable, "-m", "lora_pipeline.benchmarks.bench_pipeline", "--child", mode,
+           "--home", str(scratch / mode),
            "--base", base, "--out", str(out), *(["--quick"] if quick else [])]
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
     t0 = time.perf_counter()

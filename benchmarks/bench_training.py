@@ -68,7 +68,7 @@ SETTINGS = {
         "rounds": 2,
     },
     "quick": {
-        # Widths are multiples of 64, the NF4 block size: narrower layers stay unquantized (lora_module.qlora).
+        # Widths are multiples of 64, the NF4 block size: narrower layers stay unquantized (see qlora).
         "model": {
             "d_model": 64,
             "d_kv": 16,

@@ -104,7 +104,10 @@ class DataConfig:
     split_columns: dict[str, dict[str, Any]] | None = None
     """Per-split column names where a split's file differs, e.g. {test: {input_column: conversation}}."""
     group_test_references: bool = False
-    """Merge test rows sharing one input into one row whose references are all their targets."""
+    """Merge test rows sharing one input into one row whose references are all their targets (each input
+    is then generated once and bootstrapped as one example). How several references score is the
+    evaluation protocol's choice (`lora_module.evaluation.protocol`): `one-reference-per-row` gives the
+    numbers of the ungrouped split, `best-reference` the best of them."""
     prompt_template: str | None = None
     """str.format template; placeholders are column names (default: by target column, reads input_column)."""
     validation_size: int | float = 0.1

@@ -123,7 +123,8 @@ def _train_and_evaluate(stages: Stages, spec: TaskSpec, home: PipelineHome, base
         runs[kind] = stages.run(f"train_{kind}", t.train, config, args, out, home.tracking_uri,
                                 home.experiment(spec.name), env)
         evals.append(stages.run(f"evaluate_{kind}", t.evaluate, kind, kind, out, data_dir,
-                                str(run_dir / "eval"), spec.generation, spec.eval_limit)["path"])
+                                str(run_dir / "eval"), spec.generation, spec.eval_limit,
+                                spec.protocol)["path"])
     return runs, evals
 
 
@@ -169,7 +170,7 @@ def task_pipeline(
                           {**spec.data_overrides, "tokenizer": base, "output_root": str(ph.data_dir)})
     data_dir = prepared["path"]
     base_eval = stages.run("evaluate_base", t.evaluate_base, base, data_dir, str(ph.evals_dir(spec.name)),
-                           spec.generation, spec.eval_limit)
+                           spec.generation, spec.eval_limit, spec.protocol)
     run_dir = ph.new_run_dir(spec.name, str(flow_run.id or "local"))
     runs, evals = _train_and_evaluate(stages, spec, ph, base, data_dir, run_dir, threads)
     rep = stages.run("report", t.report, spec.name, [base_eval["path"], *evals], str(run_dir / "report"))

@@ -1,7 +1,7 @@
 """What the flows show: ROUGE tables, Markdown artifacts and links into the MLflow UI.
 
 Presentation only: the numbers come from `lora_module.evaluation.report` (report.json) and the registry;
-every table is drawn by its `format_table` / `rouge_table`.
+every table is drawn by its `format_table` / `rouge_table`, headed by the evaluation protocol.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lora_module.contracts import run_link
+from lora_module.evaluation.protocol import protocol_of
 from lora_module.evaluation.report import format_table, rouge_table
 from lora_module.evaluation.rouge import ROUGE_TYPES
 
@@ -16,11 +17,13 @@ LOCAL_UI = "http://127.0.0.1:5000"
 
 
 def rouge_rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Model name -> kind, mean ROUGE per type and trainable parameters, from a report.json."""
+    """Model name -> kind, mean ROUGE per type, trainable parameters and the protocol line, from a
+    report.json."""
     rows = {}
     for m in report["models"]:
-        rows[m["name"]] = {"kind": m["kind"], **{t: m["rouge"][t]["mean"] for t in ROUGE_TYPES},
-                           "trainable": (m.get("params") or {}).get("trainable")}
+        rows[m["name"]] = {"kind": m["kind"], **{t: m["metrics"][t]["mean"] for t in ROUGE_TYPES},
+                           "trainable": (m.get("params") or {}).get("trainable"),
+                           "protocol": protocol_of(m).describe()}
     return rows
 
 

@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from lora_module.errors import PipelineError
-from lora_module.evaluation.rouge import ROUGE_TYPES
+from lora_module.evaluation.metrics import metric_names
+from lora_module.evaluation.protocol import EvalProtocol, ProtocolError, resolve_protocol
 from lora_module.names import check_name
 from lora_pipeline.deploy import SHIPPED_ROOT, TASKS_DIR
 
@@ -62,7 +63,11 @@ class TaskSpec:
     registry_model: str | None = None
     """Registered model name (default `<name>-lora`)."""
     metric: str = "rougeL"
-    """ROUGE type the promotion gate compares."""
+    """Metric the promotion gate compares and the rank sweep recommends by: a name in the metric
+    registry (`lora_module.evaluation.metrics`: rougeL, rouge1, chrf, bleu, loss, ...)."""
+    protocol: str | dict[str, Any] | None = None
+    """Evaluation protocol: a preset name (`best-reference`, `one-reference-per-row`, `first-reference`)
+    or `{name: PRESET, tokenizer: unicode, ...}`; None: `best-reference`."""
     source: str | None = None
     """The spec file it was read from (filled in by load_task_spec)."""
 
@@ -90,8 +95,12 @@ class TaskSpec:
         limit = self.eval_limit
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise bad("eval_limit", "an integer >= 1 or null")
-        if self.metric not in ROUGE_TYPES:
-            raise bad("metric", f"one of {list(ROUGE_TYPES)}")
+        if self.metric not in metric_names():
+            raise bad("metric", f"a registered metric, one of {list(metric_names())}")
+        try:
+            self.eval_protocol()
+        except ProtocolError as e:
+            raise TaskSpecError(f"task {name!r}: protocol: {e}") from e
 
     @property
     def model_name(self) -> str:
@@ -99,6 +108,10 @@ class TaskSpec:
         from lora_module.registry.tracking import model_name_for  # here: the registry imports MLflow
 
         return self.registry_model or model_name_for(self.name)
+
+    def eval_protocol(self) -> EvalProtocol:
+        """The task's evaluation protocol (scoring settings; evaluation adds the decoding)."""
+        return resolve_protocol(self.protocol)
 
     def training_overrides(self, kind: str) -> list[str]:
         """The run-specific overrides of `kind` ("lora" or "full")."""

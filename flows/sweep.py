@@ -25,6 +25,9 @@ Demo).
 Outputs: `<home>/runs/<task>/<time>-sweep/` (one training folder per point, `eval/`, `report/`,
 `rank_sweep.png`, `sweep.json`), a Prefect Markdown artifact
 `rank-sweep-<task>` and an MLflow run `rank-sweep` in the task's experiment with the chart.
+
+The grid machinery (`fit_and_evaluate`, `run_grid`, `load_spec`, `prepare_inputs`, `shared_setup`) also
+runs the variant sweep (LoRA / DoRA / LoRA+ x learning rate x seed): flows/variant_sweep.py.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from lora_module import contracts as c
 from lora_module.config import LoraConfig
+from lora_module.evaluation.metrics import get_metric
 from lora_module.home import PipelineHome
 from lora_module.registry import ensure_task_experiment
 from lora_pipeline.flows.specs import TaskSpec, TaskSpecError, load_task_spec
@@ -89,37 +93,48 @@ def point_name(target: str, rank: int) -> str:
     return f"{target}-r{rank}"
 
 
-@task(name="sweep-point", retries=1, retry_delay_seconds=5)
-def train_point(point: dict[str, Any], setup: dict[str, Any]) -> dict[str, Any]:
-    """Train one (target set, rank) adapter in a subprocess and evaluate it; its scores and size."""
+def fit_and_evaluate(name: str, args: list[str], setup: dict[str, Any]) -> dict[str, Any]:
+    """Train one adapter `name` (the shared overrides, then `args`) in a subprocess and evaluate it on the
+    sweep's test rows: its scores, size, final training loss and timings."""
     from lora_module.evaluation.evaluate import GenerationConfig, ModelSpec, evaluate_model
     from lora_module.training.launcher import run_fit
 
     t0 = time.perf_counter()
-    name, rank = point_name(point["target"], point["rank"]), point["rank"]
     out = Path(setup["out_dir"]) / name
-    args = [*setup["overrides"], *rank_args(rank, setup["scaling"], setup["anchor"]),
-            "--model.lora.target_modules", json.dumps(TARGET_SETS[point["target"]])]
-    run_fit(setup["config"], args, resume=True, env=setup["env"], output_dir=str(out),
+    run_fit(setup["config"], [*setup["overrides"], *args], resume=True, env=setup["env"], output_dir=str(out),
             tracking_uri=setup["tracking_uri"], experiment=setup["experiment"])
     train_s = time.perf_counter() - t0
     path = evaluate_model(ModelSpec(name, "lora", str(out)), setup["data_dir"],
                           Path(setup["out_dir"]) / "eval", GenerationConfig.from_dict(setup["generation"]),
-                          limit=setup["limit"])
+                          limit=setup["limit"], protocol=setup["protocol"])
     ev = json.loads(path.read_text())
-    return {"name": name, "target": point["target"], "rank": rank, "trainable": ev["params"]["trainable"],
-            "total": ev["params"]["total"], "rouge": ev["rouge"], "eval": str(path), "run_dir": str(out),
+    train_loss = json.loads((out / c.METRICS_FILE).read_text()).get("train_loss")
+    return {"name": name, "trainable": ev["params"]["trainable"], "total": ev["params"]["total"],
+            "rouge": ev["metrics"], "train_loss": train_loss, "eval": str(path), "run_dir": str(out),
             "train_seconds": train_s, "seconds": time.perf_counter() - t0}
+
+
+@task(name="sweep-point", retries=1, retry_delay_seconds=5)
+def train_point(point: dict[str, Any], setup: dict[str, Any]) -> dict[str, Any]:
+    """Train one (target set, rank) adapter in a subprocess and evaluate it; its scores and size."""
+    rank = point["rank"]
+    args = [*rank_args(rank, setup["scaling"], setup["anchor"]),
+            "--model.lora.target_modules", json.dumps(TARGET_SETS[point["target"]])]
+    return {**fit_and_evaluate(point_name(point["target"], rank), args, setup),
+            "target": point["target"], "rank": rank}
 
 
 def recommend(points: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     """The smallest rank whose mean `metric` lies within the best point's interval (then fewest
-    trainable parameters); the best point and that interval come along."""
-    best = max(points, key=lambda p: p["rouge"][metric]["mean"])
-    low = best["rouge"][metric]["ci_low"]
-    within = [p for p in points if p["rouge"][metric]["mean"] >= low]
+    trainable parameters); the best point and that interval come along. `p["rouge"]` holds every
+    registered metric's scores; the registry says whether higher or lower is better."""
+    sign = 1.0 if get_metric(metric).higher_is_better else -1.0
+    best = max(points, key=lambda p: sign * p["rouge"][metric]["mean"])
+    low, high = best["rouge"][metric]["ci_low"], best["rouge"][metric]["ci_high"]
+    within = [p for p in points if (p["rouge"][metric]["mean"] >= low if sign > 0
+                                    else p["rouge"][metric]["mean"] <= high)]
     chosen = min(within, key=lambda p: (p["rank"], p["trainable"]))
-    return {"point": chosen, "best": best, "interval": [low, best["rouge"][metric]["ci_high"]]}
+    return {"point": chosen, "best": best, "interval": [low, high]}
 
 
 def plateau(points: list[dict[str, Any]], metric: str, rank: int = PLATEAU_RANK) -> dict[str, str]:
@@ -136,7 +151,8 @@ def plateau(points: list[dict[str, Any]], metric: str, rank: int = PLATEAU_RANK)
         band = f"r={rank}'s interval [{ref['ci_low']:.3f}, {ref['ci_high']:.3f}]"
         if all(ref["ci_low"] <= m <= ref["ci_high"] for m in above.values()):
             out[target] = f"holds: {scores} within {band}"
-        elif any(m > ref["ci_high"] for m in above.values()):
+        elif any(m > ref["ci_high"] if get_metric(metric).higher_is_better else m < ref["ci_low"]
+                 for m in above.values()):
             out[target] = f"does not hold, larger ranks gain: {scores} vs {band}"
         else:
             out[target] = f"does not hold, larger ranks lose: {scores} vs {band}"
@@ -219,7 +235,7 @@ def log_to_mlflow(home: PipelineHome, task_name: str, result: dict[str, Any], fi
     return rid
 
 
-def _load_spec(task_name: str, base_model: str | None, data_overrides: dict | None,
+def load_spec(task_name: str, base_model: str | None, data_overrides: dict | None,
                train_overrides: list[str] | None, lora_overrides: list[str] | None,
                eval_limit: int | None) -> TaskSpec:
     """The task spec with the flow's overrides applied and checked."""
@@ -230,6 +246,19 @@ def _load_spec(task_name: str, base_model: str | None, data_overrides: dict | No
                             *(lora_overrides or [])]
     spec.eval_limit = eval_limit if eval_limit is not None else spec.eval_limit
     return TaskSpec(**spec.to_dict())
+
+
+def prepare_inputs(spec: TaskSpec, ph: PipelineHome, demo_base: dict[str, Any] | None
+                   ) -> tuple[str, str, str]:
+    """(base model folder, prepared data folder, the base's evaluation file) of a sweep, built or reused;
+    the task's MLflow experiment exists afterwards."""
+    ensure_task_experiment(ph, spec.name)  # before the concurrent trainings open the store
+    base = build_base(spec.base_model, str(ph.base_dir), demo_base)["path"]
+    data_dir = prepare_data(spec.data_config, {**spec.data_overrides, "tokenizer": base,
+                                               "output_root": str(ph.data_dir)})["path"]
+    base_eval = evaluate_base(base, data_dir, str(ph.evals_dir(spec.name)), spec.generation,
+                              spec.eval_limit, spec.protocol)["path"]
+    return base, data_dir, base_eval
 
 
 def _check_grid(ranks: list[int], targets: list[str], max_concurrency: int, scaling: str) -> None:
@@ -244,11 +273,12 @@ def _check_grid(ranks: list[int], targets: list[str], max_concurrency: int, scal
         raise TaskSpecError(f"scaling must be one of {list(SCALINGS)}, got {scaling!r}")
 
 
-def _run_grid(grid: list[dict[str, Any]], setup: dict[str, Any], workers: int
-              ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Map `train_point` over the grid, `workers` at a time: (points that finished, failures by name)."""
+def run_grid(grid: list[dict[str, Any]], setup: dict[str, Any], workers: int, point_task: Any = train_point
+             ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Map `point_task` over the grid (points named by their "name"), `workers` at a time: (points that
+    finished, failures by name)."""
     with ThreadPoolTaskRunner(max_workers=workers) as runner:
-        futures = runner.map(train_point, {"point": grid, "setup": unmapped(setup)})
+        futures = runner.map(point_task, {"point": grid, "setup": unmapped(setup)})
         futures.wait()
     points, failed = [], {}
     for point, fut in zip(grid, futures, strict=True):
@@ -256,11 +286,11 @@ def _run_grid(grid: list[dict[str, Any]], setup: dict[str, Any], workers: int
         if fut.state.is_completed():
             points.append(outcome)
         else:
-            failed[point_name(point["target"], point["rank"])] = str(outcome)
+            failed[point["name"]] = str(outcome)
     return points, failed
 
 
-def _setup(spec: TaskSpec, ph: PipelineHome, base: str, data_dir: str, out_dir: Path, workers: int
+def shared_setup(spec: TaskSpec, ph: PipelineHome, base: str, data_dir: str, out_dir: Path, workers: int
            ) -> dict[str, Any]:
     """What every grid point shares; each training process gets its share of the CPU threads."""
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -272,7 +302,7 @@ def _setup(spec: TaskSpec, ph: PipelineHome, base: str, data_dir: str, out_dir: 
                           *spec.train_overrides],
             "env": training_env(threads),
             "tracking_uri": ph.tracking_uri, "experiment": ph.experiment(spec.name),
-            "generation": spec.generation, "limit": spec.eval_limit}
+            "generation": spec.generation, "limit": spec.eval_limit, "protocol": spec.protocol}
 
 
 def _register(spec: TaskSpec, ph: PipelineHome, rec: dict[str, Any], base_eval: str, data_dir: str,
@@ -311,21 +341,16 @@ def rank_sweep(
     """Train and evaluate LoRA at every (target set, rank), chart it, recommend a rank and register it."""
     t_start = time.perf_counter()
     ranks, targets = list(ranks or RANKS), list(targets or TARGET_SETS)
-    workers = max_concurrency or os.cpu_count() or 1
+    workers = max_concurrency if max_concurrency is not None else os.cpu_count() or 1
     _check_grid(ranks, targets, workers, scaling)
-    spec = _load_spec(task, base_model, data_overrides, train_overrides, lora_overrides, eval_limit)
+    spec = load_spec(task, base_model, data_overrides, train_overrides, lora_overrides, eval_limit)
     ph = PipelineHome.from_env(home, tracking_uri).create()
-    ensure_task_experiment(ph, spec.name)  # before the concurrent trainings open the store
-    base = build_base(spec.base_model, str(ph.base_dir), demo_base)["path"]
-    data_dir = prepare_data(spec.data_config, {**spec.data_overrides, "tokenizer": base,
-                                               "output_root": str(ph.data_dir)})["path"]
-    base_eval = evaluate_base(base, data_dir, str(ph.evals_dir(spec.name)), spec.generation,
-                              spec.eval_limit)["path"]
+    base, data_dir, base_eval = prepare_inputs(spec, ph, demo_base)
     out_dir = ph.new_run_dir(spec.name, f"sweep-{flow_run.id or 'local'}")
-    setup = _setup(spec, ph, base, data_dir, out_dir, min(workers, len(ranks) * len(targets)))
+    setup = shared_setup(spec, ph, base, data_dir, out_dir, min(workers, len(ranks) * len(targets)))
     setup |= {"scaling": scaling, "anchor": config_anchor(spec.lora_config, spec.train_overrides)}
-    grid = [{"target": t, "rank": r} for t in targets for r in sorted(ranks)]
-    points, failed = _run_grid(grid, setup, workers)
+    grid = [{"name": point_name(t, r), "target": t, "rank": r} for t in targets for r in sorted(ranks)]
+    points, failed = run_grid(grid, setup, workers)
     if not points:
         raise FlowFailedError(f"every point of the sweep failed: {failed}")
     rec = recommend(points, spec.metric)

@@ -61,26 +61,27 @@ def prepare_data(data_config: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 @task(name="evaluate-base")
 def evaluate_base(base_model: str, prepared_dir: str, evals_dir: str, generation: dict[str, Any],
-                  limit: int | None) -> dict[str, Any]:
-    """ROUGE of the untouched base model, or the stored evaluation with the same inputs."""
+                  limit: int | None, protocol: str | dict[str, Any] | None = None) -> dict[str, Any]:
+    """Scores of the untouched base model under `protocol`, or the stored evaluation with the same inputs."""
     from lora_module.evaluation.baseline import evaluate_base as evaluate_base_model
     from lora_module.evaluation.generation import GenerationConfig
 
     t0 = time.perf_counter()
     gen = GenerationConfig.from_dict(generation)
-    res = evaluate_base_model(base_model, prepared_dir, evals_dir, gen, limit)
+    res = evaluate_base_model(base_model, prepared_dir, evals_dir, gen, limit, protocol)
     return {"path": str(res.path), "reused": res.reused, "seconds": time.perf_counter() - t0}
 
 
 @task(name="evaluate")
 def evaluate(name: str, kind: str, path: str, prepared_dir: str, out_dir: str, generation: dict[str, Any],
-             limit: int | None) -> dict[str, Any]:
-    """ROUGE of a fine-tuned model (kind "lora" or "full") on the prepared test split."""
+             limit: int | None, protocol: str | dict[str, Any] | None = None) -> dict[str, Any]:
+    """Scores of a fine-tuned model (kind "lora" or "full") on the prepared test split under `protocol`."""
     from lora_module.evaluation.evaluate import GenerationConfig, ModelSpec, evaluate_model
 
     t0 = time.perf_counter()
     gen = GenerationConfig.from_dict(generation)
-    out = evaluate_model(ModelSpec(name, kind, path), prepared_dir, out_dir, gen, limit=limit)
+    out = evaluate_model(ModelSpec(name, kind, path), prepared_dir, out_dir, gen, limit=limit,
+                         protocol=protocol)
     return {"path": str(out), "seconds": time.perf_counter() - t0}
 
 

@@ -3,7 +3,8 @@
 An adapter folder holds `adapter_config.json` (PEFT's keys only, so PEFT loads it without
 "Unexpected keyword arguments" warnings), `adapter_model.safetensors` with keys
 `base_model.model.<module path>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r], and our sidecar
-`lora_pipeline.json`, which PEFT never reads: `base_fingerprint`, the `lora_pipeline` metadata
+`lora_pipeline.json`, which PEFT never reads (a DoRA adapter adds `<module path>.lora_magnitude_vector`
+[out], PEFT's key without `.weight`): `base_fingerprint`, the `lora_pipeline` metadata
 block and `prompt`, the prompt settings the adapter was trained with (template, input column,
 lengths, model type), which make the folder self-describing:
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_module.config import LoraConfig
+from lora_module import selection
+from lora_module.config import LoraConfig, mutates_base
 from lora_module.contracts import ADAPTER_CONFIG_FILE, ADAPTER_SIDECAR_FILE, ADAPTER_WEIGHTS_FILE
 from lora_module.errors import AdapterLoadError, FingerprintMismatchError, LoraConfigError
 from lora_module.files import write_with
@@ -40,12 +42,14 @@ from lora_module.prompt import PromptSettings
 
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's per-row magnitude: `<KEY_PREFIX><module path>.<this>`
 FINGERPRINT_ATTR = "lora_base_fingerprint"  # set on a model whose weights no longer show its base (NF4)
 QUANTIZATION_ATTR = "lora_quantization"
 FORMAT_VERSION = 1
 _SAMPLE = 1024  # values sampled per tensor for the fingerprint
 _MERGED_KEYS = ("base_fingerprint", "lora_pipeline")  # sidecar keys read_adapter_config merges in
 _PROMPT_KEY = "prompt"
+_WRAPPER_PARTS = ("base_layer", "original_module")  # names a wrapped base module gets: hashed as unwrapped
 
 
 # ---- fingerprint -------------------------------------------------------------------------------
@@ -73,9 +77,9 @@ def compute_fingerprint(model: nn.Module) -> str:
     entries = []
     for name, p in model.named_parameters():
         parts = name.split(".")
-        if any(part.startswith("lora_") for part in parts):
-            continue
-        entries.append((".".join(part for part in parts if part != "base_layer"), name, p))
+        if any(part.startswith("lora_") for part in parts) or "modules_to_save" in parts:
+            continue  # adapter tensors, and the modules_to_save copies (their originals are hashed)
+        entries.append((".".join(part for part in parts if part not in _WRAPPER_PARTS), name, p))
     for clean, name, p in sorted(entries, key=lambda e: e[0]):
         value = _logical_weight(name, p, owners[name])
         digest.update(f"{clean}:{tuple(value.shape)};".encode())
@@ -115,10 +119,16 @@ def save_adapter(model: nn.Module, path: Path, config: LoraConfig, tensors: dict
         "target_modules": config.target_modules,
         "bias": config.bias,
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
+        "init_lora_weights": config.init_lora_weights,
+        "modules_to_save": config.modules_to_save,
+        "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": config.layers_pattern,
+        "exclude_modules": config.exclude_modules,
+        "rank_pattern": config.rank_pattern,
+        "alpha_pattern": config.alpha_pattern,
     }
     try:
         text = json.dumps(payload, indent=2, sort_keys=True)
@@ -243,6 +253,59 @@ class AdapterPlan:
     raw_config: dict[str, Any]
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     weights_file: Path
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
+    """DoRA: module path -> magnitude vector [out] (empty for plain LoRA)."""
+    saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """modules_to_save: module path -> the state dict of its full copy."""
+
+
+def _check_unconverted(init: Any, config_file: Path) -> None:
+    """Refuse an adapter whose init changed PEFT's base weights and that was saved unconverted."""
+    if not mutates_base(init):
+        return
+    if str(init).lower() == "loftq":
+        raise AdapterLoadError(
+            f"{config_file}: init_lora_weights='loftq': PEFT replaced the base weights by their LoftQ-"
+            "quantized residual, so this adapter fits only that modified base; load it with PEFT on the "
+            "LoftQ base it was saved with (or merge_and_unload there and use the merged model)"
+        )
+    raise AdapterLoadError(
+        f"{config_file}: init_lora_weights={init!r}: PEFT changed the base weights when it initialised this "
+        "adapter, so it does not fit the unmodified base; convert it with PEFT, then load OUT: "
+        "peft_model.save_pretrained(OUT, path_initial_model_for_weight_conversion=INIT_DIR) "
+        "(INIT_DIR: the adapter saved right after initialisation)"
+    )
+
+
+def _split_saved_modules(model: nn.Module, names: Any, tensors: dict[str, torch.Tensor], file: Path
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """(the other tensors, module path -> state dict of its modules_to_save copy), after checking
+    that each selected module's copy is in the file whole, with this model's shapes."""
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        return tensors, {}  # none, or a value LoraConfig refuses with its own message
+    try:
+        paths = selection.modules_to_save_paths(model, names)
+        expected = {p: selection.expected_copy_keys(model, p) for p in paths}
+    except LoraConfigError as e:
+        raise AdapterLoadError(f"{file.parent / ADAPTER_CONFIG_FILE}: {e}") from e
+    saved: dict[str, dict[str, torch.Tensor]] = {p: {} for p in expected}
+    rest = {}
+    for key, value in tensors.items():
+        owner = next((p for p in expected if key.startswith(f"{KEY_PREFIX}{p}.")), None)
+        if owner is None:
+            rest[key] = value
+        else:
+            saved[owner][key[len(KEY_PREFIX) + len(owner) + 1:]] = value
+    for module_path, shapes in expected.items():
+        got = {k: tuple(v.shape) for k, v in saved[module_path].items()}
+        if got != shapes:
+            wrong = sorted(k for k in got.keys() & shapes.keys() if got[k] != shapes[k])
+            raise AdapterLoadError(
+                f"{file}: the modules_to_save copy of {module_path!r} does not fit this model: missing "
+                f"{sorted(shapes.keys() - got.keys())}, unexpected {sorted(got.keys() - shapes.keys())}, "
+                f"other shape {wrong}"
+            )
+    return rest, saved
 
 
 def _group_by_module(tensors: dict[str, torch.Tensor], file: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -255,6 +318,9 @@ def _group_by_module(tensors: dict[str, torch.Tensor], file: Path) -> dict[str, 
                 "(PEFT would load such a file and silently ignore it)"
             )
         body = key[len(KEY_PREFIX):]
+        if body.endswith(f".{MAGNITUDE_KEY}"):
+            grouped.setdefault(body[: -len(MAGNITUDE_KEY) - 1], {})[MAGNITUDE_KEY] = value
+            continue
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
             if body.endswith(suffix):
@@ -262,8 +328,9 @@ def _group_by_module(tensors: dict[str, torch.Tensor], file: Path) -> dict[str, 
                 break
         else:
             raise AdapterLoadError(
-                f"{file}: unsupported tensor {key!r}; only '<module>.lora_A.weight' and "
-                "'<module>.lora_B.weight' are supported (no DoRA, LoRA biases, embeddings or modules_to_save)"
+                f"{file}: unsupported tensor {key!r}; only '<module>.lora_A.weight', "
+                f"'<module>.lora_B.weight', DoRA's '<module>.{MAGNITUDE_KEY}' and the config's "
+                "modules_to_save are supported (no LoRA biases or embeddings)"
             )
     return grouped
 
@@ -287,13 +354,21 @@ def _match_modules(model: nn.Module, grouped: dict[str, dict[str, torch.Tensor]]
         if missing:
             problems.append(f"module {module_path!r} has no {' / '.join(sorted(missing))} tensor")
             continue
-        expected = {"lora_A": (config.r, module.in_features), "lora_B": (module.out_features, config.r)}
+        r = config.for_module(module_path).r  # rank_pattern may give this module its own r
+        expected = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r)}
+        if config.use_dora:
+            expected[MAGNITUDE_KEY] = (module.out_features,)
+        if (MAGNITUDE_KEY in parts) != config.use_dora:
+            has = "has" if MAGNITUDE_KEY in parts else "lacks"
+            problems.append(f"module {module_path!r}: use_dora is {config.use_dora} in the config but the "
+                            f"file {has} its {MAGNITUDE_KEY} tensor")
+            continue
         for part, shape in expected.items():
             got = tuple(parts[part].shape)
             if got != shape:
                 problems.append(
                     f"shape mismatch for module {module_path!r}: {part} is {got} in the file but this model "
-                    f"needs {shape} (r={config.r}, in_features={module.in_features}, "
+                    f"needs {shape} (r={r}, in_features={module.in_features}, "
                     f"out_features={module.out_features})"
                 )
             elif not parts[part].is_floating_point():
@@ -332,10 +407,12 @@ def plan_adapter_load(model: nn.Module, path: str | Path, *, force: bool = False
         )
     raw = read_adapter_config(path)
     config_file = path / ADAPTER_CONFIG_FILE
+    _check_unconverted(raw.get("init_lora_weights", True), config_file)
     tensors, weights_file = read_adapter_weights(path)
     if not tensors:
         raise AdapterLoadError(f"{weights_file} holds no tensors")
     _check_finite(tensors, weights_file)
+    tensors, saved_modules = _split_saved_modules(model, raw.get("modules_to_save"), tensors, weights_file)
     grouped = _group_by_module(tensors, weights_file)
     if not raw.get("target_modules"):  # very old PEFT configs: recover the names from the keys
         raw = {**raw, "target_modules": sorted({p.rsplit(".", 1)[-1] for p in grouped})}
@@ -345,6 +422,7 @@ def plan_adapter_load(model: nn.Module, path: str | Path, *, force: bool = False
         raise AdapterLoadError(f"{config_file}: {e}") from e
 
     weights = _match_modules(model, grouped, config, path)
+    magnitudes = {p: parts[MAGNITUDE_KEY] for p, parts in grouped.items() if MAGNITUDE_KEY in parts}
 
     saved = raw.get("base_fingerprint")
     if saved is not None and not force:
@@ -354,4 +432,5 @@ def plan_adapter_load(model: nn.Module, path: str | Path, *, force: bool = False
                 f"adapter {path} was trained on a base with fingerprint {saved}, but this base model has "
                 f"fingerprint {current} (different weights); load the matching base, or pass force=True"
             )
-    return AdapterPlan(path=path, config=config, raw_config=raw, weights=weights, weights_file=weights_file)
+    return AdapterPlan(path=path, config=config, raw_config=raw, weights=weights, weights_file=weights_file,
+                       magnitudes=magnitudes, saved_modules=saved_modules)

@@ -1,9 +1,10 @@
 """LoraConfig: the validated settings of one LoRA adapter, and per-architecture default targets.
 
-Reads the `adapter_config.json` written by PEFT or by us (`LoraConfig.from_dict`), ignoring the
-PEFT keys that only matter when an adapter is first initialised and refusing PEFT features this
-implementation does not have (DoRA, rank patterns, modules_to_save, ...) instead of silently
-loading them as plain LoRA. Torch-free, so it is cheap to import.
+Reads the `adapter_config.json` written by PEFT or by us (`LoraConfig.from_dict`): every key PEFT
+writes is honoured (r, alpha, targets, init_lora_weights, rank/alpha patterns, modules_to_save,
+layers_to_transform, ...), is bookkeeping, or is refused with one line naming it, instead of being
+silently loaded as plain LoRA. `LoraConfig.for_module(path)` gives one layer's r and alpha
+(rank_pattern / alpha_pattern, PEFT's matching). Torch-free, so it is cheap to import.
 """
 
 from __future__ import annotations
@@ -34,21 +35,22 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 # Weight dtypes a base model can be loaded in, by the name configs use (torch attribute names).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
-# Keys of adapter_config.json that carry no meaning for an adapter being loaded (bookkeeping, or
-# options that only choose how fresh weights are initialised).
+# Keys of adapter_config.json that carry no meaning for what a loaded adapter computes: bookkeeping,
+# settings read only together with a key checked elsewhere (megatron_core with megatron_config,
+# qalora_group_size with use_qalora), and the parameters of data-driven inits, which act only through
+# init_lora_weights (PEFT ignores them otherwise, and keeps them in the adapters it converts).
 _IGNORED_KEYS = frozenset({
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-    "peft_version", "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-    "kasa_config", "monteclora_config", "arrow_config", "megatron_config", "megatron_core",
-    "qalora_group_size", "ensure_weight_tying", "base_fingerprint", "lora_pipeline",
+    "peft_version", "runtime_config", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "megatron_core", "qalora_group_size", "base_fingerprint", "lora_pipeline",
 })
 
 # PEFT options that change what an adapter computes: accepted only at their neutral value.
 _NEUTRAL_PEFT_KEYS: dict[str, Any] = {
-    "fan_in_fan_out": False, "use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
-    "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
-    "exclude_modules": None, "trainable_token_indices": None, "target_parameters": None, "use_qalora": False,
-    "use_bdlora": None, "alora_invocation_tokens": None, "velora_config": None,
+    "fan_in_fan_out": False, "lora_bias": False, "layer_replication": None,
+    "trainable_token_indices": None, "target_parameters": None, "use_qalora": False,
+    "use_bdlora": None, "alora_invocation_tokens": None, "velora_config": None, "kasa_config": None,
+    "monteclora_config": None, "arrow_config": None, "megatron_config": None, "ensure_weight_tying": False,
 }
 
 
@@ -71,8 +73,32 @@ class LoraConfig:
     full module path; None picks the architecture default (T5: q, v; Llama-style: q_proj, v_proj)."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
+    use_dora: bool = False
+    """DoRA: also train a per-output-row magnitude vector (PEFT's `use_dora`; see lora_module/dora.py)."""
     bias: str = "none"
     """Which biases to train; only "none" is supported (PEFT's default)."""
+    init_lora_weights: bool | str = True
+    """How a new adapter starts, PEFT's values: True (Kaiming-uniform A, zero B: a no-op), False (both
+    random), "gaussian" (A ~ N(0, 1/r), zero B), "orthogonal", "pissa" / "pissa_niter_<K>" (W's r principal
+    singular directions; fast SVD with K iterations) or "olora" (QR of W). PiSSA and OLoRA subtract
+    scaling * B A from the base weights, as PEFT does; save_pretrained then writes the adapter converted to
+    a plain LoRA delta of rank 2r against the unmodified base (lora_module/init.py). "eva" and "mica"
+    adapters load (their base is untouched) but cannot be initialised here."""
+    modules_to_save: list[str] | None = None
+    """Modules trained and saved as full copies besides the LoRA layers (PEFT's rule: every module whose
+    path ends with one of these strings), e.g. ["lm_head", "embed_tokens"] after adding tokens."""
+    layers_to_transform: list[int] | int | None = None
+    """Only adapt the layers with these indices (the number after `layers_pattern`, or after the first
+    numbered part of the path); applies to names matched as suffixes, as in PEFT."""
+    layers_pattern: list[str] | str | None = None
+    """Name of the layer list whose index layers_to_transform reads ("layers", "block", ...)."""
+    exclude_modules: list[str] | str | None = None
+    """Modules never adapted: names matched like target_modules' list, or a regex on the full path."""
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Per-module r: key (a name or regex) -> r for modules whose path matches `(.*\\.)?(key)$`; first
+    matching key wins (PEFT's rule)."""
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per-module lora_alpha, matched like rank_pattern."""
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -89,16 +115,28 @@ class LoraConfig:
             )
         if not isinstance(self.use_rslora, bool):
             raise LoraConfigError(f"LoraConfig.use_rslora must be true or false, got {self.use_rslora!r}")
+        if not isinstance(self.use_dora, bool):
+            raise LoraConfigError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         if self.bias != "none":
             raise LoraConfigError(
                 f"LoraConfig.bias must be 'none' (the only supported value), got {self.bias!r}"
             )
         self.target_modules = _check_targets(self.target_modules)
+        _check_selection(self)
+        _check_init(self)
 
     @property
     def scaling(self) -> float:
         """Factor applied to B A x: alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def for_module(self, path: str) -> LoraConfig:
+        """This config with the r and lora_alpha that rank_pattern / alpha_pattern give module `path`."""
+        r = self.rank_pattern.get(pattern_key(self.rank_pattern, path), self.r)
+        alpha = self.alpha_pattern.get(pattern_key(self.alpha_pattern, path), self.lora_alpha)
+        if r == self.r and alpha == self.lora_alpha:
+            return self
+        return dataclasses.replace(self, r=r, lora_alpha=alpha)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -131,10 +169,10 @@ class LoraConfig:
             else:
                 logger.info("ignoring unknown adapter config key %r with neutral value %r", key, value)
         if unsupported:
-            neutral = ", ".join(f"{k}={v!r}" for k, v in _NEUTRAL_PEFT_KEYS.items())
+            key = unsupported[0].split("=", 1)[0]
             raise LoraConfigError(
-                f"unsupported LoRA option(s) {', '.join(unsupported)}: this implementation supports plain "
-                f"LoRA only, so these must be absent or neutral ({neutral})"
+                f"unsupported LoRA option(s) {', '.join(unsupported)}: this core does not implement "
+                f"{key}; set it to {_NEUTRAL_PEFT_KEYS[key]!r} (PEFT's default), or use PEFT for this adapter"
             )
         if unknown:
             raise LoraConfigError(f"unknown LoraConfig key(s) {sorted(unknown)}; valid keys: {fields}")
@@ -201,3 +239,127 @@ def dataclass_from_dict(cls: type, d: dict[str, Any], error: type[Exception] = S
     if unknown:
         raise error(f"unknown {cls.__name__} keys {unknown}; valid keys: {valid}")
     return cls(**d)
+
+
+# ---- init_lora_weights ---------------------------------------------------------------------------
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+# Values this core can initialise a new adapter with (and load); "eva" and "mica" only load.
+TRAIN_INITS = (True, False, "gaussian", "orthogonal", "pissa", "pissa_niter_<K>", "olora")
+_LOAD_ONLY_INITS = ("eva", "mica")
+
+
+def mutates_base(init: Any) -> bool:
+    """True for the init_lora_weights values with which PEFT subtracts the initial adapter from the base
+    weights (PiSSA, OLoRA, CorDA, LoRA-GA) or replaces them (LoftQ): such an adapter does not fit the
+    unmodified base unless it was converted (PEFT's `path_initial_model_for_weight_conversion`)."""
+    if not isinstance(init, str):
+        return False
+    lowered = init.lower()
+    return lowered.startswith(("pissa", "corda")) or lowered in ("olora", "loftq", "lora_ga")
+
+
+def pissa_niter(init: Any) -> int | None:
+    """K of "pissa_niter_K" (fast-SVD PiSSA), None for any other value."""
+    match = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
+    return int(match.group(1)) if match else None
+
+
+def _check_init(config: LoraConfig) -> None:
+    init = config.init_lora_weights
+    named = init in ("gaussian", "orthogonal", "pissa", "olora", *_LOAD_ONLY_INITS)
+    if not (isinstance(init, bool) or (isinstance(init, str) and (named or pissa_niter(init) is not None))):
+        raise LoraConfigError(
+            f"LoraConfig.init_lora_weights={init!r} is not supported; use one of {list(TRAIN_INITS)} "
+            "(CorDA, LoftQ and LoRA-GA: initialise and train with PEFT, then convert with "
+            "save_pretrained(out, path_initial_model_for_weight_conversion=INIT_DIR))"
+        )
+    if mutates_base(init) and config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise LoraConfigError(
+            f"init_lora_weights={init!r} with use_rslora and rank_pattern/alpha_pattern cannot be converted "
+            "to a plain LoRA adapter at save (PEFT refuses it too); drop use_rslora or the patterns"
+        )
+    if mutates_base(init) and config.use_dora:
+        raise LoraConfigError(
+            f"init_lora_weights={init!r} cannot be combined with use_dora=True (the DoRA magnitude depends on"
+            " the modified base, so the adapter cannot be converted for the unmodified base); use one of them"
+        )
+
+
+# ---- selection keys ----------------------------------------------------------------------------
+def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
+    """PEFT's get_pattern_key: the first key of rank_pattern / alpha_pattern matching module `path`
+    as `(.*\\.)?(key)$` from the start of the path; None when none matches."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def _check_selection(config: LoraConfig) -> None:
+    """Types of the selection keys, and the combinations PEFT refuses."""
+    config.modules_to_save = _check_names("modules_to_save", config.modules_to_save, regex=False)
+    config.exclude_modules = _check_names("exclude_modules", config.exclude_modules, regex=True)
+    config.layers_pattern = _check_names("layers_pattern", config.layers_pattern, regex=False, single=True)
+    config.layers_to_transform = _check_layer_indexes(config.layers_to_transform)
+    for field_name, number in (("rank_pattern", int), ("alpha_pattern", float)):
+        _check_pattern(field_name, getattr(config, field_name), number)
+    targets = config.target_modules
+    if isinstance(targets, str) and (config.layers_to_transform is not None or config.layers_pattern):
+        raise LoraConfigError(
+            f"layers_to_transform / layers_pattern cannot be used with target_modules={targets!r} (a regex "
+            "or 'all-linear'); list the module names instead, or put the layer numbers in the regex"
+        )
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise LoraConfigError(
+            f"layers_pattern={config.layers_pattern!r} needs layers_to_transform (the layer indices to adapt)"
+        )
+
+
+def _check_names(field_name: str, value: Any, regex: bool, single: bool = False) -> Any:
+    """None, a non-empty list of non-empty names, or (regex / single) one string."""
+    if value is None or (isinstance(value, str) and value and (regex or single)):
+        if isinstance(value, str) and regex:
+            _compile(field_name, value)
+        return value
+    if isinstance(value, list | tuple | set | frozenset):
+        names = sorted(value) if isinstance(value, set | frozenset) else list(value)
+        if all(isinstance(n, str) and n for n in names):
+            return names
+    kind = "a list of module names" + (", a regex" if regex else ", one name" if single else "")
+    raise LoraConfigError(f"LoraConfig.{field_name} must be {kind} or None, got {value!r}")
+
+
+def _check_layer_indexes(value: Any) -> list[int] | int | None:
+    def is_index(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if value is None or is_index(value):
+        return value
+    if isinstance(value, list | tuple) and all(is_index(v) for v in value):
+        return list(value)
+    raise LoraConfigError(
+        f"LoraConfig.layers_to_transform must be a layer index >= 0, a list of them or None, got {value!r}"
+    )
+
+
+def _check_pattern(field_name: str, pattern: Any, number: type) -> None:
+    what = "an integer >= 1" if number is int else "a number > 0"
+    if not isinstance(pattern, dict):
+        raise LoraConfigError(
+            f"LoraConfig.{field_name} must be a dict of module pattern -> {what}, got {pattern!r}"
+        )
+    for key, value in pattern.items():
+        ok = isinstance(value, int if number is int else int | float) and not isinstance(value, bool)
+        if not isinstance(key, str) or not key or not ok or not (value >= 1 if number is int else value > 0):
+            raise LoraConfigError(
+                f"LoraConfig.{field_name}[{key!r}] must map a non-empty module pattern to {what}, "
+                f"got {value!r}"
+            )
+        _compile(f"{field_name} key", rf"(.*\.)?({key})$")
+
+
+def _compile(what: str, regex: str) -> None:
+    try:
+        re.compile(regex)
+    except re.error as e:
+        raise LoraConfigError(f"LoraConfig.{what} {regex!r} does not compile as a regex: {e}") from e

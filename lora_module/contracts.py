@@ -101,6 +101,8 @@ TAG_LORA_TARGETS = "lora.targets"
 """Comma-separated target modules (registration lineage)."""
 TAG_LORA_RSLORA = "lora.rslora"
 """Whether rsLoRA scaling was used (registration lineage)."""
+TAG_LORA_DORA = "lora.dora"
+"""Whether the adapter is DoRA (weight-decomposed, `use_dora`) (registration lineage)."""
 TAG_SWEEP = "lora.sweep"
 """A rank sweep's parent run: what was swept ('rank')."""
 TAG_DATA_FINGERPRINT = "data_fingerprint"
@@ -115,6 +117,9 @@ TAG_GIT_COMMIT = "git_commit"
 """The code's commit (`-dirty` with local changes); left out outside a git checkout."""
 TAG_TRACKING_URI = "tracking_uri"
 """Training run: the store it was logged to (the registry compares it with its own)."""
+EARLY_STOPPING_PREFIX = "early_stopping."
+"""Training run with early stopping: prefix of the tags saying where the export came from
+(early_stopping.best_step, .best_epoch, .best_value, .monitor, .stopped_early, ...)."""
 TAG_ADAPTER_SHA256 = "adapter_sha256"
 """Checksum of the adapter weights: part of a registration's identity."""
 TAG_ADAPTER_BYTES = "adapter_bytes"
@@ -141,6 +146,14 @@ TAG_EVAL_N = "eval.n"
 """How many examples were evaluated."""
 TAG_EVAL_DATA_FINGERPRINT = "eval_data_fingerprint"
 """Fingerprint of the test data ('unknown' without a report): the gate compares only like with like."""
+TAG_EVAL_PROTOCOL = "eval.protocol"
+"""The evaluation protocol's name (`best-reference`, `one-reference-per-row`, ...): registration run and
+version."""
+TAG_EVAL_PROTOCOL_ID = "eval.protocol_id"
+"""Hash of the protocol's settings (references rule, stemmer, tokens, decoding): the gate compares only
+scores with the same one."""
+EVAL_PROTOCOL_PARAM = "eval.protocol."
+"""Start of the registration run's params holding each protocol setting (`eval.protocol.references`)."""
 TAG_MANUAL_HISTORY = "manual.history"
 """Manual promotions and demotions of a version: a JSON list of {action, reason, by, at}."""
 TAG_MANUAL_LAST = "manual.last"
@@ -175,9 +188,11 @@ GATE_TAGS = (TAG_GATE_DECISION, TAG_GATE_REASON)
 
 ROUGE_PREFIX = "rouge."
 """Start of every ROUGE tag and registration metric (see `rouge_key`)."""
-VERSION_TAGS = (TAG_TASK, TAG_MODE, TAG_EVAL_BASELINE, TAG_EVAL_DATA_FINGERPRINT, TAG_TRAINING_RUN_ID,
-                TAG_ADAPTER_SHA256)
-"""Tags a version shows unchanged (beside ROUGE figures, data fingerprint, training store, gate)."""
+METRIC_PREFIX = "metric."
+"""Start of the tags and registration metrics of every other metric (see `metric_key`)."""
+VERSION_TAGS = (TAG_TASK, TAG_MODE, TAG_EVAL_BASELINE, TAG_EVAL_DATA_FINGERPRINT, TAG_EVAL_PROTOCOL,
+                TAG_EVAL_PROTOCOL_ID, TAG_TRAINING_RUN_ID, TAG_ADAPTER_SHA256)
+"""Tags a version shows unchanged (beside metric figures, data fingerprint, training store, gate)."""
 UNKNOWN = "unknown"
 """A tag value that was not recorded."""
 NONE = "none"
@@ -191,14 +206,24 @@ def rouge_key(rouge_type: str, model: str | None = None) -> str:
     return f"{ROUGE_PREFIX}{model}.{rouge_type}" if model else f"{ROUGE_PREFIX}{rouge_type}"
 
 
+def metric_key(metric: str, model: str | None = None) -> str:
+    """The tag / registration metric of any metric: `rouge_key` for ROUGE types (the names versions always
+    had), `metric.[<model>.]<name>` for the others (`metric.chrf`, `metric.base.loss`)."""
+    if metric.startswith("rouge"):
+        return rouge_key(metric, model)
+    return f"{METRIC_PREFIX}{model}.{metric}" if model else f"{METRIC_PREFIX}{metric}"
+
+
 def rouge_ci_key(rouge_type: str) -> str:
-    """`rouge.<type>.ci95`: the registered adapter's 95% interval, `[low, high]`."""
-    return f"{rouge_key(rouge_type)}.ci95"
+    """`rouge.<type>.ci95` (`metric.<name>.ci95` for other metrics): the registered adapter's 95% interval,
+    `[low, high]`."""
+    return f"{metric_key(rouge_type)}.ci95"
 
 
 def rouge_change_key(rouge_type: str, baseline: str, model: str | None = None) -> str:
-    """`rouge[.<model>].<type>.vs_<baseline>_points`: the change against the baseline in ROUGE points."""
-    return f"{rouge_key(rouge_type, model)}.vs_{baseline}_points"
+    """`rouge[.<model>].<type>.vs_<baseline>_points`: the change against the baseline in ROUGE points
+    (`metric.` keys for other metrics, in their display units)."""
+    return f"{metric_key(rouge_type, model)}.vs_{baseline}_points"
 
 
 def eval_file(model_name: str) -> str:
@@ -223,6 +248,11 @@ def training_run_tags(task: str | None, finetune: str, r: int | None, data_finge
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 
+def early_stopping_tags(record: Mapping[str, object]) -> dict[str, str]:
+    """The early-stopping tags of a training run from its record (metrics.json `early_stopping`)."""
+    return {f"{EARLY_STOPPING_PREFIX}{k}": str(v) for k, v in record.items() if v is not None}
+
+
 def registration_identity(adapter_sha256: str, training_run_id: str | None,
                           model_name: str) -> dict[str, str]:
     """What makes two registration attempts the same registration, as tags of its run and version."""
@@ -233,14 +263,15 @@ def registration_identity(adapter_sha256: str, training_run_id: str | None,
 def version_tags(full: Mapping[str, str], rouge_types: Iterable[str], metric: str,
                  training_store: str | None = None) -> dict[str, str]:
     """The dozen tags a version shows, picked from a registration's full tag set `full`: VERSION_TAGS,
-    the adapter's ROUGE figures and the baseline's `metric` (4 decimals), the training data's
-    fingerprint (12 characters), the training run, and `training_store` when it is another store."""
+    the adapter's figures of `rouge_types` (any metric names) and the baseline's `metric` (4 decimals),
+    the training data's fingerprint (12 characters), the training run, and `training_store` when it
+    is another store."""
     tags = {k: full[k] for k in VERSION_TAGS if k in full}
     for rouge_type in rouge_types:
-        tags[rouge_key(rouge_type)] = _rounded(full[rouge_key(rouge_type)])
+        tags[metric_key(rouge_type)] = _rounded(full[metric_key(rouge_type)])
     baseline = full.get(TAG_EVAL_BASELINE)
-    if baseline and rouge_key(metric, baseline) in full:  # what the gate compares with
-        tags[rouge_key(metric, baseline)] = _rounded(full[rouge_key(metric, baseline)])
+    if baseline and metric_key(metric, baseline) in full:  # what the gate compares with
+        tags[metric_key(metric, baseline)] = _rounded(full[metric_key(metric, baseline)])
     tags[TAG_DATA_FINGERPRINT] = full.get(TAG_DATA_FINGERPRINT, UNKNOWN)[:12]
     tags[TAG_TRAINING_RUN_ID] = full.get(TAG_TRAINING_RUN_ID, NONE)
     if training_store:

@@ -3,7 +3,8 @@
 out = base(x) + lora_B(lora_A(dropout(x))) * scaling, computed in the adapter's dtype (fp32 by
 default) and cast back, with the same operation order as PEFT's `lora.Linear` so outputs agree
 bit-for-bit in fp32. Parameter names contain `lora_A` / `lora_B`, keyed by adapter name:
-`<path>.lora_A.<adapter>.weight`, exactly like PEFT.
+`<path>.lora_A.<adapter>.weight`, exactly like PEFT. A DoRA adapter (`use_dora`) also has a
+magnitude vector, `<path>.lora_magnitude_vector.<adapter>.weight`; its math is in dora.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_module import dora
 from lora_module.config import LoraConfig
 
 
@@ -73,12 +75,15 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         # While a 4-bit base is merged, base_layer is a dequantized copy; the original is kept here
         # (outside the module tree, so it is neither saved nor counted) to make unmerge exact.
         self._quantized_base: list[nn.Module] = []
+        # Row norms of a merged DoRA adapter: unmerging needs them and cannot recover them from the sum.
+        self._merged_norm: torch.Tensor | None = None
 
     # Model code sometimes reads `layer.weight` (T5 checks wo.weight.dtype): answer with the base's.
     @property
@@ -90,23 +95,48 @@ class LoraLinear(nn.Module):
         return self.base_layer.bias
 
     def add_adapter(self, name: str, config: LoraConfig, dtype: torch.dtype = torch.float32) -> None:
-        """Create A (Kaiming-uniform, as nn.Linear and PEFT) and B (zeros) for `name` on the base's device."""
+        """Create A (Kaiming-uniform, as nn.Linear and PEFT) and B (zeros) for `name` on the base's device,
+        and for DoRA the magnitude vector (see init_dora_magnitude)."""
         device = self.base_layer.weight.device
         lora_a = nn.Linear(self.in_features, config.r, bias=False, device=device, dtype=dtype)  # [r, in]
         lora_b = nn.Linear(config.r, self.out_features, bias=False, device=device, dtype=dtype)  # [out, r]
-        nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
-        nn.init.zeros_(lora_b.weight)
+        if config.init_lora_weights is True:  # other inits: lora_module.init, on nn.Linear's draws as PEFT
+            nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+            nn.init.zeros_(lora_b.weight)
         self.lora_A[name] = lora_a
         self.lora_B[name] = lora_b
         p = config.lora_dropout
         self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.scaling[name] = config.scaling
+        if config.use_dora:
+            self.init_dora_magnitude(name, dtype)
+
+    def init_dora_magnitude(self, name: str, dtype: torch.dtype = torch.float32) -> None:
+        """(Re)set DoRA's magnitude of `name` to ||W + scaling B A|| per output row, as PEFT does after the
+        adapter's A and B are initialised: call it again after anything that changes W, A or B at init."""
+        self.lora_magnitude_vector[name] = dora.initial_magnitude(
+            self._base_weight(), self.lora_A[name], self.lora_B[name], self.scaling[name], dtype)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter `name`: A, B and, for DoRA, the magnitude vector."""
+        modules = [self.lora_A[name], self.lora_B[name]]
+        if name in self.lora_magnitude_vector:
+            modules.append(self.lora_magnitude_vector[name])
+        return [p for module in modules for p in module.parameters()]
+
+    def _base_weight(self) -> torch.Tensor:
+        """The base weight W [out, in]: the parameter itself, or an fp32 dequantized copy of a 4-bit one."""
+        if is_linear4bit(self.base_layer):
+            return dequantize_weight(self.base_layer)
+        return self.base_layer.weight
 
     def delete_adapter(self, name: str) -> None:
         if self.merged_adapter == name:
             self.unmerge()
         for container in (self.lora_A, self.lora_B, self.lora_dropout):
             del container[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         del self.scaling[name]
         if self.active_adapter == name:
             self.active_adapter = None
@@ -126,6 +156,8 @@ class LoraLinear(nn.Module):
         lora_a = self.lora_A[name]
         if x.dtype != lora_a.weight.dtype:
             x = x.to(lora_a.weight.dtype)
+        if name in self.lora_magnitude_vector:
+            return (result + self.dora_extra(name, x, result)).to(torch_result_dtype)
         hidden = lora_a(self.lora_dropout[name](x))  # [..., r]
         scaling = self.scaling[name]
         if _is_power_of_two(scaling):
@@ -141,44 +173,60 @@ class LoraLinear(nn.Module):
             return result.add_(lora_out)
         return (result + lora_out).to(torch_result_dtype)
 
+    def dora_extra(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What DoRA adapter `name` adds to the base output `result` for `x` (in the adapter's dtype)."""
+        return dora.dora_extra(
+            x, result, lora_a=self.lora_A[name], lora_b=self.lora_B[name], dropout=self.lora_dropout[name],
+            scaling=self.scaling[name], magnitude=self.lora_magnitude_vector[name].weight,
+            weight=self._base_weight().to(x.dtype), bias=self.base_layer.bias, training=self.training)
+
     def get_delta_weight(self, name: str) -> torch.Tensor:
-        """scaling * B @ A in fp32, shape [out, in]."""
+        """scaling * B @ A in fp32, shape [out, in]; as PEFT, also for DoRA (whose merge rescales rows)."""
         weight_a = self.lora_A[name].weight.float()  # [r, in]
         weight_b = self.lora_B[name].weight.float()  # [out, r]
         return (weight_b @ weight_a) * self.scaling[name]
 
     def merge(self, name: str) -> None:
-        """Add adapter `name` into the base weight (fp32 math, cast back). Merging it again is a no-op."""
+        """Add adapter `name` into the base weight (fp32 math, cast back); a DoRA adapter also rescales each
+        row by magnitude / norm (PEFT's formula). Merging it again is a no-op."""
         if self.merged_adapter == name:
             return
         if self.merged_adapter is not None:
             self.unmerge()
-        delta = self.get_delta_weight(name)
         with torch.no_grad():
             if is_linear4bit(self.base_layer):
                 # A 4-bit weight cannot hold the sum without re-quantizing (which rounds it): keep a
                 # dequantized 16/32-bit copy for the merged state and the quantized original for unmerge.
-                merged = dequantized_linear(self.base_layer)
-                weight = merged.weight
-                weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
                 self._quantized_base = [self.base_layer]
-                self.base_layer = merged
+                self.base_layer = dequantized_linear(self.base_layer)
+            weight = self.base_layer.weight
+            delta = self.get_delta_weight(name).to(weight.device)
+            if name in self.lora_magnitude_vector:
+                magnitude = self.lora_magnitude_vector[name].weight.to(weight.device)
+                merged, self._merged_norm = dora.merged_weight(weight.float(), delta, magnitude)
             else:
-                weight = self.base_layer.weight
-                weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+                merged = weight.float() + delta
+            weight.copy_(merged.to(weight.dtype))
         self.merged_adapter = name
 
     def unmerge(self) -> None:
-        """Subtract the merged adapter again (exact restore for 4-bit bases). No-op when nothing is merged."""
-        if self.merged_adapter is None:
+        """Take the merged adapter out again (exact restore for 4-bit bases). No-op when nothing is merged."""
+        name = self.merged_adapter
+        if name is None:
             return
         with torch.no_grad():
             if self._quantized_base:
                 self.base_layer = self._quantized_base.pop()
             else:
                 weight = self.base_layer.weight
-                delta = self.get_delta_weight(self.merged_adapter).to(weight.device)
-                weight.copy_((weight.float() - delta).to(weight.dtype))
+                delta = self.get_delta_weight(name).to(weight.device)
+                if name in self.lora_magnitude_vector:
+                    magnitude = self.lora_magnitude_vector[name].weight.to(weight.device)
+                    restored = dora.unmerged_weight(weight.float(), delta, magnitude, self._merged_norm)
+                else:
+                    restored = weight.float() - delta
+                weight.copy_(restored.to(weight.dtype))
+        self._merged_norm = None
         self.merged_adapter = None
 
     def extra_repr(self) -> str:

@@ -13,6 +13,8 @@ adapter's rows in turn), bit for bit. From `STACKED_MIN_ADAPTERS` distinct adapt
 instead runs two batched matmuls over per-row weights (fewer kernels: 0.84x -> 0.89x of a merged
 model's rows/s at 2 tasks, bench_serving); the weights are gathered per row at forward time from
 one zero-padded copy per adapter, so a batch holds one extra copy of its adapters, not one per row.
+A batch with a DoRA adapter always takes the grouped path (DoRA rescales each row of a layer's output by
+its own magnitude / norm, which the stacked matmuls do not hold): PEFT's arithmetic for DoRA too.
 """
 
 from __future__ import annotations
@@ -102,7 +104,10 @@ def mixed_forward(layer: LoraLinear, groups: RowGroups, weights: RowWeights | No
             continue
         lora_a = layer.lora_A[name]
         sub = x[rows].to(lora_a.weight.dtype)
-        delta = layer.lora_B[name](lora_a(layer.lora_dropout[name](sub))) * layer.scaling[name]
+        if name in layer.lora_magnitude_vector:
+            delta = layer.dora_extra(name, sub, result[rows])
+        else:
+            delta = layer.lora_B[name](lora_a(layer.lora_dropout[name](sub))) * layer.scaling[name]
         delta = delta.to(result_dtype)
         if isinstance(rows, slice):  # contiguous rows: a view, no gather/scatter
             result[rows] += delta
@@ -138,7 +143,8 @@ def mixed_batch(model: Any, adapter_names: Sequence[str], num_beams: int = 1) ->
     once = row_groups(names, device) if num_beams > 1 else beams
     encoder = model.model.get_encoder() if getattr(model.model.config, "is_encoder_decoder", False) else None
     in_encoder = {id(m) for m in encoder.modules()} if encoder is not None else set()
-    stacked = len(set(names) - {BASE_ROW}) >= STACKED_MIN_ADAPTERS
+    used = set(names) - {BASE_ROW}
+    stacked = len(used) >= STACKED_MIN_ADAPTERS and not any(model.adapters[n].use_dora for n in used)
     layers = [layer for _, layer in model.lora_layers()]
     for layer in layers:
         encoder_side = id(layer) in in_encoder

@@ -6,7 +6,12 @@
     lm = LoraModel.from_pretrained(fresh_base, "out/adapter")  # atomic, fingerprint-checked
 
 Only the active adapter's weights are trainable (`requires_grad`); the base is always frozen.
-Switching adapters touches only the small adapter matrices, never the base weights.
+Switching adapters touches only the small adapter matrices, never the base weights. The exception is
+a PiSSA/OLoRA init (`init_lora_weights`, lora_module/init.py): as in PEFT it subtracts the initial
+adapter from the base weights, so such an adapter stays alone on its base (delete_adapter adds it
+back), and save_pretrained writes it converted to a plain LoRA adapter for the unmodified base.
+Selection keys (all-linear, layers_to_transform, rank_pattern, modules_to_save, ...) follow PEFT's
+rules: lora_module/selection.py.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_module import adapter_io
-from lora_module.config import LoraConfig, default_target_modules, matches_target
+from lora_module import adapter_io, selection
+from lora_module import init as lora_init
+from lora_module.config import LoraConfig, mutates_base
 from lora_module.errors import AdapterLoadError, LoraConfigError
 from lora_module.layers import LoraLinear, dequantized_linear, is_linear4bit
 from lora_module.mixed_batch import mixed_batch
@@ -30,26 +36,10 @@ from lora_module.names import check_name
 
 logger = logging.getLogger(__name__)
 
-_LORA_PARTS = frozenset({"base_layer", "lora_A", "lora_B", "lora_dropout"})
-
-
-def _inside_lora_layer(name: str) -> bool:
-    return any(part in _LORA_PARTS for part in name.split("."))
-
-
 def _param_count(p: torch.Tensor) -> int:
     # A Params4bit stores two 4-bit values per byte; count the logical weight.
     state = getattr(p, "quant_state", None)
     return int(torch.Size(state.shape).numel()) if state is not None else p.numel()
-
-
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Distinct last name parts of the linear layers of `model` (what `target_modules` can name)."""
-    return sorted({
-        name.rsplit(".", 1)[-1]
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear | LoraLinear) and not _inside_lora_layer(name)
-    })
 
 
 class LoraModel(nn.Module):
@@ -63,9 +53,11 @@ class LoraModel(nn.Module):
         self._merged: str | None = None
         self._disabled = False
         self._trainable: dict[str, bool] = {}
+        # PiSSA/OLoRA adapters: module path -> (A0, B0), what their init took out of the base weights.
+        self._initial: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         if config is not None:  # fail on a bad name or target before freezing anything
             self._check_new_name(adapter_name, LoraConfigError)
-            self._resolve_targets(config)
+            self._plan_new(config)
         self._was_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -87,14 +79,14 @@ class LoraModel(nn.Module):
         """The model's forward; `adapter_names` (one per row, BASE_ROW for none) mixes adapters in a batch."""
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        with mixed_batch(self, adapter_names):
+        with self.mixed_batch(adapter_names):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The model's generate; `adapter_names` as in forward (like PEFT's `generate(adapter_names=...)`)."""
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        with mixed_batch(self, adapter_names, num_beams=int(kwargs.get("num_beams") or 1)):
+        with self.mixed_batch(adapter_names, num_beams=int(kwargs.get("num_beams") or 1)):
             return self.model.generate(*args, **kwargs)
 
     # ---- layers ------------------------------------------------------------------------------
@@ -123,36 +115,16 @@ class LoraModel(nn.Module):
                 layer.delete_adapter(name)
             if not layer.adapter_names:
                 self._replace(path, layer.base_layer)
+        selection.drop_copies(self.model, name)
 
-    def _resolve_targets(self, config: LoraConfig) -> tuple[LoraConfig, list[str]]:
-        targets = config.target_modules
-        if targets is None:
-            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
-            targets = default_target_modules(model_type)
-            if targets is None:
-                raise LoraConfigError(
-                    f"no default target_modules for model_type {model_type!r}; set LoraConfig.target_modules "
-                    f"to some of this model's linear layers: {linear_module_names(self.model)}"
-                )
-        paths = []
-        for name, module in self.model.named_modules():
-            if not name or _inside_lora_layer(name) or not matches_target(name, targets):
-                continue
-            if isinstance(module, nn.Linear | LoraLinear):
-                paths.append(name)
-            elif not isinstance(targets, str):  # a regex may sweep up containers; a listed name may not
-                raise LoraConfigError(
-                    f"target_modules {targets!r} names {name!r}, a {type(module).__name__}; only nn.Linear "
-                    "and bitsandbytes Linear4bit layers can take LoRA. Linear layers: "
-                    f"{linear_module_names(self.model)}"
-                )
-        if not paths:
-            raise LoraConfigError(
-                f"target_modules {targets!r} matched no linear layer of {type(self.model).__name__}; "
-                f"linear layers in this model: {linear_module_names(self.model)}"
-            )
-        resolved = LoraConfig(**{**config.to_dict(), "target_modules": targets})
-        return resolved, paths
+    def _plan_new(self, config: LoraConfig) -> tuple[LoraConfig, list[str], list[str]]:
+        """(resolved config, LoRA layer paths, modules_to_save paths) of a new adapter; changes nothing."""
+        resolved, paths = selection.resolve_targets(self.model, config)
+        saved = selection.modules_to_save_paths(self.model, resolved.modules_to_save)
+        if resolved.modules_to_save and not saved:
+            raise LoraConfigError(f"modules_to_save {resolved.modules_to_save!r} matched no module of "
+                                  f"{type(self.model).__name__} (a module path must end with one of them)")
+        return resolved, paths, saved
 
     def _check_new_name(self, name: str, error: type[Exception]) -> None:
         check_name("adapter name", name, error)
@@ -166,12 +138,14 @@ class LoraModel(nn.Module):
         for _, layer in self.lora_layers():
             use = self._active if not self._disabled and self._active in layer.lora_A else None
             layer.active_adapter = use
+        active = None if self._disabled else self._active
+        selection.sync_copies(self.model, active, self._trainable.get(active, False))
 
     def _sync_trainable(self) -> None:
         for _, layer in self.lora_layers():
             for name in layer.adapter_names:
                 train = name == self._active and self._trainable.get(name, False)
-                for p in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()):
+                for p in layer.adapter_parameters(name):
                     p.requires_grad_(train)
 
     # ---- named adapters --------------------------------------------------------------------
@@ -184,16 +158,44 @@ class LoraModel(nn.Module):
         return self._merged
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
-        """Inject a fresh adapter (A Kaiming-uniform, B zeros). It becomes active only if none is."""
+        """Inject a fresh adapter, initialised as `config.init_lora_weights` says (default: A Kaiming-uniform,
+        B zeros), with its modules_to_save copies. It becomes active only if none is."""
         self._check_new_name(name, LoraConfigError)
-        resolved, paths = self._resolve_targets(config)  # validates before any module is touched
+        self._check_base_untouched(name, config.init_lora_weights)
+        resolved, paths, saved = self._plan_new(config)  # validates before any module is touched
+        initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         try:
-            for path in paths:
-                self._wrap(path).add_adapter(name, resolved)
+            layers = {path: self._wrap(path) for path in paths}
+            lora_init.check_init(resolved, list(layers.values()))
+            for path, layer in layers.items():  # layer by layer: random draws in PEFT's order
+                layer.add_adapter(name, resolved.for_module(path))
+                start = lora_init.init_adapter(layer, name, resolved.for_module(path))
+                if start is not None:
+                    initial[path] = start
+            selection.add_copies(self.model, name, saved)
         except BaseException:
+            self._restore_base(name, initial)
             self._drop_adapter_from_layers(name)
             raise
+        if initial:
+            self._initial[name] = initial
         self._record(name, resolved, trainable=True)
+
+    def _check_base_untouched(self, name: str, init: Any) -> None:
+        """A PiSSA/OLoRA adapter changes the base weights every other adapter runs on: it must be alone."""
+        mutating = next(iter(self._initial), None)
+        if mutating is not None or (mutates_base(init) and self.adapters):
+            culprit = mutating or name
+            init = self.adapters[mutating].init_lora_weights if mutating else init
+            raise LoraConfigError(
+                f"cannot add adapter {name!r}: adapter {culprit!r} uses init_lora_weights={init!r}, which "
+                "changes the base weights other adapters run on; save it (written as plain LoRA) and reload"
+            )
+
+    def _restore_base(self, name: str, initial: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for path, layer in self.lora_layers():
+            if path in initial:
+                lora_init.restore_base(layer, name, initial[path])
 
     def _record(self, name: str, config: LoraConfig, trainable: bool) -> None:
         """Register an adapter whose layers are in place; it becomes active only if none is (like PEFT)."""
@@ -221,6 +223,7 @@ class LoraModel(nn.Module):
         """Remove adapter `name`; if it was active, the model runs as the base until set_adapter()."""
         if name not in self.adapters:
             raise LoraConfigError(f"unknown adapter {name!r}; adapters on this model: {list(self.adapters)}")
+        self._restore_base(name, self._initial.pop(name, {}))
         self._drop_adapter_from_layers(name)
         del self.adapters[name]
         del self._trainable[name]
@@ -249,6 +252,10 @@ class LoraModel(nn.Module):
                     ) -> contextlib.AbstractContextManager[LoraModel]:
         """A block in which row i of every batch goes through adapter `adapter_names[i]` (BASE_ROW: the
         bare base), as PEFT's `adapter_names`; inference only (`lora_module.mixed_batch`)."""
+        saving = sorted({n for n in adapter_names if n in self.adapters and self.adapters[n].modules_to_save})
+        if saving:
+            raise LoraConfigError(f"adapter {saving[0]!r} has modules_to_save, which mixed-adapter batches "
+                                  "do not support; run its rows in a batch of their own (set_adapter)")
         return mixed_batch(self, adapter_names, num_beams)
 
     # ---- merge -------------------------------------------------------------------------------
@@ -297,6 +304,7 @@ class LoraModel(nn.Module):
                 dequantized += 1
                 base = base.to(dtype) if dtype is not None else base
             self._replace(path, base)
+        selection.unload_copies(self.model, None if self._disabled else self._active)
         for path, module in list(self.model.named_modules()):
             if is_linear4bit(module):
                 self._replace(path, dequantized_linear(module, dtype))
@@ -314,18 +322,25 @@ class LoraModel(nn.Module):
             p.requires_grad_(name in self._was_trainable)
         self.adapters.clear()
         self._trainable.clear()
+        self._initial.clear()
         self._active = self._merged = None
         return self.model
 
     # ---- adapter I/O -------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under PEFT's keys: `base_model.model.<path>.lora_A.weight`, ..."""
+        """The adapter's tensors under PEFT's keys: `base_model.model.<path>.lora_A.weight`, ... (DoRA:
+        `<path>.lora_magnitude_vector`, without `.weight`, as PEFT writes it)."""
         name = self._adapter_or_active(adapter_name)
         out = {}
         for path, layer in self.lora_layers():
             if name in layer.lora_A:
                 out[f"{adapter_io.KEY_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
                 out[f"{adapter_io.KEY_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
+                if name in layer.lora_magnitude_vector:
+                    key = f"{adapter_io.KEY_PREFIX}{path}.{adapter_io.MAGNITUDE_KEY}"
+                    out[key] = layer.lora_magnitude_vector[name].weight
+        for key, value in selection.copies_state_dict(self.model, name).items():
+            out[f"{adapter_io.KEY_PREFIX}{key}"] = value  # modules_to_save: `<path>.weight`, as PEFT
         return out
 
     def _adapter_or_active(self, adapter_name: str | None) -> str:
@@ -336,10 +351,17 @@ class LoraModel(nn.Module):
 
     def save_pretrained(self, path: str | Path, adapter_name: str | None = None,
                         base_model_name_or_path: str | None = None, metadata: dict | None = None) -> Path:
-        """Write adapter_config.json + adapter_model.safetensors (PEFT format, plus base_fingerprint)."""
+        """Write adapter_config.json + adapter_model.safetensors (PEFT format, plus base_fingerprint).
+
+        A PiSSA/OLoRA adapter is written converted to plain LoRA for the unmodified base (rank 2r,
+        `lora_module.init.convert_to_plain_lora`), so the file fits the base its fingerprint names."""
         name = self._adapter_or_active(adapter_name)
+        tensors, config = self.adapter_state_dict(name), self.adapters[name]
+        if name in self._initial:
+            tensors, config = lora_init.convert_to_plain_lora(tensors, self._initial[name], config,
+                                                              adapter_io.KEY_PREFIX)
         return adapter_io.save_adapter(
-            self.model, Path(path), self.adapters[name], self.adapter_state_dict(name),
+            self.model, Path(path), config, tensors,
             fingerprint=self.base_fingerprint(), adapter_name=name,
             base_model_name_or_path=base_model_name_or_path, metadata=metadata,
         )
@@ -351,6 +373,7 @@ class LoraModel(nn.Module):
         Like PEFT, it becomes active only if no adapter is active; use set_adapter() to switch.
         """
         self._check_new_name(adapter_name, AdapterLoadError)
+        self._check_base_untouched(adapter_name, True)
         plan = adapter_io.plan_adapter_load(self.model, path, force=force)
         self._install(adapter_name, plan, is_trainable)
 
@@ -359,9 +382,14 @@ class LoraModel(nn.Module):
             with torch.no_grad():
                 for path, (weight_a, weight_b) in plan.weights.items():
                     layer = self._wrap(path)
-                    layer.add_adapter(name, plan.config)
+                    layer.add_adapter(name, plan.config.for_module(path))
                     layer.lora_A[name].weight.copy_(weight_a)  # [r, in]
                     layer.lora_B[name].weight.copy_(weight_b)  # [out, r]
+                    if path in plan.magnitudes:
+                        layer.lora_magnitude_vector[name].weight.copy_(plan.magnitudes[path])  # [out]
+                selection.add_copies(self.model, name, list(plan.saved_modules))
+                for path, state in plan.saved_modules.items():
+                    self.model.get_submodule(path).modules_to_save[name].load_state_dict(state)
         except BaseException:
             self._drop_adapter_from_layers(name)
             raise

@@ -207,7 +207,9 @@ BAD_ADAPTERS = {
     "keys without prefix": (_unprefixed_keys, AdapterLoadError, ["lacks the 'base_model.model.' prefix"]),
     "half a pair": (_missing_lora_b, AdapterLoadError,
                     ["module 'decoder.block.1.layer.1.EncDecAttention.v' has no lora_B tensor"]),
-    "dora": (_dora_config, AdapterLoadError, ["use_dora=True", "plain LoRA only"]),
+    "dora without magnitude": (
+        _dora_config, AdapterLoadError,
+        ["use_dora is True in the config but the file lacks its lora_magnitude_vector"]),
 }
 
 

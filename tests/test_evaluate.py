@@ -117,7 +117,7 @@ def test_end_to_end_base_full_lora_via_cli(setup, capsys):
     assert [models[n]["kind"] for n in ("base", "full", "lora")] == ["base", "full", "lora"]
     for m in models.values():
         for t in ROUGE_TYPES:
-            s = m["rouge"][t]
+            s = m["metrics"][t]
             assert 0.0 <= s["ci_low"] <= s["mean"] <= s["ci_high"] <= 1.0
             assert s["n"] == 20
 

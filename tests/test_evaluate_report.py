@@ -56,7 +56,7 @@ def test_dialogsum_human_agreement_report(dialogsum_dir, tmp_path):
     report = json.loads(report_path.read_text())
     assert report["n"] == 500 and report["data"]["fingerprint"] == data["fingerprint"]
     by_name = {m["name"]: m for m in report["models"]}
-    h = by_name["human"]["rouge"]
+    h = by_name["human"]["metrics"]
     print(
         "DialogSum human agreement (summary1 vs best of summary2/3):",
         {
@@ -76,16 +76,18 @@ def test_dialogsum_human_agreement_report(dialogsum_dir, tmp_path):
         s = h[t]
         assert s["ci_low"] < s["mean"] < s["ci_high"] and s["ci_high"] - s["ci_low"] < 0.06
     # Humans beat the lead-2 heuristic by a clear, significant margin.
-    assert by_name["lead2"]["rouge"]["rouge1"]["mean"] < h["rouge1"]["mean"] - 0.1
+    assert by_name["lead2"]["metrics"]["rouge1"]["mean"] < h["rouge1"]["mean"] - 0.1
     assert by_name["human"]["change_vs_baseline_points"]["rouge1"] > 10
     (cmp,) = [c for c in report["comparisons"] if c["a"] == "human" and c["b"] == "lead2"]
     assert cmp["metrics"]["rouge1"]["ci_low"] > 0 and cmp["metrics"]["rouge1"]["p_value"] < 0.01
 
     md = (out / "report.md").read_text()
     assert (
-        "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | trainable parameters | adapter size on disk |"
-        in md
+        "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | exact match | chrF | BLEU "
+        "| trainable parameters | adapter size on disk |" in md
     )
+    # Every table is headed by the protocol it was scored under.
+    assert md.count("Scored under protocol best-reference (") == 3
     assert f"{h['rouge1']['mean']:.4f}" in md and "Change vs lead2" in md and "human vs lead2" in md
     assert "p=<0.002" in md and "outputs given" in md
     with open(out / "predictions.csv", newline="") as f:
@@ -120,7 +122,7 @@ def test_report_layout_changes_and_comparisons(tmp_path):
     assert pairs == {("lora", "full"), ("full", "base"), ("lora", "base")}
     by_name = {m["name"]: m for m in report["models"]}
     for t in ROUGE_TYPES:
-        expected = 100 * (by_name["lora"]["rouge"][t]["mean"] - by_name["base"]["rouge"][t]["mean"])
+        expected = 100 * (by_name["lora"]["metrics"][t]["mean"] - by_name["base"]["metrics"][t]["mean"])
         assert by_name["lora"]["change_vs_baseline_points"][t] == pytest.approx(expected)
     assert by_name["base"]["change_vs_baseline_points"]["rouge1"] == 0
     # Without the baseline present there are no changes, but LoRA vs full is still compared.

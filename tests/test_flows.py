@@ -104,7 +104,8 @@ def test_invalid_parameters_fail_before_training(tmp_path, tiny_t5_dir, monkeypa
 def test_flow_rejects_bad_parameters_before_training(harness, tmp_path, monkeypatch):
     import lora_module.training.launcher
 
-    monkeypatch.setattr(lora_module.training.launcher, "run_fit", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(lora_module.training.launcher, "run_fit",
+                        lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(TaskSpecError, match="unknown task 'nope'"):
         many_tasks(tasks=["summary", "nope"], home=str(tmp_path))
     with pytest.raises(TaskSpecError, match="max_concurrency"):

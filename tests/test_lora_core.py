@@ -70,8 +70,8 @@ def test_config_scaling_plain_and_rslora():
 def test_config_from_dict_rejects_unknown_and_unsupported_keys():
     with pytest.raises(LoraConfigError, match=r"unknown LoraConfig key\(s\) \['rank'\]; valid keys: \['r'"):
         LoraConfig.from_dict({"rank": 8})
-    with pytest.raises(LoraConfigError, match="use_dora=True"):
-        LoraConfig.from_dict({"r": 8, "use_dora": True})
+    with pytest.raises(LoraConfigError, match="lora_bias=True"):
+        LoraConfig.from_dict({"r": 8, "lora_bias": True})
     with pytest.raises(LoraConfigError, match="peft_type must be 'LORA'"):
         LoraConfig.from_dict({"peft_type": "IA3"})
     peft_style = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "use_dora": False,

@@ -303,8 +303,8 @@ def test_bad_inputs_fail_before_touching_the_registry(home, tiny_t5_dir, tmp_pat
     _, report, _ = make_candidate(tmp_path / "c", tiny_t5_dir, seed=7, lora_hits=3)
     with pytest.raises(RegistrationInputError, match="not about it"):
         register_adapter("demo", other, report, retries=0)  # report scored another adapter
-    with pytest.raises(RegistrationInputError, match="metric 'bleu'"):
-        register_adapter("demo", tmp_path / "c" / "adapter", report, metric="bleu", retries=0)
+    with pytest.raises(RegistrationInputError, match="metric 'rouge3'"):
+        register_adapter("demo", tmp_path / "c" / "adapter", report, metric="rouge3", retries=0)
     assert adapter.is_dir()
 
 

@@ -25,7 +25,16 @@ from lora_module.serving.predictor import AdapterPredictor
 from lora_module.serving.pyfunc import MULTI_TASK_CODE, SINGLE_TASK_CODE, copy_code
 
 ROOT = Path(__file__).resolve().parents[1]
-PREVIOUS_FILE_COUNT = 26  # the served model shipped 26 code files before serving left the registry
+# Besides the LoRA core (lora_module/*.py, which grows with the variants it loads: DoRA, PiSSA, ...), a served
+# model ships only these: generation, the serving room, and the registry's read side. Before serving left
+# the registry it shipped 26 files, the registry CLI, gate and registration among them.
+SERVED_BEYOND_CORE = {
+    "lora_module/evaluation/__init__.py", "lora_module/evaluation/generation.py",
+    "lora_module/registry/__init__.py", "lora_module/registry/bases.py", "lora_module/registry/retry.py",
+    "lora_module/registry/store.py", "lora_module/registry/tracking.py",
+    "lora_module/serving/__init__.py", "lora_module/serving/predictor.py", "lora_module/serving/pyfunc.py",
+    "lora_module/serving/multitask.py",
+}
 PROMPT = PromptSettings("Summarize: {dialogue}\nSummary:", "dialogue", 24, 8, "seq2seq")
 TEXTS = ["alice meets bob at the cafe", "the train leaves from platform four"]
 
@@ -42,7 +51,8 @@ def test_code_list_is_closed_short_and_free_of_registration(files, entry):
     print(f"\n{entry}: {len(files)} files\n  " + "\n  ".join(files))
     missing = _relative(import_closure([entry])) - set(files)
     assert missing == set(), f"imported but not shipped: {sorted(missing)}"
-    assert len(set(files)) == len(files) < PREVIOUS_FILE_COUNT
+    assert len(set(files)) == len(files)
+    assert {f for f in files if Path(f).parent != Path("lora_module")} <= SERVED_BEYOND_CORE
     assert all((ROOT / f).is_file() for f in files)
     registration = {"register", "gate", "aliases", "inputs", "version_lineage", "logged_model", "cli"}
     assert not [f for f in files if f.startswith("lora_module/registry/") and Path(f).stem in registration]

@@ -125,5 +125,6 @@ def test_one_rouge_table_formatter():
     assert md.splitlines()[0] == "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | trainable params |"
     assert "| lora | 40.00 | 20.00 | 35.00 | 36.00 | 1,234 |" in md
     text = rouge_table(rows, "text", "  ").splitlines()
-    assert text[0].startswith("  model") and text[2].split() == ["lora", "40.00", "20.00", "35.00", "36.00", "1,234"]
+    assert text[0].startswith("  model")
+    assert text[2].split() == ["lora", "40.00", "20.00", "35.00", "36.00", "1,234"]
     assert format_table(["a", "b"], [["x", "1"]]) == "| a | b |\n| --- | --- |\n| x | 1 |"

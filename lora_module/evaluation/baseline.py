@@ -6,9 +6,9 @@
     res.reused     # True when an earlier call with the same inputs had written it
 
 The key hashes everything the result depends on: the prepared data's fingerprint, the base
-model's files (or its Hub name), the generation settings, the row limit and the evaluation code
-itself, so a change to any of them evaluates again and nothing else does. The eval JSON is written
-atomically, so a crash never leaves a folder that looks complete.
+model's files (or its Hub name), the generation settings, the evaluation protocol, the row limit and
+the evaluation code itself, so a change to any of them evaluates again and nothing else does. The
+eval JSON is written atomically, so a crash never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from lora_module.contracts import MANIFEST_FILE
 from lora_module.errors import InputNotFoundError
 from lora_module.evaluation import evaluate
 from lora_module.evaluation.generation import GenerationConfig, ModelSpec
+from lora_module.evaluation.protocol import EvalProtocol, resolve_protocol
 from lora_module.files import sha256_dir, sha256_json
 
 # Files that make up a model's identity; anything else in its folder (a README, logs) does not.
@@ -59,7 +60,7 @@ def code_identity() -> str:
 
 
 def evaluation_key(base_model: str, prepared_dir: str | os.PathLike, gen: GenerationConfig,
-                   limit: int | None) -> str:
+                   limit: int | None, protocol: EvalProtocol | str | dict | None = None) -> str:
     """The content address of a base-model evaluation of `prepared_dir`'s test split."""
     from lora_pipeline.data.prepare import read_manifest
 
@@ -71,18 +72,20 @@ def evaluation_key(base_model: str, prepared_dir: str | os.PathLike, gen: Genera
     return sha256_json({
         "data": manifest["fingerprint"], "model": model_identity(base_model), "generation": gen.to_dict(),
         "limit": limit, "split": "test", "code": code_identity(),
+        "protocol": resolve_protocol(protocol).to_dict(),
     })
 
 
 def evaluate_base(base_model: str, prepared_dir: str | os.PathLike, evals_dir: str | os.PathLike,
-                  gen: GenerationConfig | None = None, limit: int | None = None) -> BaseEvaluation:
+                  gen: GenerationConfig | None = None, limit: int | None = None,
+                  protocol: EvalProtocol | str | dict | None = None) -> BaseEvaluation:
     """Evaluate the base model into `<evals_dir>/base-<key[:12]>/`, or reuse what an earlier call wrote."""
     gen = gen or GenerationConfig()
-    key = evaluation_key(base_model, prepared_dir, gen, limit)
+    key = evaluation_key(base_model, prepared_dir, gen, limit, protocol)
     out = Path(evals_dir) / f"base-{key[:12]}"
     path = out / contracts.eval_file(BASE_NAME)
     if path.is_file():
         return BaseEvaluation(path, key, reused=True)
     spec = ModelSpec(BASE_NAME, "base", base_model)
-    written = evaluate.evaluate_model(spec, prepared_dir, out, gen, limit=limit)
+    written = evaluate.evaluate_model(spec, prepared_dir, out, gen, limit=limit, protocol=protocol)
     return BaseEvaluation(written, key, reused=False)

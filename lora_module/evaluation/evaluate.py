@@ -1,16 +1,18 @@
-"""Evaluate models on a prepared test split with ROUGE and write a per-task comparison report.
+"""Evaluate models on a prepared test split with every registered metric and write a per-task report.
 
 Each model (the base, a LoRA adapter, a fully fine-tuned folder) is evaluated on its own into
-`<out>/<name>.eval.json` (predictions, per-example ROUGE, means with bootstrap intervals,
-fingerprints); `build_report` then combines evaluations made on the same data into
-report.json / report.md / rouge.png / predictions.csv.
+`<out>/<name>.eval.json` (predictions, per-example scores of every metric in
+`lora_module.evaluation.metrics` (ROUGE, exact match, chrF, BLEU, held-out loss and perplexity),
+scores with bootstrap intervals, the evaluation protocol, fingerprints); `build_report` then combines
+evaluations made on the same data under the same protocol into report.json / report.md / rouge.png /
+predictions.csv.
 
 Command line::
 
     lora-pipeline evaluate --prepared .lora_pipeline/data/dialogsum-1a2b3c4d5e6f \
         --model base=google/flan-t5-base --model full=runs/full/model --model lora=runs/lora/adapter \
         --task dialogsum --out reports/dialogsum [--split test --limit 100 --batch-size 16 \
-        --num-beams 1 --max-new-tokens 128]
+        --num-beams 1 --max-new-tokens 128 --protocol one-reference-per-row --tokenizer unicode]
 
 `--model NAME=PATH` takes its kind from NAME when NAME is base, lora or full; otherwise write
 `NAME:KIND=PATH` (e.g. `lora_r8:lora=runs/r8/adapter`).
@@ -38,15 +40,17 @@ from lora_module.evaluation.generation import (
     generate,
     load_model_with_info,
 )
-from lora_module.evaluation.report import ReportInputError, build_report
-from lora_module.evaluation.rouge import (
-    DEFAULT_CONFIDENCE,
-    DEFAULT_RESAMPLES,
-    DEFAULT_SEED,
-    ROUGE_TYPES,
-    score_examples,
-    summarize,
+from lora_module.evaluation.heldout import reference_nll
+from lora_module.evaluation.metrics import NLL, compute, summarize_metric
+from lora_module.evaluation.protocol import (
+    DEFAULT_PROTOCOL,
+    PROTOCOLS,
+    TOKENIZERS,
+    EvalProtocol,
+    resolve_protocol,
 )
+from lora_module.evaluation.report import ReportInputError, build_report
+from lora_module.evaluation.rouge import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
 from lora_module.files import write_json_atomic
 from lora_module.prompt import PromptSettings
 from lora_module.qlora import check_model_source
@@ -65,7 +69,7 @@ __all__ = [
     "parse_model_arg",
 ]
 
-EVAL_SCHEMA_VERSION = 1
+EVAL_SCHEMA_VERSION = 2  # 2: every registered metric under "metrics", and the protocol
 # Keys of LoadedModel.info stored elsewhere in the eval JSON (identity, fingerprints).
 _INFO_NOT_IN_MODEL = ("name", "kind", "base_fingerprint", "model_fingerprint")
 # Keys of the prepared data's manifest copied into the eval JSON's `data`.
@@ -157,19 +161,25 @@ def evaluate_predictions(
     extra: dict[str, Any] | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
+    protocol: EvalProtocol | str | dict | None = None,
+    model_extras: dict[str, Any] | None = None,
 ) -> Path:
     """Score given predictions and write `<out_dir>/<name>.eval.json` (no model involved).
 
     `evaluate_model` uses it after generating; it also evaluates outputs produced elsewhere
     (another system, a human annotator) so they can join a report. `data` should carry the data
-    `fingerprint`: the report refuses to mix evaluations on different data.
+    `fingerprint`: the report refuses to mix evaluations on different data or protocols.
+    `protocol`: a preset name, settings or EvalProtocol (None: the default preset);
+    `model_extras`: what only a model gives the metrics (`metrics.NLL`), else those metrics are skipped.
     """
     if not isinstance(name, str) or not name or "/" in name:
         raise EvalInputError(f"evaluation name must be a non-empty string without '/', got {name!r}")
     if len(predictions) == 0:
         raise EvalInputError(f"model {name!r} produced no predictions: nothing to evaluate")
-    scores = score_examples(predictions, references)
-    summary = summarize(scores, n_resamples=n_resamples, seed=seed)
+    protocol = resolve_protocol(protocol)
+    scored = compute(predictions, [[r] if isinstance(r, str) else list(r) for r in references], protocol,
+                     model_extras)
+    summary = {m: summarize_metric(m, s, n_resamples=n_resamples, seed=seed) for m, s in scored.items()}
     params = dict(params or {})
     trainable, total = params.get("trainable"), params.get("total")
     params.setdefault("trainable_pct", 100.0 * trainable / total if trainable is not None and total else None)
@@ -183,21 +193,30 @@ def evaluate_predictions(
         "data": dict(data or {}),
         "fingerprints": {"data": (data or {}).get("fingerprint")} | (fingerprints or {}),
         "params": params,
-        "rouge": summary,
+        "protocol": protocol.to_dict(),
+        "metrics": summary,
         "bootstrap": {"n_resamples": n_resamples, "confidence": DEFAULT_CONFIDENCE, "seed": seed},
-        "examples": {
-            "index": list(indices) if indices is not None else list(range(n)),
-            "prompt": list(prompts) if prompts is not None else [""] * n,
-            "references": [[r] if isinstance(r, str) else list(r) for r in references],
-            "prediction": list(predictions),
-            "scores": {t: scores[t] for t in ROUGE_TYPES},
-        },
+        "examples": _examples(predictions, references, prompts, indices, scored),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
     } | (extra or {})
     path = Path(out_dir) / eval_file(name)
     write_json_atomic(path, payload)
     return path
+
+
+def _examples(predictions: Sequence[str], references: Sequence[Sequence[str]], prompts: Sequence[str] | None,
+              indices: Sequence[int] | None, scored: dict[str, dict[str, list]]) -> dict[str, Any]:
+    """The eval JSON's per-example block: inputs, outputs, per-example scores and corpus statistics."""
+    n = len(predictions)
+    return {
+        "index": list(indices) if indices is not None else list(range(n)),
+        "prompt": list(prompts) if prompts is not None else [""] * n,
+        "references": [[r] if isinstance(r, str) else list(r) for r in references],
+        "prediction": list(predictions),
+        "scores": {m: s["scores"] for m, s in scored.items() if "scores" in s},
+        "stats": {m: s["stats"] for m, s in scored.items() if "stats" in s},
+    }
 
 
 def evaluate_model(
@@ -209,11 +228,13 @@ def evaluate_model(
     limit: int | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
+    protocol: EvalProtocol | str | dict | None = None,
 ) -> Path:
     """Generate with `spec` on `split` of the prepared data, score it, write `<out_dir>/<name>.eval.json`.
 
     Prompts are cut at the prepared data's `max_source_length` (what the model was trained with)
-    unless `gen` sets another limit, which is then logged as an override.
+    unless `gen` sets another limit, which is then logged as an override. The held-out loss of the
+    references is computed with the same model; the protocol records the decoding settings.
     """
     prepared_dir = Path(prepared_dir)
     indices, prompts, references, manifest = _read_split(prepared_dir, split, limit)
@@ -227,6 +248,7 @@ def evaluate_model(
     t0 = time.perf_counter()
     predictions = generate(loaded.model, loaded.tokenizer, prompts, gen)
     generate_s = time.perf_counter() - t0
+    nll = reference_nll(loaded.model, loaded.tokenizer, prompts, references, gen)
     del loaded  # free the weights before scoring; only `info` is needed from here on
 
     metrics = _training_metrics(Path(info["path"])) if spec.kind != "base" else None
@@ -254,6 +276,8 @@ def evaluate_model(
         },
         n_resamples=n_resamples,
         seed=seed,
+        protocol=resolve_protocol(protocol).with_decoding(gen.to_dict()),
+        model_extras={NLL: nll},
     )
 
 
@@ -280,8 +304,10 @@ def evaluate_models(
     split: str = "test",
     limit: int | None = None,
     baseline: str = "base",
+    protocol: EvalProtocol | str | dict | None = None,
 ) -> Path:
-    """Evaluate every spec on the same split, then build the report; returns report.json's path."""
+    """Evaluate every spec on the same split under one protocol, then build the report; returns
+    report.json's path."""
     names = [s.name for s in specs]
     if not specs:
         raise EvalInputError("evaluate_models needs at least one ModelSpec (one --model)")
@@ -290,7 +316,9 @@ def evaluate_models(
     check_output_dir(out_dir, "out_dir")
     for spec in specs:  # every model's files, before the first one spends time generating
         _check_spec(spec)
-    paths = [evaluate_model(s, prepared_dir, out_dir, gen, split=split, limit=limit) for s in specs]
+    protocol = resolve_protocol(protocol)  # a bad protocol fails before any model is loaded
+    paths = [evaluate_model(s, prepared_dir, out_dir, gen, split=split, limit=limit, protocol=protocol)
+             for s in specs]
     return build_report(task, paths, out_dir, baseline=baseline)
 
 
@@ -353,6 +381,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="evaluate LoRA adapters even on a base whose fingerprint differs from their own")
     p.add_argument("--baseline", default="base", help="model name the report's changes are relative to")
+    p.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS),
+                   help="evaluation protocol: how several references per example score (best, one per row, "
+                        "first)")
+    p.add_argument("--tokenizer", default=None, choices=list(TOKENIZERS),
+                   help="ROUGE tokens: ascii (rouge_score's) or unicode (non-Latin scripts); None: the "
+                        "protocol's")
     return p
 
 
@@ -374,8 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         merge_adapter=not args.no_merge,
     )
     check_output_dir(args.out, "--out")  # before any model is loaded: a bad --out loses no work
+    protocol = {"name": args.protocol} | ({"tokenizer": args.tokenizer} if args.tokenizer else {})
     report = evaluate_models(args.prepared, specs, args.out, args.task, gen, split=args.split,
-                             limit=args.limit, baseline=args.baseline)
+                             limit=args.limit, baseline=args.baseline, protocol=protocol)
     print(f"report written: {report}")
     print(report.with_name(REPORT_MD_FILE).read_text())
     return 0

@@ -323,7 +323,7 @@ def load_model_for_spec(
     return loaded.model, loaded.tokenizer
 
 
-def _unwrap(model: torch.nn.Module) -> PreTrainedModel:
+def unwrap_model(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model behind a possibly unmerged LoraModel."""
     from lora_module import LoraModel
 
@@ -347,7 +347,7 @@ def generate(
         raise TypeError("prompts must be a list of strings, got a single string")
     if len(prompts) == 0:
         return []
-    hf_model = _unwrap(model)
+    hf_model = unwrap_model(model)
     is_seq2seq = bool(getattr(hf_model.config, "is_encoder_decoder", False))
     device = next(hf_model.parameters()).device
     model.eval()

@@ -2,18 +2,20 @@
 
 `build_report(task, eval_paths, out_dir)` writes, under `out_dir`:
 
-- `report.json`: every number (means, intervals, changes vs the baseline, paired comparisons),
-  the generation config and the data / base / adapter fingerprints;
-- `report.md`: the comparison table (model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum, trainable
-  parameters, adapter size on disk), the change vs the baseline in ROUGE points, paired tests;
-- `rouge.png`: grouped bars with 95% interval whiskers;
+- `report.json`: every number of every metric in `lora_module.evaluation.metrics` (scores, intervals,
+  changes vs the baseline, paired comparisons), the evaluation protocol, the generation config and
+  the data / base / adapter fingerprints;
+- `report.md`: the protocol line, the comparison table (model | ROUGE-1 ... | chrF | BLEU | loss ...,
+  trainable parameters, adapter size on disk), the change vs the baseline, paired tests;
+- `rouge.png`: grouped bars of the 0-1 metrics with 95% interval whiskers;
 - `predictions.csv`: input, references and each model's output, one row per example.
 
-Evaluations made on different data (fingerprint, split or example set) are refused: their
-numbers are not comparable. Usually called through `lora_module.evaluation.evaluate` (see its CLI).
+Evaluations made on different data (fingerprint, split or example set) or scored under different
+protocols are refused: their numbers are not comparable. Usually called through
+`lora_module.evaluation.evaluate` (see its CLI).
 File names come from `lora_module.contracts` (REPORT_FILES). `format_table` is the project's one
-table formatter (Markdown or aligned text; the flows' artifacts and `lora-pipeline list` use it too),
-`rouge_table` its ROUGE-means table.
+table formatter (Markdown or aligned text; the flows' artifacts and `lora-pipeline list` use it too;
+given a protocol it heads the table with it), `rouge_table` its ROUGE-means table.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from typing import Any
 
 from lora_module import contracts
 from lora_module.errors import PipelineError
+from lora_module.evaluation.metrics import get_metric, metric_names, paired_metric
+from lora_module.evaluation.protocol import EvalProtocol, protocol_of
 from lora_module.evaluation.rouge import (
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
     ROUGE_LABELS,
     ROUGE_TYPES,
     SENTENCE_SPLITTER,
-    paired_bootstrap,
 )
 from lora_module.files import write_atomic, write_json_atomic, write_with
 
@@ -45,32 +48,38 @@ class ReportInputError(PipelineError, ValueError):
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], style: str = "markdown",
-                 indent: str = "", align: str | None = None) -> str:
+                 indent: str = "", align: str | None = None,
+                 protocol: EvalProtocol | str | None = None) -> str:
     """The one table formatter (reports, the flows' artifacts, `lora-pipeline list`): Markdown, or
     plain text with padded columns. `align`: one '<' (left) or '>' (right) per column; None: plain
-    text puts the first column left and the rest right, Markdown leaves alignment to the renderer."""
+    text puts the first column left and the rest right, Markdown leaves alignment to the renderer.
+    `protocol` (an EvalProtocol or its `describe()` line): scores are meaningless without it, so a
+    table of scores is headed by it."""
     if align is not None and (len(align) != len(header) or set(align) - {"<", ">"}):
         raise ValueError(f"align={align!r} needs one '<' or '>' per column ({len(header)} columns)")
+    caption = protocol.describe() if isinstance(protocol, EvalProtocol) else protocol
     if style == "markdown":
         rule = ["---" if align is None or a == "<" else "---:" for a in align or header]
-        return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in [header, rule, *rows])
+        table = "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in [header, rule, *rows])
+        return f"Scored under {caption}.\n\n{table}" if caption else table
     align = align or "<" + ">" * (len(header) - 1)
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
-    return "\n".join(
-        indent + "  ".join(str(c).ljust(w) if a == "<" else str(c).rjust(w)
-                           for c, w, a in zip(line, widths, align, strict=True))
-        for line in [header, *rows]
-    )
+    lines = [f"scored under {caption}"] if caption else []
+    lines += ["  ".join(str(c).ljust(w) if a == "<" else str(c).rjust(w)
+                        for c, w, a in zip(line, widths, align, strict=True)) for line in [header, *rows]]
+    return "\n".join(indent + line for line in lines)
 
 
 def rouge_table(rows: Mapping[str, Mapping[str, Any]], style: str = "markdown", indent: str = "") -> str:
-    """ROUGE means (x100) and trainable parameters; `rows`: model -> {rouge type: mean, "trainable": n}."""
+    """ROUGE means (x100) and trainable parameters; `rows`: model -> {rouge type: mean, "trainable": n,
+    "protocol": its describe() line}; the protocol heads the table when every row has the same one."""
     body = []
     for name, r in rows.items():
         trainable = f"{r['trainable']:,}" if isinstance(r.get("trainable"), int) else "-"
         body.append([name, *(f"{100 * r[t]:.2f}" for t in ROUGE_TYPES), trainable])
+    protocols = {r.get("protocol") for r in rows.values()}
     return format_table(["model", *(ROUGE_LABELS[t] for t in ROUGE_TYPES), "trainable params"], body,
-                        style, indent)
+                        style, indent, protocol=protocols.pop() if len(protocols) == 1 else None)
 
 
 def load_eval(path: str | os.PathLike) -> dict:
@@ -82,11 +91,14 @@ def load_eval(path: str | os.PathLike) -> dict:
         ev = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ReportInputError(f"evaluation file {p} is not valid JSON: {e}") from e
-    required = ("model", "data", "split", "rouge", "examples", "params", "fingerprints")
+    if "rouge" in ev and "metrics" not in ev:  # schema 1: ROUGE only, best reference, no protocol
+        ev["metrics"] = ev.pop("rouge")
+    required = ("model", "data", "split", "metrics", "examples", "params", "fingerprints")
     missing = [k for k in required if k not in ev]
     if missing:
         raise ReportInputError(f"evaluation file {p} lacks keys {missing}; was it written by evaluate_model?")
     ev["_path"] = str(p)
+    ev["_protocol"] = protocol_of(ev)
     return ev
 
 
@@ -97,15 +109,17 @@ def _check_comparable(evals: list[dict]) -> None:
             ("data fingerprint", lambda e: e["data"].get("fingerprint")),
             ("split", lambda e: e["split"]),
             ("example set", lambda e: e["examples"]["index"]),
+            ("scoring protocol", lambda e: e["_protocol"].scoring()),
         ):
             if get(ev) != get(first):
                 shown_a, shown_b = repr(get(first)), repr(get(ev))
                 if what == "example set":
                     shown_a, shown_b = f"{len(get(first))} examples", f"{len(get(ev))} examples"
+                fix = ("score every model under one protocol" if what == "scoring protocol" else
+                       "evaluate all models on the same prepared folder, split and limit")
                 raise ReportInputError(
                     f"cannot combine evaluations computed on different data: {what} of {first['_path']} is "
-                    f"{shown_a} but {ev['_path']} has {shown_b}; evaluate all models on the same "
-                    "prepared folder, split and limit"
+                    f"{shown_a} but {ev['_path']} has {shown_b}; {fix}"
                 )
 
 
@@ -140,7 +154,8 @@ def _params_text(params: dict) -> str:
     return f"{trainable:,}" + (f" ({pct:.2f}%)" if pct is not None else "")
 
 
-def _comparisons(evals: dict[str, dict], baseline: str | None, n_resamples: int, seed: int) -> list[dict]:
+def _comparisons(evals: dict[str, dict], names: list[str], baseline: str | None, n_resamples: int,
+                 seed: int) -> list[dict]:
     pairs: list[tuple[str, str]] = []
     loras = [n for n, e in evals.items() if e["model"]["kind"] == "lora"]
     fulls = [n for n, e in evals.items() if e["model"]["kind"] == "full"]
@@ -148,16 +163,22 @@ def _comparisons(evals: dict[str, dict], baseline: str | None, n_resamples: int,
         pairs += [(a, b) for b in fulls]
     if baseline is not None:
         pairs += [(a, baseline) for a in evals if a != baseline and (a, baseline) not in pairs]
-    out = []
-    for a, b in pairs:
-        metrics = {}
-        for t in ROUGE_TYPES:
-            res = paired_bootstrap(
-                evals[a]["examples"]["scores"][t], evals[b]["examples"]["scores"][t], n_resamples, seed=seed
-            )
-            metrics[t] = res
-        out.append({"a": a, "b": b, "metrics": metrics})
-    return out
+    return [{"a": a, "b": b, "metrics": {m: paired_metric(m, _scored(evals[a], m), _scored(evals[b], m),
+                                                         n_resamples, seed=seed) for m in names}}
+            for a, b in pairs]
+
+
+def _scored(ev: dict, name: str) -> dict[str, list]:
+    """One metric's per-example scores or statistics of an evaluation (`metrics.compute`'s form)."""
+    examples = ev["examples"]
+    if name in examples.get("stats", {}):
+        return {"stats": examples["stats"][name]}
+    return {"scores": examples["scores"][name]}
+
+
+def _report_metrics(evals: list[dict]) -> list[str]:
+    """The registered metrics every evaluation has, in the registry's order."""
+    return [m for m in metric_names() if all(m in ev["metrics"] for ev in evals)]
 
 
 def build_report(
@@ -185,6 +206,7 @@ def build_report(
     if baseline is not None and baseline not in evals:
         baseline = None
     first = loaded[0]
+    names = _report_metrics(loaded)
     report = {
         "task": task,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -192,10 +214,11 @@ def build_report(
         "split": first["split"],
         "n": len(first["examples"]["index"]),
         "baseline": baseline,
-        "rouge_types": list(ROUGE_TYPES),
+        "protocol": first["_protocol"].to_dict(),
+        "metric_names": names,
         "bootstrap": {"n_resamples": n_resamples, "confidence": 0.95, "seed": seed},
-        "models": [_model_row(name, ev, evals, baseline) for name, ev in evals.items()],
-        "comparisons": _comparisons(evals, baseline, n_resamples, seed),
+        "models": [_model_row(name, ev, evals, baseline, names) for name, ev in evals.items()],
+        "comparisons": _comparisons(evals, names, baseline, n_resamples, seed),
         "notes": _notes(evals, baseline),
         "files": list(contracts.REPORT_FILES),
     }
@@ -208,12 +231,14 @@ def build_report(
     return json_path
 
 
-def _model_row(name: str, ev: dict, evals: dict[str, dict], baseline: str | None) -> dict[str, Any]:
+def _model_row(name: str, ev: dict, evals: dict[str, dict], baseline: str | None,
+               names: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "name": name,
         "kind": ev["model"]["kind"],
         "path": ev["model"].get("path"),
-        "rouge": ev["rouge"],
+        "metrics": {m: ev["metrics"][m] for m in names},
+        "protocol": ev["_protocol"].to_dict(),
         "params": ev["params"],
         "fingerprints": ev["fingerprints"],
         "generation": ev.get("generation"),
@@ -222,10 +247,10 @@ def _model_row(name: str, ev: dict, evals: dict[str, dict], baseline: str | None
         "training_metrics": ev.get("training_metrics"),
         "eval_file": ev["_path"],
     }
-    if baseline is not None:
-        base_rouge = evals[baseline]["rouge"]
+    if baseline is not None:  # in each metric's display units (ROUGE points, nats)
+        base = evals[baseline]["metrics"]
         row["change_vs_baseline_points"] = {
-            t: 100.0 * (ev["rouge"][t]["mean"] - base_rouge[t]["mean"]) for t in ROUGE_TYPES
+            m: get_metric(m).scale * (ev["metrics"][m]["mean"] - base[m]["mean"]) for m in names
         }
     return row
 
@@ -236,6 +261,9 @@ def _notes(evals: dict[str, dict], baseline: str | None) -> list[str]:
     gens = {json.dumps(e.get("generation"), sort_keys=True) for e in evals.values() if e.get("generation")}
     if len(gens) > 1:
         notes.append("models were decoded with different generation settings (see report.json)")
+    decodings = {json.dumps(e["_protocol"].decoding, sort_keys=True) for e in evals.values()}
+    if len(decodings) > 1 and len(gens) <= 1:
+        notes.append("the models' protocols differ in decoding (see each model's protocol in report.json)")
     if baseline is not None:
         base_fp = evals[baseline]["fingerprints"].get("base")
         for name, ev in evals.items():
@@ -251,32 +279,30 @@ def _notes(evals: dict[str, dict], baseline: str | None) -> list[str]:
 def _markdown(report: dict) -> str:
     data = report["data"]
     fp = (data.get("fingerprint") or "?")[:12]
-    gen = next((m["generation"] for m in report["models"] if m.get("generation")), None)
-    if gen is None:
-        decoding = "outputs given, not generated"
-    else:
-        search = "greedy" if gen["num_beams"] == 1 else f"beam search ({gen['num_beams']} beams)"
-        decoding = f"{search} decoding, up to {gen['max_new_tokens']} new tokens"
+    protocol = EvalProtocol.from_dict(report["protocol"])
+    names = report["metric_names"]
     lines = [
         f"# ROUGE evaluation: {report['task']}",
         "",
-        f"Data `{data.get('name')}` (fingerprint `{fp}`), split `{report['split']}`, {report['n']} examples; "
-        f"{decoding}. Scores are ROUGE F-measures (rouge_score, stemming, best of the references); "
-        f"brackets hold 95% bootstrap intervals ({report['bootstrap']['n_resamples']} resamples).",
+        f"Data `{data.get('name')}` (fingerprint `{fp}`), split `{report['split']}`, {report['n']} examples. "
+        f"Scores: {', '.join(get_metric(m).label for m in names)}; brackets hold 95% bootstrap intervals "
+        f"({report['bootstrap']['n_resamples']} resamples).",
         "",
-        f"ROUGE-Lsum: sentences split with {SENTENCE_SPLITTER}, one per line as rouge_score expects.",
+        f"ROUGE-Lsum: sentences split with {SENTENCE_SPLITTER}, one per line as rouge_score expects."
+        if protocol.lsum_splitter == "punkt" else "ROUGE-Lsum: the texts' own newlines end sentences.",
         "",
-        _scores_table(report["models"]),
+        _scores_table(report["models"], names, protocol),
     ]
-    labels = [ROUGE_LABELS[t] for t in ROUGE_TYPES]
+    labels = [_unit_label(m) for m in names]
     if report["baseline"] is not None:
-        rows = [[m["name"], *(f"{m['change_vs_baseline_points'][t]:+.2f}" for t in ROUGE_TYPES)]
+        rows = [[m["name"], *(f"{m['change_vs_baseline_points'][t]:+.2f}" for t in names)]
                 for m in report["models"] if m["name"] != report["baseline"]]
-        lines += ["", f"## Change vs {report['baseline']} (ROUGE points)", "",
-                  format_table(["model", *labels], rows)]
+        lines += ["", f"## Change vs {report['baseline']}", "",
+                  format_table(["model", *labels], rows, protocol=protocol)]
     if report["comparisons"]:
-        title = "## Paired comparisons (A - B in ROUGE points, 95% bootstrap interval, bootstrap p-value)"
-        lines += ["", title, "", format_table(["A vs B", *labels], _comparison_rows(report))]
+        title = "## Paired comparisons (A - B, 95% bootstrap interval, bootstrap p-value)"
+        lines += ["", title, "",
+                  format_table(["A vs B", *labels], _comparison_rows(report), protocol=protocol)]
     fingerprints = [[m["name"], *(f"`{(m['fingerprints'].get(k) or '-')[:12]}`"
                                   for k in ("data", "base", "model", "adapter_sha256"))]
                     for m in report["models"]]
@@ -287,26 +313,33 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _scores_table(models: list[dict]) -> str:
+def _unit_label(name: str) -> str:
+    """A metric's column header with the unit its changes are in: `ROUGE-1 (points)`, `loss (nats)`."""
+    metric = get_metric(name)
+    return f"{metric.label} ({metric.unit})" if metric.unit else metric.label
+
+
+def _scores_table(models: list[dict], names: list[str], protocol: EvalProtocol) -> str:
     rows = []
     for m in models:
         disk = _human_bytes(m["params"].get("disk_bytes"))
         if m["kind"] == "full" and m["params"].get("disk_bytes") is not None:
             disk += " (whole model)"
-        rows.append([_legend_label(m), *(_score_cell(m["rouge"][t]) for t in ROUGE_TYPES),
+        rows.append([_legend_label(m), *(_score_cell(m["metrics"][t]) for t in names),
                      _params_text(m["params"]), disk])
-    labels = [ROUGE_LABELS[t] for t in ROUGE_TYPES]
-    return format_table(["model", *labels, "trainable parameters", "adapter size on disk"], rows)
+    labels = [get_metric(t).label for t in names]
+    return format_table(["model", *labels, "trainable parameters", "adapter size on disk"], rows,
+                        protocol=protocol)
 
 
 def _comparison_rows(report: dict) -> list[list[str]]:
     rows = []
     for c in report["comparisons"]:
         cells = []
-        for t in ROUGE_TYPES:
-            r = c["metrics"][t]
+        for t in report["metric_names"]:
+            r, k = c["metrics"][t], get_metric(t).scale
             cells.append(
-                f"{100 * r['mean_diff']:+.2f} [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}] "
+                f"{k * r['mean_diff']:+.2f} [{k * r['ci_low']:+.2f}, {k * r['ci_high']:+.2f}] "
                 f"p={_p_text(r['p_value'], report['bootstrap']['n_resamples'])}"
             )
         rows.append([f"{c['a']} vs {c['b']}", *cells])
@@ -331,21 +364,23 @@ def _write_chart(report: dict, path: Path, reference_counts: list[int]) -> None:
     from matplotlib.figure import Figure
 
     models = report["models"]
-    fig = Figure(figsize=(1.6 + 1.7 * len(ROUGE_TYPES), 4.2), dpi=110)
+    names = [m for m in report["metric_names"] if get_metric(m).bounded]  # one 0-1 axis
+    fig = Figure(figsize=(1.6 + 1.7 * len(names), 4.2), dpi=110)
     ax = fig.subplots()
     width = 0.8 / len(models)
     for j, m in enumerate(models):
-        means = [m["rouge"][t]["mean"] for t in ROUGE_TYPES]
-        low = [m["rouge"][t]["mean"] - m["rouge"][t]["ci_low"] for t in ROUGE_TYPES]
-        high = [m["rouge"][t]["ci_high"] - m["rouge"][t]["mean"] for t in ROUGE_TYPES]
-        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(ROUGE_TYPES))]
-        ax.bar(xs, means, width, yerr=[low, high], capsize=3, label=_legend_label(m))
-    ax.set_xticks(range(len(ROUGE_TYPES)), [ROUGE_LABELS[t] for t in ROUGE_TYPES])
-    ax.set_ylabel("F-measure (95% bootstrap interval)")
-    top = max(m["rouge"][t]["ci_high"] for t in ROUGE_TYPES for m in models)
+        scores = [m["metrics"][t] for t in names]
+        low = [s["mean"] - s["ci_low"] for s in scores]
+        high = [s["ci_high"] - s["mean"] for s in scores]
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(names))]
+        ax.bar(xs, [s["mean"] for s in scores], width, yerr=[low, high], capsize=3, label=_legend_label(m))
+    ax.set_xticks(range(len(names)), [get_metric(t).label for t in names])
+    ax.set_ylabel("score (95% bootstrap interval)")
+    top = max((m["metrics"][t]["ci_high"] for t in names for m in models), default=1.0)
     ax.set_ylim(0, min(1.0, top * 1.25 + 0.02))
     ax.set_title(f"{report['task']}: ROUGE on {report['split']} "
                  f"(n={report['n']}, {_references_text(reference_counts)})")
+    ax.set_xlabel(f"protocol {report['protocol']['name']}", fontsize="small")
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

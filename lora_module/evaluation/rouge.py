@@ -1,12 +1,14 @@
 """ROUGE scoring with uncertainty: per-example F-measures, bootstrap intervals, paired comparisons.
 
-Scores come from `rouge_score` (the offline reference implementation, stemming on), so our
-numbers are the ones any other user of that package would get. On top of it:
+Scores come from `rouge_score` (the offline reference implementation), so our numbers are the
+ones any other user of that package would get. The evaluation protocol
+(`lora_module.evaluation.protocol`, default `best-reference`) decides the rest:
 
-- several references per example score as the best reference, chosen per metric;
+- several references per example score as the best reference (per metric), their mean, or the first;
+- stemming on or off; rouge_score's ASCII tokens, or Unicode-aware ones for non-Latin text;
 - ROUGE-Lsum gets newline-separated sentences from nltk's Punkt sentence splitter, as rouge_score
   documents (its pretrained model needs a download, so Punkt runs with a written-out abbreviation
-  list: `SENTENCE_SPLITTER` says so in the report);
+  list: `SENTENCE_SPLITTER` says so in the report), or only the text's own newlines;
 - every mean gets a percentile-bootstrap confidence interval, and two systems scored on the same
   examples are compared with a paired bootstrap.
 
@@ -20,6 +22,7 @@ Use it directly::
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +31,7 @@ from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 from rouge_score import rouge_scorer, tokenize, tokenizers
 
 from lora_module.errors import PipelineError
+from lora_module.evaluation.protocol import EvalProtocol, resolve_protocol
 
 ROUGE_TYPES: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 ROUGE_LABELS: dict[str, str] = {
@@ -75,23 +79,44 @@ def split_sentences(text: str) -> list[str]:
     return [s for line in text.splitlines() for s in _punkt().tokenize(line) if s.strip()]
 
 
-def lsum_text(text: str) -> str:
-    """The text with one sentence per line, the input format ROUGE-Lsum expects."""
-    return "\n".join(split_sentences(text))
+def lsum_text(text: str, splitter: str = "punkt") -> str:
+    """The text with one sentence per line, the input format ROUGE-Lsum expects (`splitter` "newline":
+    the text as it is, its own newlines the only sentence ends)."""
+    return text if splitter == "newline" else "\n".join(split_sentences(text))
 
 
-class _CachedStemTokenizer(tokenizers.Tokenizer):
-    """rouge_score's default tokenizer with a memoized Porter stemmer.
+@functools.cache
+def _porter_stem():
+    # Stemming is ~70% of scoring time and a pure function of the word: memoized, the tokens (hence
+    # the scores) are those of `RougeScorer(use_stemmer=True)`, several times faster.
+    return functools.lru_cache(maxsize=1 << 17)(porter.PorterStemmer().stem)
 
-    Stemming is ~70% of scoring time and a pure function of the word, so caching it gives the
-    same tokens (hence the same scores) as `RougeScorer(use_stemmer=True)`, several times faster.
+
+# Unicode mode: every script's letters and digits; CJK ideographs and kana stand alone (no spaces there).
+_CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+class _ProtocolTokenizer(tokenizers.Tokenizer):
+    """rouge_score's tokenizer with the protocol's stemmer and token rule.
+
+    `ascii` is rouge_score's own `tokenize.tokenize` (lower-case a-z0-9 tokens, Porter stemming of
+    words over 3 characters). `unicode` splits on non-word characters of any script instead, so
+    identical Greek, Cyrillic or Chinese texts score 1.0 rather than 0; on ASCII text both give the
+    same tokens (only ASCII words are stemmed).
     """
 
-    def __init__(self) -> None:
-        self.stem = functools.lru_cache(maxsize=1 << 17)(porter.PorterStemmer().stem)
+    def __init__(self, stemmer: bool, unicode_tokens: bool) -> None:
+        self.stem = _porter_stem() if stemmer else None
+        self.unicode_tokens = unicode_tokens
 
     def tokenize(self, text: str) -> list[str]:
-        return tokenize.tokenize(text, self)  # calls self.stem(word) for words over 3 characters
+        if not self.unicode_tokens:
+            return tokenize.tokenize(text, self if self.stem else None)  # calls self.stem(word)
+        words = _NON_WORD.split(_CJK.sub(r" \1 ", text.lower()))
+        if self.stem:
+            words = [self.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
+        return [w for w in words if w]
 
 
 def _normalize_references(references: Sequence[Sequence[str] | str]) -> list[list[str]]:
@@ -118,12 +143,15 @@ def score_examples(
     predictions: Sequence[str],
     references: Sequence[Sequence[str] | str],
     rouge_types: Sequence[str] = ROUGE_TYPES,
+    protocol: EvalProtocol | str | None = None,
 ) -> dict[str, list[float]]:
     """Per-example ROUGE F-measures: `{rouge_type: [score per example]}`.
 
-    `references[i]` is a string or a list of strings; with several, each metric keeps its best
-    reference. An empty prediction string scores 0; an empty list of predictions is an error.
+    `references[i]` is a string or a list of strings; with several, the protocol's `references`
+    decides (default: each metric keeps its best reference). An empty prediction string scores 0;
+    an empty list of predictions is an error.
     """
+    protocol = resolve_protocol(protocol)
     if isinstance(predictions, str):
         raise RougeInputError("predictions must be a list of strings, got a single string")
     if len(predictions) == 0:
@@ -141,18 +169,17 @@ def score_examples(
             raise RougeInputError(f"predictions[{i}] must be a string, got {type(p).__name__}")
     refs = _normalize_references(references)
 
-    scorer = rouge_scorer.RougeScorer(list(rouge_types), tokenizer=_CachedStemTokenizer())
+    tokenizer = _ProtocolTokenizer(protocol.stemmer, protocol.tokenizer == "unicode")
+    scorer = rouge_scorer.RougeScorer(list(rouge_types), tokenizer=tokenizer)
     # Sentence-per-line text is harmless for ROUGE-1/2/L: the tokenizer treats "\n" as a space.
     scores: dict[str, list[float]] = {t: [] for t in rouge_types}
     for pred, ref_list in zip(predictions, refs, strict=True):
-        pred_text = lsum_text(pred)
-        best = dict.fromkeys(rouge_types, 0.0)
-        for ref in ref_list:
-            result = scorer.score(lsum_text(ref), pred_text)
-            for t in rouge_types:
-                best[t] = max(best[t], result[t].fmeasure)
+        pred_text = lsum_text(pred, protocol.lsum_splitter)
+        per_ref = [scorer.score(lsum_text(ref, protocol.lsum_splitter), pred_text)
+                   for ref in (ref_list[:1] if protocol.references == "first" else ref_list)]
         for t in rouge_types:
-            scores[t].append(best[t])
+            values = [result[t].fmeasure for result in per_ref]
+            scores[t].append(max(values) if protocol.references == "max" else sum(values) / len(values))
     return scores
 
 

@@ -74,8 +74,8 @@ def _figure(value: str | None) -> str:
 def _row(mv: Any, metric: str, aliases: list[str]) -> list[str]:
     tags = mv.tags or {}
     created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M")
-    base = tags.get(c.rouge_key(metric, tags.get(c.TAG_EVAL_BASELINE, "base")))
-    return [str(mv.version), ",".join(sorted(aliases)) or "-", _figure(tags.get(c.rouge_key(metric))),
+    base = tags.get(c.metric_key(metric, tags.get(c.TAG_EVAL_BASELINE, "base")))
+    return [str(mv.version), ",".join(sorted(aliases)) or "-", _figure(tags.get(c.metric_key(metric))),
             _figure(base), tags.get(c.TAG_GATE_DECISION, "-"), tags.get(c.TAG_MODE, "-"),
             tags.get(c.TAG_EVAL_DATA_FINGERPRINT, "-")[:12], created]
 

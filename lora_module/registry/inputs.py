@@ -31,6 +31,8 @@ from typing import Any
 from lora_module import contracts as c
 from lora_module.adapter_io import read_adapter_config, read_prompt_settings, write_prompt_settings
 from lora_module.errors import AdapterLoadError, PipelineError
+from lora_module.evaluation.metrics import metric_tag
+from lora_module.evaluation.protocol import protocol_of
 from lora_module.files import sha256_file
 from lora_module.lineage import git_commit
 from lora_module.names import check_name
@@ -115,12 +117,14 @@ class RegistrationInputs:
     training_run: tuple[str, str] | None = None  # (tracking uri, run id) of the training run
     prompt: PromptSettings | None = None  # template and lengths the adapter was trained with
     prompt_source: Path | None = None  # the prepared folder they came from; None: the adapter's sidecar
+    metric: str = "rougeL"  # the gate's metric: the one figure (beside the baseline's) a version shows
     timestamp_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
     @property
     def rouge_types(self) -> list[str]:
-        """The ROUGE types the report scored the adapter on."""
-        return [k for k in self.candidate_metrics if k != "data_fingerprint"]
+        """The metrics whose figures the version shows: the gate's (the rest are the run's metrics and in
+        lineage.json; a version keeps about a dozen tags)."""
+        return [self.metric] if self.metric in self.candidate_metrics else []
 
     @contextlib.contextmanager
     def adapter_to_log(self) -> Iterator[Path]:
@@ -179,6 +183,23 @@ def _report_models(report: dict, path: Path) -> list[dict]:
     return models
 
 
+def _scores(model_row: dict) -> dict:
+    """A report row's scores by metric (`metrics`; a report written before the registry: `rouge`)."""
+    return model_row.get("metrics") or model_row.get("rouge") or {}
+
+
+def _record_protocol(inp: RegistrationInputs, cand: dict) -> None:
+    """The candidate's evaluation protocol: name and id as run and version tags (the gate compares the
+    id), every setting as a run param, both for the gate's candidate."""
+    protocol = protocol_of(cand)
+    tags = {c.TAG_EVAL_PROTOCOL: protocol.name, c.TAG_EVAL_PROTOCOL_ID: protocol.protocol_id}
+    inp.version_tags.update(tags)
+    inp.run_tags.update(tags)
+    for k, v in protocol.to_dict().items():
+        inp.params[_key(c.EVAL_PROTOCOL_PARAM + k)] = json.dumps(v) if isinstance(v, dict) else str(v)
+    inp.candidate_metrics |= {"protocol_id": protocol.protocol_id, "protocol": protocol.name}
+
+
 def _pick_candidate(models: list[dict], name: str | None, adapter_sha: str, path: Path) -> dict:
     names = [m["name"] for m in models]
     if name is not None:
@@ -217,17 +238,16 @@ def _read_report(inp: RegistrationInputs, path: Path, metric: str, candidate: st
 
     tags = inp.version_tags
     for m in models:
-        rouge = m.get("rouge") or {}
-        for t, s in rouge.items():
+        for t, s in _scores(m).items():
             if not isinstance(s, dict) or _number(s.get("mean")) is None:
                 continue
             for stat in ("mean", "ci_low", "ci_high"):
                 if _number(s.get(stat)) is not None:
                     suffix = "" if stat == "mean" else f".{stat}"
-                    inp.metrics.append((_key(c.rouge_key(t, m["name"]) + suffix), float(s[stat]), 0))
-            tags[_key(c.rouge_key(t, m["name"]))] = f"{s['mean']:.6f}"
+                    inp.metrics.append((_key(metric_tag(t, m["name"]) + suffix), float(s[stat]), 0))
+            tags[_key(metric_tag(t, m["name"]))] = f"{s['mean']:.6f}"
             if m is cand:
-                tags[_key(c.rouge_key(t))] = f"{s['mean']:.6f}"
+                tags[_key(metric_tag(t))] = f"{s['mean']:.6f}"
                 inp.candidate_metrics[t] = float(s["mean"])
                 if _number(s.get("ci_low")) is not None and _number(s.get("ci_high")) is not None:
                     tags[_key(c.rouge_ci_key(t))] = f"[{s['ci_low']:.6f}, {s['ci_high']:.6f}]"
@@ -245,12 +265,12 @@ def _read_report(inp: RegistrationInputs, path: Path, metric: str, candidate: st
     if metric not in inp.candidate_metrics:
         raise RegistrationInputError(
             f"metric {metric!r} is not in report {path} for model {cand['name']!r}; "
-            f"available: {sorted(inp.candidate_metrics)}"
+            f"available: {sorted(_scores(cand))}"
         )
     inp.candidate_metrics["data_fingerprint"] = eval_fp
+    _record_protocol(inp, cand)
     if base is not None:
-        rouge = base.get("rouge") or {}
-        inp.base_metrics = {t: s.get("mean") for t, s in rouge.items() if isinstance(s, dict)}
+        inp.base_metrics = {t: s.get("mean") for t, s in _scores(base).items() if isinstance(s, dict)}
     tags.update({
         c.TAG_EVAL_CANDIDATE: cand["name"], c.TAG_EVAL_BASELINE: base["name"] if base else c.NONE,
         c.TAG_EVAL_SPLIT: str(report.get("split", c.UNKNOWN)), c.TAG_EVAL_N: str(report.get("n", c.UNKNOWN)),
@@ -393,9 +413,10 @@ def read_inputs(
     train = current_outputs(train_dir) if train_dir is not None else None
     prepared = Path(prepared_dir) if prepared_dir is not None else None
     tok = _shipped_tokenizer(adapter, Path(tokenizer_dir) if tokenizer_dir is not None else None, prepared)
-    inp = RegistrationInputs(task, adapter, report and report.resolve(), train and train.resolve(), tok, cfg)
+    inp = RegistrationInputs(task, adapter, report and report.resolve(), train and train.resolve(), tok, cfg,
+                             metric=metric)
     _read_prompt(inp, prepared)
-    for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "task_type",
+    for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora", "task_type",
               "base_model_name_or_path", "base_fingerprint"):
         value = cfg.get(k)
         inp.params[f"adapter.{k}"] = json.dumps(value) if isinstance(value, list) else str(value)
@@ -437,6 +458,7 @@ def _tag_version(inp: RegistrationInputs, adapter: Path, cfg: dict[str, Any], tr
         c.TAG_LORA_ALPHA: str(cfg.get("lora_alpha")),
         c.TAG_LORA_TARGETS: ",".join(targets) if isinstance(targets, list) else str(targets),
         c.TAG_LORA_RSLORA: str(bool(cfg.get("use_rslora"))),
+        c.TAG_LORA_DORA: str(bool(cfg.get("use_dora"))),
         c.TAG_MODE: str(mode),
         c.TAG_ADAPTER_SHA256: sha256_file(weights),
         c.TAG_ADAPTER_BYTES: str(weights.stat().st_size),

@@ -120,7 +120,7 @@ class RegistrationResult:
 
 
 def champion_info(client: MlflowClient, name: str, metric: str) -> dict[str, Any] | None:
-    """The current champion's metric, test-data fingerprint and version (None: no champion)."""
+    """The current champion's metric, test-data fingerprint, protocol and version (None: no champion)."""
     try:
         mv = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException as e:
@@ -129,8 +129,10 @@ def champion_info(client: MlflowClient, name: str, metric: str) -> dict[str, Any
         raise
     tags = mv.tags or {}
     return {
-        metric: tags.get(c.rouge_key(metric)),
+        metric: tags.get(c.metric_key(metric)),
         "data_fingerprint": tags.get(c.TAG_EVAL_DATA_FINGERPRINT),
+        "protocol_id": tags.get(c.TAG_EVAL_PROTOCOL_ID),
+        "protocol": tags.get(c.TAG_EVAL_PROTOCOL),
         "version": mv.version,
     }
 

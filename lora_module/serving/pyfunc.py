@@ -55,9 +55,10 @@ from lora_module.serving.predictor import (
 # what a registered model runs is reviewable; tests/test_serving_code.py checks the closure.
 SINGLE_TASK_CODE = (
     "lora_module/__init__.py", "lora_module/adapter_io.py", "lora_module/config.py",
-    "lora_module/contracts.py", "lora_module/errors.py", "lora_module/files.py", "lora_module/home.py",
-    "lora_module/layers.py", "lora_module/lazy.py", "lora_module/mixed_batch.py", "lora_module/model.py",
-    "lora_module/names.py", "lora_module/prompt.py", "lora_module/qlora.py",
+    "lora_module/contracts.py", "lora_module/dora.py", "lora_module/errors.py", "lora_module/files.py",
+    "lora_module/home.py", "lora_module/init.py", "lora_module/layers.py", "lora_module/lazy.py",
+    "lora_module/mixed_batch.py", "lora_module/model.py", "lora_module/names.py", "lora_module/prompt.py",
+    "lora_module/qlora.py", "lora_module/selection.py",
     "lora_module/evaluation/__init__.py", "lora_module/evaluation/generation.py",
     "lora_module/registry/__init__.py", "lora_module/registry/bases.py", "lora_module/serving/__init__.py",
     "lora_module/serving/predictor.py", "lora_module/serving/pyfunc.py",

@@ -46,6 +46,7 @@ from lora_module.training.datamodule import (
     check_loader_settings,
     check_prepared_dir,
 )
+from lora_module.training.early_stopping import check_early_stopping
 from lora_module.training.module import CHECKED_HPARAMS, FineTuneModule, check_hparams
 from lora_module.training.resume import CheckpointMismatchError
 
@@ -140,6 +141,8 @@ def check_config(config: Namespace) -> None:
     before either is built; raises a PipelineError naming the key."""
     model = config.get("model") or Namespace()
     check_hparams(**_given(model, CHECKED_HPARAMS))
+    limit_val_batches = (config.get("trainer") or Namespace()).get("limit_val_batches")
+    check_early_stopping(**_given(model, ("early_stopping",)), limit_val_batches=limit_val_batches)
     check_loader_settings(**_given(config.get("data") or Namespace(), CHECKED_LOADER_SETTINGS))
     if model.get("output_dir"):
         check_output_dir(model.output_dir, "model.output_dir")

@@ -5,6 +5,10 @@ The adapter is self-describing: its sidecar records the prompt settings of the p
 trained on (`adapter_io.write_prompt_settings`, from the data module's manifest), which registration
 and serving read instead of looking for the data.
 
+With early stopping the exported weights are the best checkpoint's (training.early_stopping): metrics.json
+and the sidecar record where they came from under `early_stopping` (best_step, best_epoch, best_value, ...;
+null when off), `val_loss` is that checkpoint's, and the MLflow run gets `early_stopping.*` tags.
+
 Called by `FineTuneModule.on_train_end` on global rank 0 only.
 """
 
@@ -24,6 +28,7 @@ from lora_module.adapter_io import write_prompt_settings
 from lora_module.files import sha256_file
 from lora_module.prompt import PromptSettings
 from lora_module.training.outputs import publish
+from lora_module.training.run_lineage import tag_early_stopping
 
 
 def _folder_bytes(path: Path) -> int:
@@ -36,14 +41,27 @@ def _local_path_or_name(name_or_path: str) -> str:
     return str(p.resolve()) if p.exists() else name_or_path
 
 
+def _exported_val_loss(module: Any, early_stopping: dict[str, Any] | None) -> float | None:
+    """The validation loss of the exported state: the best checkpoint's when it is chosen on val/loss,
+    else the last validation run's."""
+    best = early_stopping or {}
+    if best.get("monitor") == "val/loss" and best.get("best_value") is not None:
+        return best["best_value"]
+    val = module.trainer.callback_metrics.get("val/loss")
+    return float(val) if val is not None else None
+
+
 def export_outputs(
-    module: Any, train_loss: float | None, tokens_per_sec: float | None, seconds: float, tokens: int
+    module: Any, train_loss: float | None, tokens_per_sec: float | None, seconds: float, tokens: int,
+    early_stopping: dict[str, Any] | None = None,
 ) -> None:
-    """Write adapter/ or model/, metrics.json and config.yaml as one export (rank 0); log them to MLflow."""
+    """Write adapter/ or model/, metrics.json and config.yaml as one export (rank 0); log them to MLflow.
+
+    `early_stopping`: where the exported weights came from (training.early_stopping.restore_best), None: off.
+    """
     out = Path(module.hparams.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainable, total = module.parameter_counts()
-    val = module.trainer.callback_metrics.get("val/loss")
     datamodule = getattr(module.trainer, "datamodule", None)
     manifest = getattr(datamodule, "manifest", None) or {}
     metrics: dict[str, Any] = {
@@ -53,7 +71,7 @@ def export_outputs(
         "total_params": total,
         "trainable_pct": 100.0 * trainable / total,
         "train_loss": train_loss,  # mean over the last epoch's batches
-        "val_loss": float(val) if val is not None else None,  # last validation run
+        "val_loss": _exported_val_loss(module, early_stopping),
         "steps": module.global_step,
         "epochs": module.current_epoch,
         "tokens": tokens,
@@ -64,6 +82,7 @@ def export_outputs(
         "data_fingerprint": manifest.get("fingerprint"),
         "base_fingerprint": module.base_fingerprint(),
         "checkpoint": str(out / "checkpoints" / "last.ckpt"),
+        "early_stopping": early_stopping,
     }
     mlflow = next((lg for lg in module.loggers if isinstance(lg, MLFlowLogger)), None)
     if mlflow is not None:
@@ -80,6 +99,8 @@ def export_outputs(
             run.log_artifact(mlflow.run_id, str(folder / name))
         if module.finetune != "full":
             run.log_artifacts(mlflow.run_id, str(folder / c.ADAPTER_DIR), artifact_path=c.ADAPTER_DIR)
+        if early_stopping is not None:
+            tag_early_stopping(mlflow, early_stopping)
     rank_zero_info(f"training outputs written to {out}")
 
 def _write_outputs(module: Any, out: Path, metrics: dict[str, Any],
@@ -106,7 +127,8 @@ def _write_outputs(module: Any, out: Path, metrics: dict[str, Any],
 
 def _save_adapter(module: Any, metrics: dict[str, Any], path: Path, prompt: PromptSettings | None) -> None:
     """The adapter in PEFT format, its sidecar with our metadata and the prompt settings it learnt with."""
-    meta = {k: metrics[k] for k in ("finetune", "steps", "train_loss", "val_loss", "data_fingerprint")}
+    keys = ("finetune", "steps", "train_loss", "val_loss", "data_fingerprint", "early_stopping")
+    meta = {k: metrics[k] for k in keys}
     module.model.save_pretrained(
         path, base_model_name_or_path=_local_path_or_name(module.hparams.model_name_or_path), metadata=meta,
     )

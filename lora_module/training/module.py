@@ -8,7 +8,7 @@ What a fit leaves in `output_dir` (written by global rank 0 only):
   adapter/        PEFT-format adapter (lora, qlora)   or   model/  save_pretrained model + tokenizer (full)
   metrics.json    finetune, trainable/total params, train/val loss, steps, tokens/s, adapter bytes, ...
   config.yaml     the resolved configuration (from the CLI; the hyperparameters otherwise)
-  checkpoints/    last.ckpt (lora/qlora: trainable tensors + optimizer state only)
+  checkpoints/    last.ckpt (lora/qlora: trainable tensors + optimizer state only), best.ckpt (early stopping)
 The first three are links into exports/<id>/ and appear together or not at all (training.outputs).
 
 A run resumed from a mid-epoch checkpoint ends with the adapter of the uninterrupted run: the
@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +38,14 @@ from lora_module.config import torch_dtype
 from lora_module.errors import LoraConfigError, PipelineError, SettingsError
 from lora_module.evaluation.generation import DEFAULT_MAX_NEW_TOKENS
 from lora_module.prompt import PromptSettings
+from lora_module.training.early_stopping import (
+    EarlyStoppingConfig,
+    check_early_stopping,
+    early_stopping_callbacks,
+    restore_best,
+)
 from lora_module.training.export import export_outputs
+from lora_module.training.optim import param_groups
 from lora_module.training.resume import (
     CheckpointMismatchError,
     check_lora_layout,
@@ -75,13 +83,13 @@ class WarmupDecay:
 
 # The FineTuneModule arguments `check_hparams` checks: what the CLI's types alone cannot.
 CHECKED_HPARAMS = ("finetune", "lora", "learning_rate", "warmup_steps", "warmup_ratio",
-                   "checkpoint_every_n_steps")
+                   "checkpoint_every_n_steps", "loraplus_lr_ratio")
 
 
 def check_hparams(*, finetune: str | None = None, lora: LoraConfig | dict | None = None,
                   learning_rate: float | None = None, warmup_steps: int | None = None,
-                  warmup_ratio: float | None = None, checkpoint_every_n_steps: int | None = None
-                  ) -> LoraConfig:
+                  warmup_ratio: float | None = None, checkpoint_every_n_steps: int | None = None,
+                  loraplus_lr_ratio: float | None = None) -> LoraConfig:
     """The LoRA config (from a dict, or the default) after checking the given values; None: not given.
 
     The one place these values are checked: FineTuneModule runs it when built, and the training CLI runs
@@ -99,12 +107,24 @@ def check_hparams(*, finetune: str | None = None, lora: LoraConfig | dict | None
         raise SettingsError(
             f"model.checkpoint_every_n_steps must be >= 1 or null, got {checkpoint_every_n_steps}"
         )
+    _check_loraplus(loraplus_lr_ratio, finetune)
     if lora is None or isinstance(lora, LoraConfig):
         return lora if lora is not None else LoraConfig()
     try:
         return LoraConfig.from_dict(dict(lora))
     except LoraConfigError as e:
         raise LoraConfigError(f"model.lora: {e}") from e
+
+
+def _check_loraplus(ratio: float | None, finetune: str | None) -> None:
+    if ratio is None:
+        return
+    number = isinstance(ratio, int | float) and not isinstance(ratio, bool)
+    if not (number and math.isfinite(ratio) and ratio > 0):
+        raise SettingsError(f"model.loraplus_lr_ratio must be a number > 0 (or null: off), got {ratio!r}")
+    if finetune == "full":
+        raise SettingsError("model.loraplus_lr_ratio applies to LoRA's A/B matrices and finetune 'full' has"
+                            " none: remove it, or set model.finetune to 'lora' or 'qlora'")
 
 
 class FineTuneModule(L.LightningModule):
@@ -127,6 +147,8 @@ class FineTuneModule(L.LightningModule):
         trust_remote_code: bool = False,
         checkpoint_every_n_steps: int | None = None,
         max_new_tokens: int | None = None,
+        loraplus_lr_ratio: float | None = None,
+        early_stopping: EarlyStoppingConfig | None = None,
         output_dir: str = ".lora_pipeline/runs/default",
     ):
         """
@@ -148,16 +170,21 @@ class FineTuneModule(L.LightningModule):
                 validation and epoch end).
             max_new_tokens: Generation length for the `predict` subcommand (None: the prepared data's
                 max_target_length).
+            loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): the B matrices learn at learning_rate * this
+                ratio, the A matrices at learning_rate (PEFT's groups; 16 is the paper's usual value).
+                None: off. lora and qlora only.
+            early_stopping: Stop on val/loss, export the best checkpoint (training.early_stopping); null: off.
             output_dir: This run's outputs: adapter/ or model/, metrics.json, config.yaml, checkpoints/.
         """
         super().__init__()
         lora = check_hparams(finetune=finetune, lora=lora, learning_rate=learning_rate,
                              warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
-                             checkpoint_every_n_steps=checkpoint_every_n_steps)
-        self.save_hyperparameters(ignore=["lora"])
-        self.hparams["lora"] = lora.to_dict()
-        self.finetune = finetune
-        self.lora_config = lora
+                             checkpoint_every_n_steps=checkpoint_every_n_steps,
+                             loraplus_lr_ratio=loraplus_lr_ratio)
+        self.early_stopping = es = check_early_stopping(early_stopping)
+        self.save_hyperparameters(ignore=["lora", "early_stopping"])
+        self.hparams.update(lora=lora.to_dict(), early_stopping=None if es is None else asdict(es))
+        self.finetune, self.lora_config = finetune, lora
         # The trainable state is small for LoRA: checkpoints hold only it, so loading them is not strict.
         self.strict_loading = finetune == "full"
         self.model = self._build_model()
@@ -212,7 +239,8 @@ class FineTuneModule(L.LightningModule):
         if not trainable:
             raise RuntimeError(f"finetune={self.finetune!r}: the model has no trainable parameters")
         if self.finetune != "full":
-            stray = [n for n in trainable if "lora_" not in n]
+            # modules_to_save copies train in full beside the adapter, as in PEFT.
+            stray = [n for n in trainable if "lora_" not in n and ".modules_to_save." not in n]
             if stray:
                 raise RuntimeError(
                     f"finetune={self.finetune!r} must train only LoRA tensors, but {len(stray)} base"
@@ -351,14 +379,9 @@ class FineTuneModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=hp.learning_rate, eps=hp.adam_epsilon
-        )
+        groups = param_groups(self, learning_rate=hp.learning_rate, weight_decay=hp.weight_decay,
+                              loraplus_lr_ratio=hp.get("loraplus_lr_ratio"))
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, eps=hp.adam_epsilon)
         total = total_optimizer_steps(self.trainer)  # not estimated_stepping_batches: see resume.py
         if not math.isfinite(total):
             raise SettingsError(
@@ -375,9 +398,10 @@ class FineTuneModule(L.LightningModule):
 
     def configure_callbacks(self) -> list:
         # Checkpoints live with the run's outputs; this replaces any ModelCheckpoint given to the Trainer.
-        return [
+        checkpoints = Path(self.hparams.output_dir) / "checkpoints"
+        return early_stopping_callbacks(self.early_stopping, checkpoints, self.trainer.callbacks) + [
             ModelCheckpoint(
-                dirpath=Path(self.hparams.output_dir) / "checkpoints",
+                dirpath=checkpoints,
                 save_last=True,
                 save_top_k=0,
                 every_n_train_steps=self.hparams.checkpoint_every_n_steps,
@@ -461,6 +485,7 @@ class FineTuneModule(L.LightningModule):
                 tag_training_run(logger, self.finetune, r, manifest, self.base_fingerprint())
 
     def on_train_end(self) -> None:
+        best = restore_best(self)  # with early stopping: the best checkpoint's weights, on every rank
         # Collectives first (every rank takes part), then rank 0 alone writes the outputs.
         strategy = self.trainer.strategy
         loss_sum = strategy.reduce(self._epoch_loss_sum.detach().float().clone(), reduce_op="sum")
@@ -470,5 +495,5 @@ class FineTuneModule(L.LightningModule):
         train_loss = float(loss_sum / n) if float(n) > 0 else None
         tokens_per_sec = float(tokens / seconds) if float(seconds) > 0 else None
         if self.trainer.is_global_zero:
-            export_outputs(self, train_loss, tokens_per_sec, float(seconds), int(tokens))
+            export_outputs(self, train_loss, tokens_per_sec, float(seconds), int(tokens), early_stopping=best)
         strategy.barrier("lora_pipeline_export")

@@ -8,6 +8,9 @@ Called by `FineTuneModule.on_fit_start` for each MLflow logger (rank 0 only):
               tracking_uri (the store the run lives in; the registry compares it with its own):
               `contracts.training_run_tags`
 
+At the end of a fit with early stopping, `tag_early_stopping` adds where the exported weights came from
+(`contracts.early_stopping_tags`: early_stopping.best_step, .best_epoch, .best_value, .stopped_early, ...).
+
 The task is the logger's `task` (PipelineMLFlowLogger), else the experiment name's `lora-<task>`,
 else the prepared data's name. The registry later adds `registered_version` and a note linking
 the version (lora_module.registry.register).
@@ -47,4 +50,10 @@ def tag_training_run(logger: MLFlowLogger, finetune: str, r: int | None, manifes
                                        git_commit(), getattr(logger, "_tracking_uri", None))
     if getattr(logger, "_run_name", None) is None:  # MLflow generated one: seeded, so not unique
         tags[MLFLOW_RUN_NAME] = contracts.run_name(task, finetune, r, run_id=logger.run_id)
+    logger.experiment.log_batch(logger.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def tag_early_stopping(logger: MLFlowLogger, record: dict[str, Any]) -> None:
+    """Tag the logger's run with the early-stopping record of its export (training.early_stopping)."""
+    tags = contracts.early_stopping_tags(record)
     logger.experiment.log_batch(logger.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
