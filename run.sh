@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Entry point for a fresh machine:  ./run.sh setup | test | demo [args...]
 #   setup  create .venv and install the project (CPU build of torch unless a GPU is present)
-#   test   setup, then run the whole test suite (what CI runs)
+#   test   setup, then run the whole test suite on every core (what CI runs; -n 0 for one process)
 #   demo   setup, then run the offline demo pipeline on the embedded Prefect + MLflow defaults
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -37,7 +37,8 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   setup) setup ;;
-  test) setup; HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 exec "$VENV/bin/python" -m pytest "$@" ;;
+  # One pytest-xdist worker per core, a test file per worker (its module fixtures stay together).
+  test) setup; HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 exec "$VENV/bin/python" -m pytest -n auto --dist loadfile "$@" ;;
   demo) setup; exec "$VENV/bin/lora-pipeline" demo "$@" ;;
   *) echo "usage: ./run.sh setup | test [pytest args] | demo [demo args]" >&2; exit 2 ;;
 esac

@@ -61,8 +61,9 @@ COMMANDS: dict[str, Command] = {
                            ("serve-model",)),
     "run": Command("lora_pipeline.flows.pipeline", "run the pipeline flow for one or more tasks"),
     "demo": Command("lora_pipeline.flows.demo", "the offline demo: both demo tasks end to end"),
-    "sweep": Command("lora_pipeline.flows.sweep_cli", "LoRA rank sweep of a task on the demo settings: "
-                     "chart, recommended rank, registered"),
+    "sweep": Command("lora_pipeline.flows.sweep_cli", "LoRA rank sweep of a task on the demo settings "
+                     "(chart, recommended rank, registered), or with --variant a LoRA/DoRA/LoRA+ "
+                     "learning-rate sweep over seeds"),
     "serve": Command("lora_pipeline.deploy.serve", "serve the deployments of prefect.yaml from one "
                      "process"),
     "bench": Command("lora_pipeline.benchmarks.suite", "run the benchmarks, write RESULTS.md + .json"),

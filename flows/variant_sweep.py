@@ -81,8 +81,9 @@ def config_learning_rate(config_path: str, overrides: list[str]) -> float:
 
 
 def point_name(variant: str, multiplier: float, seed: int) -> str:
-    """The training folder and evaluation name of one point, e.g. `dora-lr2x-s0`."""
-    return f"{variant}-lr{multiplier:g}x-s{seed}"
+    """The training folder and evaluation name of one point, e.g. `dora-lr2x-s0`, `lora-lr0_5x-s1` (a
+    name allows no '.')."""
+    return f"{variant}-lr{multiplier:g}x-s{seed}".replace(".", "_")
 
 
 def build_grid(variants: list[str], multipliers: list[float], seeds: int) -> list[dict[str, Any]]:

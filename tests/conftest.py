@@ -176,7 +176,10 @@ def _no_leaks_between_tests() -> Iterator[None]:
     from the previous test's registry instead of X's.
     """
     environ, uris = dict(os.environ), _mlflow_global_uris()
+    stray = Path.cwd() / "mlruns"  # MLflow's default artifact root for a new experiment in a sqlite store
+    had_stray = stray.exists()
     yield
+    assert had_stray or not stray.exists(), f"the test wrote MLflow artifacts into {stray}: give a location"
     if dict(os.environ) != environ:
         os.environ.clear()
         os.environ.update(environ)

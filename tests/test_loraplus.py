@@ -116,7 +116,9 @@ def test_one_step_equals_peft_optimizer_and_is_saved_and_logged(built, tmp_path)
     batch = batch_for(ours.model.get_input_embeddings().num_embeddings)
     plain = {n: p.detach().clone() for n, p in theirs.named_parameters() if p.requires_grad}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    logger = MLFlowLogger(experiment_name="loraplus", tracking_uri=uri)
+    # An artifact location of its own: a new experiment in a sqlite store would otherwise use ./mlruns.
+    logger = MLFlowLogger(experiment_name="loraplus", tracking_uri=uri,
+                          artifact_location=(tmp_path / "artifacts").as_uri())
     L.seed_everything(0)
     L.Trainer(max_steps=1, accelerator="cpu", logger=logger, enable_progress_bar=False,
               enable_model_summary=False, enable_checkpointing=True, limit_val_batches=0).fit(

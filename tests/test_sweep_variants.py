@@ -15,6 +15,7 @@ import yaml
 
 from lora_module import contracts as c
 from lora_module.errors import UsageError
+from lora_module.evaluation.evaluate import ModelSpec
 from lora_module.training.cli import parse_config
 from lora_pipeline.flows import sweep_cli
 from lora_pipeline.flows.specs import TaskSpecError
@@ -40,8 +41,10 @@ def test_grid_is_every_variant_multiplier_and_seed_seed_major():
     grid = build_grid(["lora", "dora"], [2, 1], 2)
     assert [g["name"] for g in grid] == ["lora-lr1x-s0", "dora-lr1x-s0", "lora-lr2x-s0", "dora-lr2x-s0",
                                          "lora-lr1x-s1", "dora-lr1x-s1", "lora-lr2x-s1", "dora-lr2x-s1"]
-    assert build_grid(["loraplus"], [0.5], 1) == [
-        {"name": "loraplus-lr0.5x-s0", "variant": "loraplus", "multiplier": 0.5, "seed": 0}]
+    assert build_grid(["loraplus"], [0.0625], 1) == [
+        {"name": "loraplus-lr0_0625x-s0", "variant": "loraplus", "multiplier": 0.0625, "seed": 0}]
+    # Point names become evaluation names: they must pass the evaluation's name check.
+    ModelSpec("loraplus-lr0_0625x-s0", "lora", "adapter")
 
 
 @pytest.mark.parametrize("variant, dora, ratio", [("lora", False, None), ("dora", True, None),
