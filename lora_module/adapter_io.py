@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,19 +70,27 @@ def compute_fingerprint(model: nn.Module) -> str:
     hashes its dequantized values (these differ from the fp32 originals: `load_base_model` therefore
     records the fingerprint before quantizing). Meta tensors contribute names and shapes only.
     """
-    digest = hashlib.sha256(f"lora-base-fingerprint-v{FORMAT_VERSION}".encode())
     owners = {}
     for module_name, module in model.named_modules():
         for param_name, _ in module.named_parameters(recurse=False):
             owners[f"{module_name}.{param_name}" if module_name else param_name] = module
-    entries = []
+    entries = {}
     for name, p in model.named_parameters():
         parts = name.split(".")
         if any(part.startswith("lora_") for part in parts) or "modules_to_save" in parts:
             continue  # adapter tensors, and the modules_to_save copies (their originals are hashed)
-        entries.append((".".join(part for part in parts if part not in _WRAPPER_PARTS), name, p))
-    for clean, name, p in sorted(entries, key=lambda e: e[0]):
-        value = _logical_weight(name, p, owners[name])
+        clean = ".".join(part for part in parts if part not in _WRAPPER_PARTS)
+        entries[clean] = lambda name=name, p=p: _logical_weight(name, p, owners[name])
+    return hash_weights(entries)
+
+
+def hash_weights(entries: dict[str, Callable[[], torch.Tensor]]) -> str:
+    """The fingerprint of named base weights, each read only when hashed (so a caller can stream them
+    from a checkpoint, one tensor in memory at a time): compute_fingerprint's hash of a model whose
+    unwrapped, deduplicated parameter names are the keys."""
+    digest = hashlib.sha256(f"lora-base-fingerprint-v{FORMAT_VERSION}".encode())
+    for clean in sorted(entries):
+        value = entries[clean]()
         digest.update(f"{clean}:{tuple(value.shape)};".encode())
         if value.device.type == "meta":
             continue

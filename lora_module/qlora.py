@@ -7,6 +7,13 @@ bitsandbytes >= 0.50 runs NF4 layers on the CPU as well as on CUDA, so this path
 The fingerprint of the full-precision weights is recorded on the model *before* quantizing, so an
 adapter trained on the NF4 base loads onto the fp32 base of the same weights and vice versa.
 
+Where CUDA is available and the base is a local folder of safetensors, the 4-bit base is loaded
+straight onto the GPU by transformers (`BitsAndBytesConfig`: NF4, double quantization, bf16 compute
+where the GPU has it, SDPA attention) and never exists in full precision; its fingerprint is then
+streamed from the checkpoint files (`checkpoint_fingerprint`, equal to `compute_fingerprint` of the
+loaded full-precision model). Without CUDA, or where the checkpoint cannot be read that way (a Hub id,
+.bin weights, renamed keys), the base is loaded in full precision and quantized as below.
+
 Two rules keep every 4-bit layer correct on CUDA and on every CPU (bitsandbytes 0.50.2):
 - a layer whose in_features is not a multiple of the block size (64) stays in full precision, with a
   warning naming it: there a quantization block spans two rows, which bnb's CPU dequantize kernel gets
@@ -26,7 +33,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lora_module.adapter_io import FINGERPRINT_ATTR, QUANTIZATION_ATTR, compute_fingerprint
+from lora_module.adapter_io import FINGERPRINT_ATTR, QUANTIZATION_ATTR, compute_fingerprint, hash_weights
+from lora_module.device import attention_kwargs, default_dtype, local_cuda_index, model_class_of
 from lora_module.errors import BaseModelError, LoraConfigError
 from lora_module.layers import LoraLinear
 
@@ -201,11 +209,14 @@ def check_model_source(name_or_path: str | Path, what: str = "base model") -> No
 def load_base_model(
     name_or_path: str | Path, *, quantize: str | None = None, double_quant: bool = True,
     torch_dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Load a seq2seq (config.is_encoder_decoder) or causal LM; optionally quantize it to NF4.
 
     Remote code runs only with trust_remote_code=True. With quantize="nf4" the fingerprint is taken
-    from the full-precision weights first; `torch_dtype` is then also the 4-bit layers' compute dtype.
+    from the full-precision weights first; `torch_dtype` is then also the 4-bit layers' compute dtype
+    (None: bf16 where the GPU supports it on the CUDA path, fp32 on the CPU path). `device`, the device
+    the model will run on, picks SDPA attention on CUDA (lora_module.device); it does not move the model.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise LoraConfigError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
@@ -215,11 +226,97 @@ def load_base_model(
 
     config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    if quantize == "nf4" and torch.cuda.is_available():
+        fingerprint = checkpoint_fingerprint(name_or_path, auto, config, dtype, trust_remote_code)
+        if fingerprint is not None:
+            return _load_nf4_on_cuda(name_or_path, auto, config, dtype=dtype, double_quant=double_quant,
+                                     fingerprint=fingerprint, trust_remote_code=trust_remote_code)
+        logger.info("load_base_model: %s is not a local safetensors checkpoint whose fingerprint can be "
+                    "streamed; loading it in full precision and quantizing it to NF4 on the CPU",
+                    name_or_path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    if device is not None:
+        kwargs.update(attention_kwargs(device, auto, config))
     model = auto.from_pretrained(
         str(name_or_path), config=config, trust_remote_code=trust_remote_code, **kwargs
     )
     model.eval()
     if quantize == "nf4":
         quantize_nf4(model, double_quant=double_quant, compute_dtype=dtype or torch.float32)
+    return model
+
+
+def _keep_in_fp32(model_or_class: object) -> set[str]:
+    """Module names (last name part) the model keeps in fp32 whatever the load dtype (T5: `wo`)."""
+    return {*(getattr(model_or_class, "_keep_in_fp32_modules", None) or ()),
+            *(getattr(model_or_class, "_keep_in_fp32_modules_strict", None) or ())}
+
+
+def checkpoint_fingerprint(name_or_path: str | Path, auto_class: type, config: object,
+                           dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> str | None:
+    """`compute_fingerprint` of `auto_class.from_pretrained(name_or_path, dtype=dtype)`, read from the
+    folder's safetensors one tensor at a time, without materialising the model; None where that cannot be
+    exact: not a local folder of safetensors, or a parameter whose checkpoint key (or a tied alias's) is
+    missing or has another shape (transformers would initialise or convert it)."""
+    folder = Path(name_or_path).expanduser()
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    with torch.device("meta"):  # names, shapes and tied weights only: no memory
+        skeleton = auto_class.from_config(config, trust_remote_code=trust_remote_code)
+    where: dict[str, tuple[Path, tuple[int, ...]]] = {}  # checkpoint key -> (file, shape), from the headers
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            where.update((key, (file, tuple(f.get_slice(key).get_shape()))) for key in f.keys())
+    aliases: dict[int, list[str]] = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    keep = _keep_in_fp32(skeleton)
+    entries = {}
+    for name, p in skeleton.named_parameters():
+        key = next((n for n in [name, *aliases[id(p)]] if n in where), None)
+        if key is None or where[key][1] != tuple(p.shape):
+            return None
+        cast = dtype if dtype is not None and not keep.intersection(name.split(".")) else None
+        entries[name] = lambda file=where[key][0], key=key, cast=cast: _read_tensor(file, key, cast)
+    return hash_weights(entries)
+
+
+def _read_tensor(file: Path, key: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """One checkpoint tensor, in `dtype` when given (as from_pretrained(dtype=...) would hold it)."""
+    with safe_open(str(file), framework="pt") as f:
+        tensor = f.get_tensor(key)
+    return tensor if dtype is None else tensor.to(dtype)
+
+
+def _load_nf4_on_cuda(name_or_path: str | Path, auto_class: type, config: object, *,
+                      dtype: torch.dtype | None, double_quant: bool, fingerprint: str,
+                      trust_remote_code: bool) -> nn.Module:
+    """The NF4 base quantized by transformers while loading onto this process's GPU (never in full
+    precision on the host); carries the full-precision `fingerprint` and quantize_nf4's record."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    compute_dtype = dtype or default_dtype("cuda")
+    model_class = model_class_of(auto_class, config)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=sorted({*ALWAYS_SKIP, *_keep_in_fp32(model_class)}),
+    )
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = auto_class.from_pretrained(
+        str(name_or_path), config=config, trust_remote_code=trust_remote_code,
+        quantization_config=quantization, device_map={"": local_cuda_index()},
+        **attention_kwargs("cuda", auto_class, config), **kwargs,
+    )
+    model.eval()
+    count = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    setattr(model, FINGERPRINT_ATTR, fingerprint)
+    setattr(model, QUANTIZATION_ATTR, {
+        "quant_type": "nf4", "double_quant": double_quant,
+        "compute_dtype": str(compute_dtype).removeprefix("torch."), "layers": count,
+    })
+    logger.info("load_base_model: %d linear layers loaded as NF4 on cuda:%d (double_quant=%s, "
+                "compute_dtype=%s)", count, local_cuda_index(), double_quant, compute_dtype)
     return model

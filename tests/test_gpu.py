@@ -1,25 +1,37 @@
-"""The LoRA core on a CUDA GPU: PEFT parity in bf16, merge/unmerge, and a QLoRA (NF4) forward and backward.
+"""On a CUDA GPU: the LoRA core in bf16 vs PEFT, merge, QLoRA (NF4), Lightning training and the pipeline.
 
     .venv/bin/pytest tests/test_gpu.py -q -m gpu      # skipped, saying why, on a machine without CUDA
+    bash benchmarks/gpu_check.sh                      # these tests, then the GPU benchmark (<= 8 minutes)
 
 The rest of the suite runs on the CPU; these tests check what only a GPU exercises: CUDA kernels for
 the base model and our LoRA layers in bf16 (against PEFT on the same weights), merging on the device,
-and bitsandbytes' CUDA NF4 kernels under a LoRA adapter.
+greedy generation, bitsandbytes' CUDA NF4 kernels under a LoRA adapter, LoRA and QLoRA training steps
+through FineTuneModule + Trainer(accelerator="gpu") in bf16, and `lora-pipeline run` on a tiny task.
+On the CPU they are collected (so they import and parse) and skipped.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import re
+from pathlib import Path
 
+import lightning as L
 import peft
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_t5, tiny_llama_config
+from conftest import make_tiny_llama, make_tiny_t5, tiny_llama_config, tiny_t5_config
+from test_flows import TRAIN, write_spec
+from test_training import prepare_tiny
 from torch import nn
-from transformers import LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM, T5ForConditionalGeneration
 
 from lora_module import LoraConfig, LoraModel, quantize_nf4
+from lora_module.contracts import ADAPTER_CONFIG_FILE, ADAPTER_DIR, METRICS_FILE
 from lora_module.layers import is_linear4bit
+from lora_module.training.datamodule import PreparedDataModule
+from lora_module.training.module import FineTuneModule
 
 NO_CUDA = "needs a CUDA GPU: torch.cuda.is_available() is False (no GPU, or a CPU build of torch)"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)]
@@ -156,3 +168,111 @@ def test_qlora_nf4_forward_and_backward_on_cuda(compute_dtype):
     grads = {n: p.grad for n, p in lm.named_parameters() if p.requires_grad}
     assert grads and all(g is not None and torch.count_nonzero(g) > 0 for g in grads.values())
     assert all(m.weight.grad is None for m in quantized)  # the 4-bit base stays frozen
+
+
+# ---- generation: ours (unmerged and merged) against PEFT, greedy, bf16 ------------------------------------
+def _teacher_forced(model: nn.Module, arch: str, prompt: dict, seq: torch.Tensor) -> torch.Tensor:
+    """Logits at every generated position of `seq` (generate's output), fed back as teacher-forced input."""
+    with torch.no_grad():
+        if arch == "t5":
+            return model(**prompt, decoder_input_ids=seq[:, :-1]).logits.float()
+        n = prompt["input_ids"].shape[1]
+        return model(input_ids=seq[:, :-1]).logits[:, n - 1:].float()
+
+
+def _near_argmax(logits: torch.Tensor, chosen: torch.Tensor) -> None:
+    """Every chosen token is the argmax of `logits` up to bf16 rounding (greedy ties may break either way)."""
+    picked = logits.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+    top = logits.max(-1).values
+    assert (top - picked <= BF16_TOL["atol"] + BF16_TOL["rtol"] * top.abs()).all(), (top - picked).max()
+
+
+@pytest.mark.parametrize("arch", ["t5", "llama"])
+def test_greedy_generation_matches_peft_on_cuda(arch):
+    ours, theirs, _ = _bf16_pair(arch)
+    ours.eval()
+    theirs.eval()
+    # one unpadded row: a decoder-only model generates after its last prompt token
+    prompt = {k: v[:1] for k, v in _batch(arch).items() if k != "labels"}
+    kw = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        peft_seq = theirs.generate(**prompt, **kw)
+        ours_seq = ours.generate(**prompt, **kw)
+    new = (lambda seq: seq[:, 1:]) if arch == "t5" else (lambda seq: seq[:, prompt["input_ids"].shape[1]:])
+    assert new(ours_seq).shape == new(peft_seq).shape == (1, 8) and ours_seq.device.type == DEVICE
+    # each model's tokens are greedy choices under the other's logits
+    _near_argmax(_teacher_forced(ours, arch, prompt, peft_seq), new(peft_seq))
+    _near_argmax(_teacher_forced(theirs, arch, prompt, ours_seq), new(ours_seq))
+    ours.merge_adapter()
+    with torch.no_grad():
+        merged_seq = ours.generate(**prompt, **kw)
+    _near_argmax(_teacher_forced(theirs, arch, prompt, merged_seq), new(merged_seq))
+
+
+# ---- LoRA and QLoRA through the real Lightning path, bf16 on the GPU -------------------------------------
+TINY = {"t5": ("seq2seq_tokenizer_dir", "seq2seq", ["q", "v"]),
+        "llama": ("causal_tokenizer_dir", "causal", ["q_proj", "v_proj"])}
+OPTIMIZER_CLASSES = {"adamw": "AdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
+
+
+def _width64_base(arch: str, tokenizer_dir: Path, out: Path) -> Path:
+    """The tiny model at width 64, saved with its tokenizer: every projection is NF4-quantizable."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if arch == "t5":
+        config = tiny_t5_config(len(tok))
+        config.d_model, config.d_kv, config.d_ff = 64, 16, 64
+        model = T5ForConditionalGeneration(config)
+    else:
+        config = tiny_llama_config(len(tok))
+        config.hidden_size, config.head_dim = 64, 16
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(("finetune", "optimizer"), [("lora", "adamw"), ("qlora", "paged_adamw_8bit")])
+@pytest.mark.parametrize("arch", ["t5", "llama"])
+def test_lightning_training_steps_on_cuda(arch, finetune, optimizer, request, tmp_path):
+    tokenizer_fixture, model_type, targets = TINY[arch]
+    tokenizer_dir = request.getfixturevalue(tokenizer_fixture)
+    prepared = prepare_tiny(tokenizer_dir, model_type, tmp_path / "prepared")
+    L.seed_everything(0)
+    module = FineTuneModule(str(_width64_base(arch, tokenizer_dir, tmp_path / "base")), finetune=finetune,
+                            lora=LoraConfig(r=4, lora_alpha=8, target_modules=targets), learning_rate=1e-2,
+                            torch_dtype="bfloat16", optimizer=optimizer, output_dir=str(tmp_path / "run"))
+    base_before = {n: p.detach().clone() for n, p in module.model.named_parameters() if not p.requires_grad}
+    lora_before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, datamodule=PreparedDataModule(str(prepared), batch_size=4))
+    assert type(trainer.optimizers[0]).__name__ == OPTIMIZER_CLASSES[optimizer]
+
+    params = dict(module.model.named_parameters())
+    assert all(p.device.type == DEVICE for p in params.values())
+    assert all(lora_before[n].dtype == torch.float32 for n in lora_before)  # adapters train in fp32
+    assert all(not torch.equal(lora_before[n].to(DEVICE), params[n]) for n in lora_before)
+    assert all(torch.equal(base_before[n].to(DEVICE), params[n]) for n in base_before)  # frozen base
+    quantized = [m for m in module.model.modules() if is_linear4bit(m)]
+    if finetune == "qlora":
+        assert quantized and all(m.weight.device.type == DEVICE for m in quantized)
+    else:
+        assert not quantized
+        assert {p.dtype for n, p in params.items() if n in base_before} == {torch.bfloat16}
+    metrics = json.loads((tmp_path / "run" / METRICS_FILE).read_text())
+    assert metrics["steps"] == 3 and metrics["finetune"] == finetune and metrics["tokens_per_sec"] > 0
+    assert (tmp_path / "run" / ADAPTER_DIR / ADAPTER_CONFIG_FILE).is_file()
+
+
+# ---- the whole tiny pipeline on CUDA -----------------------------------------------------------------
+def test_pipeline_run_on_cuda(harness, tmp_path, tiny_t5_dir, capsys):
+    """`lora-pipeline run` on a tiny task: prepare, fit on the GPU in bf16, evaluate, register."""
+    from lora_pipeline.flows.cli import main
+
+    gpu = ["--trainer.accelerator", "gpu", "--model.torch_dtype", "bfloat16"]  # fails without a GPU
+    spec = write_spec(tmp_path, "tiny_summary", "summary", tiny_t5_dir, full=False,
+                      train_overrides=TRAIN + gpu)
+    assert main(["run", "--task", str(spec), "--home", str(tmp_path / "home"), "--no-full"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[re.search(r"^\{$", out, re.M).start():])  # the summary printed last
+    assert summary["failed"] == {} and summary["results"]["tiny_summary"]["version"] == "1"

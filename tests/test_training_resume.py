@@ -177,6 +177,21 @@ def test_resume_with_another_lora_r_names_both(tiny_t5_dir, prepared_dir, tmp_pa
     assert "LoRA r=4" in message and "model.lora.r=2" in message and "last.ckpt" in message, message
 
 
+def test_resume_with_loraplus_switched_on_names_the_setting(tiny_t5_dir, prepared_dir, tmp_path, capsys):
+    """LoRA+ decides the optimizer's parameter groups: a resume that changes it is refused in one line
+    (torch would otherwise fail deep in the optimizer's load_state_dict)."""
+    out = tmp_path / "plain"
+    main(["fit", "--config", str(DEMO_CONFIG), *fit_args(tiny_t5_dir, prepared_dir, out, 0.0),
+          "--trainer.max_epochs", "-1", "--trainer.max_steps", "2"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(DEMO_CONFIG), *fit_args(tiny_t5_dir, prepared_dir, out, 0.0),
+              "--model.loraplus_lr_ratio", "16", "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    assert e.value.code == 2
+    message = one_error_line(capsys)
+    assert "loraplus_lr_ratio=None" in message and "16.0" in message, message
+
+
 # ---- whole outputs ------------------------------------------------------------------------------
 
 

@@ -373,8 +373,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="prompt tokens kept (None: the limit in the prepared data's manifest)")
     p.add_argument("--device", default=GenerationConfig.device,
                    help="'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype for generation (None: as loaded)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype for generation ('auto': bf16 on a CUDA GPU that supports it, fp16 on"
+                        " older GPUs, as loaded on the CPU)")
     p.add_argument("--no-merge", action="store_true", help="generate with the adapter unmerged (slower)")
     p.add_argument("--lora-base", default=None,
                    help="base model for LoRA specs (None: the adapter's recorded base)")

@@ -25,6 +25,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lora_module.config import DTYPE_NAMES, dataclass_from_dict, torch_dtype
+from lora_module.device import AUTO, enable_cuda_fast_paths, generation_dtype, resolve_device
 from lora_module.errors import PipelineError, SettingsError
 from lora_module.files import sha256_file
 from lora_module.names import check_name
@@ -62,8 +63,9 @@ class GenerationConfig:
     """Merge LoRA weights into the base before generating (faster; no effect on other kinds)."""
     device: str = "auto"
     """'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    dtype: str | None = None
-    """Weights dtype for generation: None (as loaded), 'float32', 'bfloat16' or 'float16'."""
+    dtype: str | None = "auto"
+    """Weights dtype for generation: 'auto' (bf16 on a CUDA GPU that has it, else fp16 there; as loaded on
+    CPU: lora_module.device), 'float32', 'bfloat16' or 'float16'. None: the same as 'auto'."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "num_beams", "max_new_tokens", "max_source_length"):
@@ -78,9 +80,9 @@ class GenerationConfig:
             raise SettingsError(
                 f"GenerationConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
             )
-        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+        if self.dtype not in (None, AUTO, *DTYPE_NAMES):
             raise SettingsError(
-                f"GenerationConfig.dtype must be None or one of {list(DTYPE_NAMES)}, got {self.dtype!r}"
+                f"GenerationConfig.dtype must be 'auto' or one of {list(DTYPE_NAMES)}, got {self.dtype!r}"
             )
 
     @classmethod
@@ -102,9 +104,11 @@ class GenerationConfig:
         )
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
+
+    def resolved_dtype(self) -> str | None:
+        """The dtype name to load weights in on the resolved device (None: as saved)."""
+        return generation_dtype(self.resolved_device(), self.dtype)
 
 
 @dataclass
@@ -218,6 +222,7 @@ def _load_model_with_info(
     else:
         model, tokenizer = _load_plain(spec, path, gen, tokenizer_path, info)
     model.to(gen.resolved_device())
+    enable_cuda_fast_paths(gen.resolved_device())
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
@@ -277,7 +282,8 @@ def _load_base_of_adapter(spec: ModelSpec, base_name: str, adapter_dir: Path,
 
     try:
         base_path = _local_or_hub(base_name, spec.name)
-        return load_base_model(str(base_path), torch_dtype=torch_dtype(gen.dtype)), base_path
+        return load_base_model(str(base_path), torch_dtype=torch_dtype(gen.resolved_dtype()),
+                               device=gen.resolved_device()), base_path
     except (ModelLoadError, OSError) as e:
         raise ModelLoadError(
             f"model {spec.name!r}: cannot load the base {base_name} of adapter {adapter_dir} ({e}); "
@@ -291,7 +297,8 @@ def _load_plain(spec: ModelSpec, path: Path | str, gen: GenerationConfig, tokeni
     from lora_module import base_fingerprint, load_base_model
 
     try:
-        model = load_base_model(str(path), torch_dtype=torch_dtype(gen.dtype))
+        model = load_base_model(str(path), torch_dtype=torch_dtype(gen.resolved_dtype()),
+                               device=gen.resolved_device())
     except OSError as e:
         raise ModelLoadError(f"model {spec.name!r}: cannot load {path}: {e}") from e
     info["base_fingerprint" if spec.kind == "base" else "model_fingerprint"] = base_fingerprint(model)

@@ -52,6 +52,7 @@ from lora_module.serving.predictor import (
     GENERATION_PARAMS,
     PredictInputError,
     generation_config,
+    inference_base,
     prompt_settings,
 )
 from lora_module.serving.pyfunc import bad_request, served_base
@@ -142,12 +143,12 @@ class MultiTaskPredictor:
     def load(cls, refs: list[TaskRef], base: str | None = None, **options: Any) -> MultiTaskPredictor:
         """Resolve every task, load the base once (`base`, else as `bases.resolve_base` says for the
         first task's adapter) and every adapter onto it; `options`: the constructor's keywords."""
-        from lora_module import LoraModel, load_base_model
+        from lora_module import LoraModel
 
         base = base or resolve_base(None) or base_of(refs[0], options.get("tracking_uri"))
-        model = LoraModel(load_base_model(str(base)), None).eval()
-        if torch.cuda.is_available():
-            model.to("cuda")
+        base_model, device = inference_base(base)  # CUDA with bf16 where available, as saved on CPU
+        model = LoraModel(base_model, None).eval()
+        model.to(device)
         predictor = cls(model, _tokenizer(base), refs, **options)
         for ref in refs:
             predictor.attach(ref.task, ref.version)

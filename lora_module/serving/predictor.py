@@ -9,6 +9,8 @@ The one predict path: the pyfunc model, `lora-pipeline predict` and `serving.loa
 it. The prompt template and lengths come from the adapter itself (its sidecar, written at export or
 registration: `adapter_io.read_prompt_settings`); an adapter without them is refused rather than
 guessed at. Decoding is greedy by default, exactly as in evaluation (`evaluation.generation`).
+A base loaded here goes to CUDA where available, in bf16 where the GPU supports it (fp16 on older
+GPUs) with TF32 and SDPA on; on CPU it stays as saved (`inference_base`, `lora_module.device`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lora_module import contracts
+from lora_module.config import torch_dtype
+from lora_module.device import AUTO, enable_cuda_fast_paths, generation_dtype, resolve_device
 from lora_module.errors import AdapterLoadError, PipelineError
 from lora_module.prompt import PromptSettings
 
@@ -60,6 +66,20 @@ def prompt_settings(adapter_dir: str | Path) -> PromptSettings:
     return settings
 
 
+def inference_base(base: str | Path, *, quantize: str | None = None, device: str | torch.device = AUTO,
+                   dtype: str | None = AUTO) -> tuple[Any, torch.device]:
+    """`(base model, device)`: the base loaded for generation in `dtype` ('auto': lora_module.device's
+    choice for `device`; an explicit name wins), with SDPA attention and TF32 on CUDA. The caller moves
+    the model to the device once its adapters are on (a 4-bit base on CUDA is already there)."""
+    from lora_module import load_base_model
+
+    where = resolve_device(device)
+    enable_cuda_fast_paths(where)
+    dtype = generation_dtype(where, dtype)
+    model = load_base_model(str(base), quantize=quantize, torch_dtype=torch_dtype(dtype), device=where)
+    return model, where
+
+
 def load_adapter_with_base(
     adapter_dir: str | Path,
     base: Any = None,
@@ -67,23 +87,28 @@ def load_adapter_with_base(
     tokenizer_dir: str | Path | None = None,
     adapter_name: str = "default",
     quantize: str | None = None,
+    device: str | torch.device = AUTO,
+    dtype: str | None = AUTO,
 ) -> tuple[Any, Any]:
     """`(LoraModel, tokenizer)`: base (`base` path/model, else the adapter's recorded base) + adapter.
 
     A base whose weights fingerprint differs from the adapter's is refused
-    (FingerprintMismatchError) unless `force`. `quantize="nf4"` loads a path base in 4 bit. The
-    tokenizer comes from `tokenizer_dir`, else the adapter folder if it holds one, else the base.
+    (FingerprintMismatchError) unless `force`. `quantize="nf4"` loads a path base in 4 bit. A path
+    base is loaded by `inference_base` (`device`, `dtype`) and the model moved to that device; a model
+    given as `base` is used where and as it is. The tokenizer comes from `tokenizer_dir`, else the
+    adapter folder if it holds one, else the base.
     """
     from transformers import AutoTokenizer
 
-    from lora_module import FingerprintMismatchError, LoraModel, load_base_model, read_adapter_config
+    from lora_module import FingerprintMismatchError, LoraModel, read_adapter_config
 
     adapter_dir = Path(adapter_dir)
     base = base if base is not None else read_adapter_config(adapter_dir).get("base_model_name_or_path")
     if base is None:
         raise AdapterLoadError(
             f"adapter {adapter_dir} records no base_model_name_or_path; pass the base explicitly")
-    base_model = load_base_model(str(base), quantize=quantize) if isinstance(base, str | Path) else base
+    base_model, where = (inference_base(base, quantize=quantize, device=device, dtype=dtype)
+                         if isinstance(base, str | Path) else (base, None))
     try:
         model = LoraModel.from_pretrained(base_model, adapter_dir, adapter_name=adapter_name, force=force)
     except FingerprintMismatchError as e:
@@ -92,6 +117,8 @@ def load_adapter_with_base(
             f"{base if isinstance(base, str | Path) else type(base).__name__}: "
             f"{e}. Use the base it was trained on, or force=True (CLI --force) to load it anyway"
         ) from e
+    if where is not None:
+        model.to(where)
     model.eval()
     if tokenizer_dir is None:
         if any((adapter_dir / f).is_file() for f in contracts.TOKENIZER_FILES):

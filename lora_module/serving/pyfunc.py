@@ -55,7 +55,8 @@ from lora_module.serving.predictor import (
 # what a registered model runs is reviewable; tests/test_serving_code.py checks the closure.
 SINGLE_TASK_CODE = (
     "lora_module/__init__.py", "lora_module/adapter_io.py", "lora_module/config.py",
-    "lora_module/contracts.py", "lora_module/dora.py", "lora_module/errors.py", "lora_module/files.py",
+    "lora_module/contracts.py", "lora_module/device.py", "lora_module/dora.py", "lora_module/errors.py",
+    "lora_module/files.py",
     "lora_module/home.py", "lora_module/init.py", "lora_module/layers.py", "lora_module/lazy.py",
     "lora_module/mixed_batch.py", "lora_module/model.py", "lora_module/names.py", "lora_module/prompt.py",
     "lora_module/qlora.py", "lora_module/selection.py",
@@ -164,18 +165,14 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
     """pyfunc flavour of one task's adapter; inputs and model_config: the module docstring."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        import torch
-
         config = dict(context.model_config or {})
         length = config.get("max_source_length")
         self.predictor = AdapterPredictor.from_adapter(
             context.artifacts[contracts.ADAPTER_DIR], None if length is None else int(length),
             base=served_base(context, config), force=bool(config.get("force", False)),
             tokenizer_dir=context.artifacts.get(contracts.TOKENIZER_ARTIFACT),
-            quantize=config.get("quantize"),
+            quantize=config.get("quantize"),  # device and dtype: inference_base's CUDA-aware defaults
         )
-        if torch.cuda.is_available():
-            self.predictor.model.to("cuda")
 
     # `pd.DataFrame` as the hint: MLflow then validates against the logged signature (a `text`
     # column) instead of inferring a schema from the hint; lists of strings work as well.

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lora_module import LoraConfig, get_lora_model, load_base_model
 from lora_module.config import torch_dtype
+from lora_module.device import enable_cuda_fast_paths
 from lora_module.errors import LoraConfigError, PipelineError, SettingsError
 from lora_module.evaluation.generation import DEFAULT_MAX_NEW_TOKENS
 from lora_module.prompt import PromptSettings
@@ -45,10 +46,11 @@ from lora_module.training.early_stopping import (
     restore_best,
 )
 from lora_module.training.export import export_outputs
-from lora_module.training.optim import param_groups
+from lora_module.training.optim import build_optimizer, param_groups
 from lora_module.training.resume import (
     CheckpointMismatchError,
     check_lora_layout,
+    check_saved_settings,
     step_seed,
     total_optimizer_steps,
 )
@@ -148,6 +150,7 @@ class FineTuneModule(L.LightningModule):
         checkpoint_every_n_steps: int | None = None,
         max_new_tokens: int | None = None,
         loraplus_lr_ratio: float | None = None,
+        optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw",
         early_stopping: EarlyStoppingConfig | None = None,
         output_dir: str = ".lora_pipeline/runs/default",
     ):
@@ -173,14 +176,12 @@ class FineTuneModule(L.LightningModule):
             loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): the B matrices learn at learning_rate * this
                 ratio, the A matrices at learning_rate (PEFT's groups; 16 is the paper's usual value).
                 None: off. lora and qlora only.
+            optimizer: "adamw" or "paged_adamw_8bit" (bitsandbytes' paged 8-bit AdamW; CUDA only).
             early_stopping: Stop on val/loss, export the best checkpoint (training.early_stopping); null: off.
             output_dir: This run's outputs: adapter/ or model/, metrics.json, config.yaml, checkpoints/.
         """
         super().__init__()
-        lora = check_hparams(finetune=finetune, lora=lora, learning_rate=learning_rate,
-                             warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
-                             checkpoint_every_n_steps=checkpoint_every_n_steps,
-                             loraplus_lr_ratio=loraplus_lr_ratio)
+        lora = check_hparams(**{k: v for k, v in locals().items() if k in CHECKED_HPARAMS})  # these args
         self.early_stopping = es = check_early_stopping(early_stopping)
         self.save_hyperparameters(ignore=["lora", "early_stopping"])
         self.hparams.update(lora=lora.to_dict(), early_stopping=None if es is None else asdict(es))
@@ -381,7 +382,9 @@ class FineTuneModule(L.LightningModule):
         hp = self.hparams
         groups = param_groups(self, learning_rate=hp.learning_rate, weight_decay=hp.weight_decay,
                               loraplus_lr_ratio=hp.get("loraplus_lr_ratio"))
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, eps=hp.adam_epsilon)
+        optimizer = build_optimizer(hp.get("optimizer", "adamw"), groups, lr=hp.learning_rate,
+                                    eps=hp.adam_epsilon, device=self.device)
+        enable_cuda_fast_paths(self.device)  # TF32 matmuls for what runs in fp32 on a GPU; no-op on CPU
         total = total_optimizer_steps(self.trainer)  # not estimated_stepping_batches: see resume.py
         if not math.isfinite(total):
             raise SettingsError(
@@ -424,6 +427,8 @@ class FineTuneModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lora_pipeline"] = {
             "finetune": self.finetune,
+            "loraplus_lr_ratio": self.hparams.loraplus_lr_ratio,
+            "optimizer": self.hparams.optimizer,
             "base_fingerprint": self.base_fingerprint(),
             "lora_r": None if self.finetune == "full" else self.lora_config.r,
             # What a resume needs to continue exactly: dropout seeds and the metrics' running sums.
@@ -437,10 +442,9 @@ class FineTuneModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lora_pipeline", {})
-        if saved.get("finetune", self.finetune) != self.finetune:
-            raise CheckpointMismatchError(
-                f"checkpoint was written with finetune={saved['finetune']!r}, this run has {self.finetune!r}"
-            )
+        hp = self.hparams  # settings the optimizer's saved state depends on
+        check_saved_settings(saved, {"finetune": self.finetune, "loraplus_lr_ratio": hp.loraplus_lr_ratio,
+                                     "optimizer": hp.optimizer})
         if self.finetune != "full":
             own = {n: p.shape for n, p in self.named_parameters() if p.requires_grad}
             check_lora_layout(own, checkpoint["state_dict"], saved.get("lora_r"), self.lora_config.r)

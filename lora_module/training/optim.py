@@ -13,13 +13,22 @@ same steps (tests/test_loraplus.py):
 PEFT's fourth group, LoRA on embedding layers at `loraplus_lr_embedding`, is never needed: this core
 adapts linear layers only (an embedding in modules_to_save is a plain copy, group A in PEFT as here).
 Unlike the plain groups, LoRA+ decays 1-D tensors outside norms, as PEFT does.
+
+`build_optimizer` makes the optimizer over those groups (`model.optimizer`): torch's AdamW, or
+bitsandbytes' `PagedAdamW8bit` (8-bit states paged to host memory under GPU memory pressure; CUDA only),
+which takes the same groups, LoRA+ learning rates included.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
+
+from lora_module.errors import SettingsError
+
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:
@@ -59,3 +68,19 @@ def param_groups(model: nn.Module, *, learning_rate: float, weight_decay: float,
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def build_optimizer(name: str, groups: list[dict[str, Any]], *, lr: float, eps: float,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """The `model.optimizer` called `name` over `groups` (per-group lr and weight_decay win over `lr`)."""
+    if name not in OPTIMIZERS:
+        raise SettingsError(f"model.optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, eps=eps)
+    if device.type != "cuda":
+        raise SettingsError(f"model.optimizer {name!r} needs a CUDA GPU (bitsandbytes pages its states to "
+                            f"host memory) and this run trains on {device.type}: set model.optimizer to "
+                            "'adamw' or train with trainer.accelerator gpu")
+    import bitsandbytes as bnb
+
+    return bnb.optim.PagedAdamW8bit(groups, lr=lr, eps=eps)

@@ -63,3 +63,14 @@ def check_lora_layout(
             f" missing {sorted(own.keys() - state.keys())[:3]},"
             f" unexpected {sorted(state.keys() - own.keys())[:3]}"
         )
+
+
+def check_saved_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint written under other settings that its state depends on (the
+    fine-tuning method; LoRA+'s ratio, which decides the optimizer's parameter groups; the optimizer)."""
+    for key, value in current.items():
+        if key in saved and saved[key] != value:
+            raise CheckpointMismatchError(
+                f"checkpoint was written with {key}={saved[key]!r}, this run has {value!r}: resume with"
+                f" the same {key}, or start a new run without --ckpt_path"
+            )
