@@ -141,7 +141,7 @@ def early_stopping_callbacks(config: EarlyStoppingConfig | None, dirpath: Path,
 
 def _restore(module: Any, path: str) -> dict[str, Any]:
     """Load the weights of checkpoint `path` into `module`; returns the checkpoint."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written this fit
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint["state_dict"]
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     if not trainable <= state.keys():
