@@ -231,7 +231,10 @@ def measure_memory(finetune: str, setting: dict) -> dict:
         # Hand memory freed while loading (QLoRA drops its fp32 weights) back to the OS, so the
         # growth below counts what training itself allocates.
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        start, peak, done = _rss(), [0], threading.Event()
+        # The peak starts at the start: on a busy machine the sampler may not run before a short fit ends,
+        # and a peak of 0 made the growth, and the footprint, negative.
+        start = _rss()
+        peak, done = [start], threading.Event()
 
         def sample() -> None:
             while not done.is_set():
