@@ -20,6 +20,8 @@ import pytest
 import torch
 from conftest import make_tiny_llama, make_tiny_t5, tiny_llama_config
 from safetensors.torch import load_file
+from test_lora_peft_parity import batch as lm_batch
+from test_mixed_batch import assert_rows_match_alone
 from torch import nn
 from transformers import LlamaForCausalLM
 
@@ -106,12 +108,7 @@ def build_pair(arch: str) -> tuple[LoraModel, peft.PeftModel]:
 def batch(arch: str) -> dict[str, torch.Tensor]:
     if arch.startswith("mlp"):
         return {"x": torch.randn(5, 16, generator=torch.Generator().manual_seed(1))}
-    ids = torch.tensor([[5, 17, 42, 99, 7, 1], [8, 300, 12, 1, 0, 0]])
-    mask = (ids != 0).long()
-    if arch == "t5":
-        labels = torch.tensor([[20, 21, 22, 1], [30, 31, 1, -100]])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    return lm_batch(arch)  # the PEFT parity tests' batch: T5 with labels, causal with masked labels
 
 
 def run(model: nn.Module, arch: str, seed: int = 0) -> torch.Tensor:
@@ -261,15 +258,7 @@ def test_mixed_batch_with_dora_matches_peft_per_adapter_and_rows_alone(arch):
         references[name] = theirs(**inputs).logits
     for row, name in enumerate(names):
         assert_close(mixed[row], references[name][row])
-        alone = {k: v[row : row + 1] for k, v in inputs.items()}
-        if name == BASE_ROW:
-            with ours.disable_adapter():
-                expected = ours(**alone).logits
-        else:
-            ours.set_adapter(name)
-            expected = ours(**alone).logits
-        # 1e-4, not 1e-5: a batch of 1 takes other BLAS kernels than a batch of 6 (float rounding).
-        torch.testing.assert_close(mixed[row : row + 1], expected, atol=1e-4, rtol=0)
+    assert_rows_match_alone(ours, mixed, inputs, names)
     # Last: after refusing, PEFT leaves forward hooks behind on this model.
     with pytest.raises(ValueError, match="DoRA"):
         theirs(**inputs, adapter_names=names)

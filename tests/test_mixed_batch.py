@@ -64,6 +64,21 @@ def inputs(arch: str) -> dict[str, torch.Tensor]:
     return batch
 
 
+def assert_rows_match_alone(ours: LoraModel, mixed: torch.Tensor, batch: dict[str, torch.Tensor],
+                            names: list[str]) -> None:
+    """Each row of a mixed batch's logits equals that row run alone under its own adapter (or none)."""
+    for row, name in enumerate(names):
+        alone = {k: v[row : row + 1] for k, v in batch.items()}
+        if name == BASE_ROW:
+            with ours.disable_adapter():
+                expected = ours(**alone).logits
+        else:
+            ours.set_adapter(name)
+            expected = ours(**alone).logits
+        # 1e-4, not 1e-5: a batch of 1 takes other BLAS kernels than a batch of 6 (float rounding).
+        torch.testing.assert_close(mixed[row : row + 1], expected, atol=1e-4, rtol=0)
+
+
 @pytest.fixture(scope="module", params=list(ARCHS))
 def pair(request):
     return request.param, *build_pair(request.param)
@@ -81,16 +96,7 @@ def test_logits_match_peft_and_rows_alone(pair, mix):
         assert torch.equal(mixed, reference)
     else:  # other (batched) kernels: fp32 rounding, 1e-5 of the logits' scale (T5's reach ~30)
         torch.testing.assert_close(mixed, reference, atol=1e-5 * float(reference.abs().max()), rtol=0)
-    for row, name in enumerate(names):
-        alone = {k: v[row : row + 1] for k, v in batch.items()}
-        if name == BASE_ROW:
-            with ours.disable_adapter():
-                expected = ours(**alone).logits
-        else:
-            ours.set_adapter(name)
-            expected = ours(**alone).logits
-        # 1e-4, not 1e-5: a batch of 1 takes other BLAS kernels than a batch of 6 (float rounding).
-        torch.testing.assert_close(mixed[row : row + 1], expected, atol=1e-4, rtol=0)
+    assert_rows_match_alone(ours, mixed, batch, names)
     # The adapters really differ per row: the same input under another adapter gives other logits.
     swapped = ours(**batch, adapter_names=["a"] * len(names)).logits
     assert not torch.allclose(swapped[0], mixed[0], atol=1e-3)
