@@ -164,7 +164,7 @@ def lightning_fit(module, loader: DataLoader, steps: int) -> list[float]:
 
 def bare_loop(model: torch.nn.Module, loader: DataLoader, steps: int) -> list[float]:
     """The same training work without Lightning: forward, backward, AdamW, LambdaLR, zero_grad."""
-    from lora_module.training.module import WarmupDecay
+    from lora_module.training.hparams import WarmupDecay
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).train()

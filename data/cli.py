@@ -13,8 +13,10 @@ manifest). `demo-corpus` writes the generated dialogues as `<out>/demo.jsonl`. A
 `--config` that does not exist under the working directory is looked up among the shipped files
 (`deploy/configs/...` of the installed package).
 `inspect` prints a file's or Hub data set's columns, row counts, token-length percentiles and a
-suggested DataConfig YAML (`lora_pipeline.data.inspection`). README "Bring your own data" walks
-through local files with renamed columns and several references.
+suggested DataConfig YAML (`lora_pipeline.data.inspection`); given a prepared folder, its rows as
+training sees them, the trained tokens marked [[...]] (chat data: the assistant turns). README
+"Bring your own data" walks through local files with renamed columns and several references;
+"Chat models" through conversation data.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import yaml
 
 from lora_module.errors import ArgumentParser, check_output_dir
 from lora_pipeline.data import demo_corpus
-from lora_pipeline.data.config import DataConfig
+from lora_pipeline.data.config import DataConfig, DataConfigError
 from lora_pipeline.data.prepare import PreparedData, prepare
 from lora_pipeline.deploy import SHIPPED_ROOT
 
@@ -118,6 +120,12 @@ def summary(p: PreparedData) -> str:
         by = cut.get("input_tokens_cut", {})
         by_text = f", by {by['mean']:.1f} tokens on average (max {by['max']})" if cut["source"] else ""
         lines.append(f"    {split:<10} {cut['source']}/{cut['rows']}{by_text}")
+    if any("turns_dropped" in cut for cut in m["truncation"].values()):
+        lines.append("  conversations that lost their oldest turns to fit (the generation prompt is kept):")
+        for split, cut in m["truncation"].items():
+            dropped = cut.get("turns_dropped", {})
+            rows, turns = dropped.get("rows", 0), dropped.get("turns", 0)
+            lines.append(f"    {split:<10} {rows}/{cut['rows']}, {turns} turns")
     return "\n".join(lines)
 
 
@@ -147,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "topic each; the same seed gives the same rows) to <out>/demo.jsonl.",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--out", required=True, help="folder to write demo.jsonl into (created if missing)")
-    demo.add_argument("--n", type=int, default=3600, help="number of dialogues")
+    demo.add_argument("--n", type=int, default=3600, help="number of dialogues (>= 1)")
     demo.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same dialogues)")
     return parser
 
@@ -161,19 +169,23 @@ def _add_inspect(sub: Any) -> None:
                           "ref_b, ...), reference_columns. Review the guess, then `lora-pipeline prepare "
                           "--config FILE`.")
     insp.add_argument("target", metavar="PATH_OR_HUB_NAME",
-                      help="a .json/.jsonl/.csv/.parquet file, or a Hub data set name")
+                      help="a .json/.jsonl/.csv/.parquet file, a Hub data set name, or a prepared folder "
+                           "(its rows as training sees them, trained tokens [[marked]])")
     insp.add_argument("--tokenizer", default=DataConfig.tokenizer,
                       help="tokenizer for the lengths: a name, a folder, or 'demo' (trained on these rows)")
     insp.add_argument("--split", action="append", default=None,
                       help="Hub split to inspect (repeatable; none given: every split)")
     insp.add_argument("--hub_config", default=None, help="Hub data set configuration (subset) name")
     insp.add_argument("--hub_revision", default=None, help="Hub revision (branch, tag or commit)")
+    insp.add_argument("--examples", type=int, default=1,
+                      help="a prepared folder: rows to show with their trained tokens [[marked]]")
 
 
 def _inspect(args: argparse.Namespace) -> None:
     from lora_pipeline.data.inspection import inspect_source
 
-    print(inspect_source(args.target, args.tokenizer, args.split, args.hub_config, args.hub_revision))
+    print(inspect_source(args.target, args.tokenizer, args.split, args.hub_config, args.hub_revision,
+                         args.examples))
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -189,6 +201,8 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def _demo_corpus(args: argparse.Namespace) -> None:
     out = check_output_dir(args.out, "--out")
+    if args.n == 0:  # generate(0) is a valid empty corpus; as a command it would write an empty file, exit 0
+        raise DataConfigError("demo-corpus --n 0 writes no dialogues; give --n >= 1")
     rows = demo_corpus.generate(args.n, args.seed)  # a bad --n fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     path = out / "demo.jsonl"

@@ -11,18 +11,20 @@ Every field is checked in `__post_init__`; errors name the field, the bad value 
 
 from __future__ import annotations
 
+import math
 import os
 import string
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lora_module.errors import InputNotFoundError, PipelineError, check_output_dir
+from lora_module.errors import PipelineError, check_output_dir
+from lora_module.user_files import read_yaml_file
 
 SOURCES = ("demo", "hub", "files")
 MODEL_TYPES = ("seq2seq", "causal")
+PROMPT_FORMATS = ("template", "chat")
+ASSISTANT_LOSSES = ("all", "last")
 DEMO_TASKS = ("summary", "topic")
 SPLITS = ("train", "validation", "test")
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -109,7 +111,17 @@ class DataConfig:
     evaluation protocol's choice (`lora_module.evaluation.protocol`): `one-reference-per-row` gives the
     numbers of the ungrouped split, `best-reference` the best of them."""
     prompt_template: str | None = None
-    """str.format template; placeholders are column names (default: by target column, reads input_column)."""
+    """str.format template; placeholders are column names (default: by target column, reads input_column;
+    prompt_format chat: none, the input is the user turn as it is)."""
+    prompt_format: str = "template"
+    """"template" (prompt_template's text) or "chat" (the tokenizer's chat template; causal models only)."""
+    system_prompt: str | None = None
+    """prompt_format chat: a system turn put first (conversations with their own system turn keep theirs)."""
+    messages_column: str | None = None
+    """prompt_format chat: column of conversations ([{role, content}] or ShareGPT [{from, value}]) ending
+    with an assistant turn; replaces input/target columns (the last assistant turn is the reference)."""
+    assistant_loss: str = "all"
+    """prompt_format chat: learn every assistant turn ("all") or only the last one ("last")."""
     validation_size: int | float = 0.1
     """Rows carved from train when no validation split is given: fraction (<1) or count (>=1)."""
     test_size: int | float = 0.1
@@ -124,8 +136,9 @@ class DataConfig:
     """Tokenizer name or local folder; "demo" trains a byte-level BPE on the train split."""
     tokenizer_vocab_size: int = 2000
     """Vocabulary size of the "demo" tokenizer (ignored otherwise)."""
-    model_type: str = "seq2seq"
-    """"seq2seq" (labels = target ids) or "causal" (prompt + target, prompt masked with -100)."""
+    model_type: str | None = None
+    """"seq2seq" (labels = target ids) or "causal" (prompt + target, prompt masked with -100); default: the
+    base's (the tokenizer location's AutoConfig is_encoder_decoder), else "seq2seq"; checked against it."""
     num_proc: int | None = None
     """Worker processes for tokenization (None: in-process)."""
     output_root: str | None = None
@@ -133,7 +146,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self._check_choice("source", self.source, SOURCES)
-        self._check_choice("model_type", self.model_type, MODEL_TYPES)
+        if self.model_type is not None:
+            self._check_choice("model_type", self.model_type, MODEL_TYPES)
+        self._check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
+        self._check_choice("assistant_loss", self.assistant_loss, ASSISTANT_LOSSES)
         self._check_choice("demo_task", self.demo_task, DEMO_TASKS)
         if not isinstance(self.name, str) or not self.name or any(c in self.name for c in "/\\ \t\n"):
             raise DataConfigError(
@@ -156,10 +172,14 @@ class DataConfig:
             self._check_int("num_proc", self.num_proc, minimum=1)
         for f in ("validation_size", "test_size"):
             v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0 or (v >= 1 and v != int(v)):
+            if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0
+                    or (v >= 1 and v != int(v))):
                 raise DataConfigError(
                     f"{f} must be a fraction in (0, 1) or a whole row count >= 1, got {v!r}"
                 )
+        if not isinstance(self.group_test_references, bool):  # YAML's "no" (quoted) is a true string
+            raise DataConfigError(
+                f"group_test_references must be true or false, got {self.group_test_references!r}")
         for f in ("input_column", "tokenizer"):
             if not isinstance(getattr(self, f), str) or not getattr(self, f):
                 raise DataConfigError(f"{f} must be a non-empty string, got {getattr(self, f)!r}")
@@ -182,7 +202,29 @@ class DataConfig:
                 f"reference_columns must be a non-empty list of column names, got {self.reference_columns!r}"
             )
         self._check_split_columns()
+        self._check_chat()
         self._check_template()
+
+    def _check_chat(self) -> None:
+        """Chat fields only with prompt_format chat, which needs a causal model (`prepare` checks the
+        tokenizer's chat template and the base's model type before any work)."""
+        if self.prompt_format != "chat":
+            given = [f for f in ("system_prompt", "messages_column") if getattr(self, f) is not None]
+            given += ["assistant_loss"] if self.assistant_loss != "all" else []
+            if given:
+                raise DataConfigError(f"{given} only apply with prompt_format='chat', got "
+                                      f"prompt_format={self.prompt_format!r}")
+            return
+        if self.model_type == "seq2seq":
+            raise DataConfigError("prompt_format='chat' needs model_type='causal' (a decoder-only chat "
+                                  "model), got model_type='seq2seq'")
+        for f in ("system_prompt", "messages_column"):
+            value = getattr(self, f)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise DataConfigError(f"{f} must be a non-empty string or null, got {value!r}")
+        if self.messages_column and self.prompt_template is not None:
+            raise DataConfigError("prompt_template is not used with messages_column (the conversation is the "
+                                  "prompt): remove one of them")
 
     def _check_split_columns(self) -> None:
         """split_columns: known splits and keys, each valid for its split, values like the top-level ones."""
@@ -219,6 +261,8 @@ class DataConfig:
 
     def _check_template(self) -> None:
         """Default the template by target column; it must read the input column and no target column."""
+        if self.prompt_template is None and self.prompt_format == "chat":
+            return  # the raw input is the user turn
         if self.prompt_template is None:  # the default template reads whatever the input column is called
             default = DEFAULT_TEMPLATES.get(self.target_column, SUMMARY_TEMPLATE)
             self.prompt_template = default.replace("{dialogue}", "{" + self.input_column + "}")
@@ -313,12 +357,7 @@ class DataConfig:
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> DataConfig:
         """Read a YAML mapping (optionally nested under a top-level `data:` key), then apply `overrides`."""
         p = Path(path)
-        if not p.is_file():
-            raise InputNotFoundError(f"data config file not found: {p}")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise DataConfigError(f"{p}: not valid YAML: {e}") from e
+        d = read_yaml_file(p, "data config file", DataConfigError)
         if isinstance(d, dict) and set(d) == {"data"}:
             d = d["data"]
         if overrides and isinstance(d, dict):

@@ -16,6 +16,9 @@ truncation record counts per split how many inputs were cut and by how many inpu
 Texts are tokenized without special tokens, and the tokenizer's prefix/suffix special tokens
 (found by probing it) are added around the content; that equals tokenizing with special tokens,
 and gives untruncated lengths for the statistics without a second pass.
+
+prompt_format chat is encoded by `lora_pipeline.data.chat` (chat template, labels on assistant turns
+only); its truncation record also counts the conversations that lost their oldest turns.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import datasets
 import numpy as np
 
 from lora_module.prompt import fit_prompt, special_affixes
+from lora_pipeline.data.chat import CHAT_STATS, make_chat_encoder
 from lora_pipeline.data.config import SPLITS, DataConfig, DataConfigError
 from lora_pipeline.data.validate import Rows
 
@@ -114,7 +118,7 @@ def _percentiles(values: list[int]) -> dict[str, float]:
 def _truncation(rows: int, stats: dict[str, list]) -> dict[str, Any]:
     """How many prompts lost input tokens (and how many tokens: mean/max over those cut), and targets cut."""
     cut = [n for n in stats["_src_cut"] if n]
-    return {
+    out = {
         "rows": rows,
         "source": len(cut),
         "target": int(sum(stats["_tgt_cut"])),
@@ -123,13 +127,19 @@ def _truncation(rows: int, stats: dict[str, list]) -> dict[str, Any]:
             "max": max(cut, default=0),
         },
     }
+    if "_turns_cut" in stats:  # chat: conversations that lost their oldest turns, and how many turns
+        dropped = [n for n in stats["_turns_cut"] if n]
+        out["turns_dropped"] = {"rows": len(dropped), "turns": int(sum(dropped))}
+    return out
 
 
 def tokenize_splits(
     rows: dict[str, Rows], tokenizer: Any, cfg: DataConfig, fingerprint: str
 ) -> tuple[datasets.DatasetDict, dict, dict]:
     """Tokenize every split; returns the DatasetDict (contract columns only), truncation and lengths."""
-    encode = make_encoder(tokenizer, cfg)
+    chat = cfg.prompt_format == "chat"
+    encode = make_chat_encoder(tokenizer, cfg) if chat else make_encoder(tokenizer, cfg)
+    stat_columns = list(CHAT_STATS if chat else _STATS)
     out, truncation, lengths = {}, {}, {}
     for split in SPLITS:
         ds = datasets.Dataset.from_dict(rows[split])
@@ -138,16 +148,16 @@ def tokenize_splits(
             batched=True,
             batch_size=1000,
             num_proc=cfg.num_proc if cfg.num_proc and cfg.num_proc > 1 else None,
-            remove_columns=["input", "target", "parts"],
+            remove_columns=["input", "target", "parts", *(["messages"] if chat else [])],
             # An explicit fingerprint spares datasets from hashing the closure (and the tokenizer in it).
             new_fingerprint=f"{fingerprint[:16]}-{split}",
             desc=f"tokenizing {split}",
         )
-        stats = ds.select_columns(list(_STATS)).to_dict()
+        stats = ds.select_columns(stat_columns).to_dict()
         truncation[split] = _truncation(ds.num_rows, stats)
         lengths[split] = {
             "source": _percentiles(stats["_src_len"]),
             "target": _percentiles(stats["_tgt_len"]),
         }
-        out[split] = ds.remove_columns(list(_STATS))
+        out[split] = ds.remove_columns(stat_columns)
     return datasets.DatasetDict(out), truncation, lengths

@@ -3,6 +3,7 @@
     lora-pipeline inspect data/train.csv                        # columns, rows, token lengths, suggested YAML
     lora-pipeline inspect data/test.parquet --tokenizer google/flan-t5-base
     lora-pipeline inspect knkarthick/dialogsum --split train --split test [--hub_config C --hub_revision R]
+    lora-pipeline inspect .lora_pipeline/data/chat-0123abcd4567 [--split test] [--examples 2]   # prepared
 
     from lora_pipeline.data.inspection import inspect_source, suggest_config
     report = inspect_source("data/train.csv", tokenizer="demo")
@@ -14,6 +15,12 @@ config. The suggested config guesses the input column (long text named like dial
 target column (shorter text named like summary/abstract/...) and several reference columns: columns
 that differ only by a numbered or lettered suffix (summary1, summary2, ...; ref_a, ref_b, ...) become
 `reference_columns`, the first of them also the target; review it before use.
+
+Chat data: a column of conversations (lists of {role, content} or ShareGPT {from, value} turns) is
+suggested as `messages_column` with `prompt_format: chat`; given a `--tokenizer` with a chat template,
+the report shows the first conversation as that template renders it, the tokens training learns
+marked `[[...]]` (every assistant turn). A prepared folder (it has manifest.json) shows its rows
+exactly as training sees them: the decoded input ids with the labelled tokens marked the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from lora_module.contracts import MANIFEST_FILE
+from lora_module.prompt import chat_template_of, normalize_messages
 from lora_pipeline.data import sources
 from lora_pipeline.data.config import DEMO_TOKENIZER, FILE_FORMATS, SUMMARY_TEMPLATE, DataConfig
 
@@ -186,8 +195,9 @@ def _round_up(tokens: float, step: int = 64) -> int:
 
 
 def suggest_config(target: str, infos: list[SplitInfo], tokenizer: str, hub_config: str | None = None,
-                   hub_revision: str | None = None) -> dict[str, Any]:
-    """A DataConfig mapping for `target` (it passes DataConfig.from_dict); review the guesses."""
+                   hub_revision: str | None = None, messages_column: str | None = None) -> dict[str, Any]:
+    """A DataConfig mapping for `target` (it passes DataConfig.from_dict); review the guesses.
+    With `messages_column` (a column of conversations): a chat config reading it."""
     first = infos[0]
     guess = guess_columns(first)
     stem = re.sub(r"[^\w-]+", "_", Path(target).stem if _is_file(target) else target.split("/")[-1])
@@ -196,6 +206,9 @@ def suggest_config(target: str, infos: list[SplitInfo], tokenizer: str, hub_conf
         cfg |= {"source": "files", "files": {"train": target}}
     else:
         cfg |= {"source": "hub", "hub_name": target, "hub_config": hub_config, "hub_revision": hub_revision}
+    if messages_column:
+        return cfg | {"prompt_format": "chat", "messages_column": messages_column, "model_type": "causal",
+                      "tokenizer": tokenizer}
     source = guess.get("input_column", "text")
     label_cols = guess.get("reference_columns") or [guess.get("target_column", "summary")]
     cfg["input_column"] = source
@@ -242,14 +255,91 @@ def format_report(target: str, infos: list[SplitInfo], tokenizer: str, config: d
     return "\n".join(lines)
 
 
+MARK_OPEN, MARK_CLOSE = "[[", "]]"
+
+
+def mark_trained(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
+    """The decoded ids (special tokens shown) with every run of labelled tokens put in [[...]]."""
+    runs: list[tuple[bool, list[int]]] = []
+    for tok, label in zip(input_ids, labels, strict=True):
+        trained = label != -100
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(tok)
+        else:
+            runs.append((trained, [tok]))
+    text = [tokenizer.decode(ids, skip_special_tokens=False) for _, ids in runs]
+    return "".join(f"{MARK_OPEN}{t}{MARK_CLOSE}" if trained else t for (trained, _), t in zip(runs, text,
+                                                                                              strict=True))
+
+
+def _conversation_column(ds: Any) -> str | None:
+    """The first column whose first non-null value looks like a conversation (a list of turn mappings)."""
+    for col in ds.column_names:
+        value = next((v for v in ds.select(range(min(ds.num_rows, 20)))[col] if v is not None), None)
+        if isinstance(value, list) and value and all(
+                isinstance(t, dict) and ({"role", "content"} <= set(t) or {"from", "value"} <= set(t))
+                for t in value):
+            return col
+    return None
+
+
+def _chat_example(tok: Any, ds: Any, column: str) -> list[str]:
+    """Report lines: the first conversation as the tokenizer's chat template renders it, trained tokens
+    marked."""
+    from lora_pipeline.data.chat import assistant_labels
+
+    messages = normalize_messages(ds[0][column])
+    if chat_template_of(tok) is None:
+        return ["", f"(the tokenizer has no chat template: give --tokenizer of the chat model to see "
+                    f"{column!r} rendered)"]
+    ids, labels = assistant_labels(tok, messages)
+    return ["", f"first conversation of {column!r} as the chat template renders it; trained tokens "
+                f"{MARK_OPEN}marked{MARK_CLOSE} ({sum(x != -100 for x in labels)} of {len(ids)}):",
+            mark_trained(tok, ids, labels)]
+
+
+def inspect_prepared(path: str | Path, split: str = "train", examples: int = 1) -> str:
+    """A prepared folder's rows as training sees them: decoded input ids, labelled tokens [[marked]]."""
+    from lora_pipeline.data.prepare import load_prepared, load_tokenizer
+
+    dataset, manifest = load_prepared(path)
+    if split not in dataset:
+        raise sources.DataSourceError(
+            f"prepared folder {path} has no split {split!r}; it has {list(dataset)}")
+    tok = load_tokenizer(path)
+    config = manifest.get("config") or {}
+    lines = [f"inspect prepared {manifest.get('name')} ({path}): model_type {manifest.get('model_type')}, "
+             f"prompt_format {config.get('prompt_format', 'template')}, split {split} "
+             f"({dataset[split].num_rows} rows); trained tokens {MARK_OPEN}marked{MARK_CLOSE}"]
+    for i, row in enumerate(dataset[split].select(range(min(examples, dataset[split].num_rows)))):
+        trained = sum(x != -100 for x in row["labels"])
+        if len(row["labels"]) != len(row["input_ids"]):  # seq2seq: the labels are the decoder's own ids
+            lines += ["", f"row {i}: input", tok.decode(row["input_ids"], skip_special_tokens=False),
+                      f"row {i}: labels (all {trained} trained)",
+                      tok.decode([x for x in row["labels"] if x != -100], skip_special_tokens=False)]
+            continue
+        lines += ["", f"row {i} ({trained} of {len(row['input_ids'])} tokens trained):",
+                  mark_trained(tok, row["input_ids"], row["labels"])]
+    return "\n".join(lines)
+
+
+def _is_prepared(target: str) -> bool:
+    return (Path(target).expanduser() / MANIFEST_FILE).is_file()
+
+
 def inspect_source(target: str, tokenizer: str = DEMO_TOKENIZER, splits: list[str] | None = None,
-                   hub_config: str | None = None, hub_revision: str | None = None) -> str:
-    """The whole report for a file or Hub data set (see the module docstring)."""
+                   hub_config: str | None = None, hub_revision: str | None = None, examples: int = 1) -> str:
+    """The whole report for a file, Hub data set or prepared folder (see the module docstring)."""
+    if _is_prepared(target):
+        return inspect_prepared(target, (splits or ["train"])[0], examples)
     with tempfile.TemporaryDirectory(prefix="lora-inspect-") as tmp:
         loaded = load_for_inspection(target, Path(tmp), splits, hub_config, hub_revision)
         tok = _load_tokenizer(tokenizer, loaded)
         origin = str(Path(target).expanduser().resolve()) if _is_file(target) else f"hub:{target}"
         infos = [describe_split(s, origin if _is_file(target) else f"{origin}[{s}]", ds, tok)
                  for s, ds in loaded.items()]
-    config = suggest_config(target, infos, tokenizer, hub_config, hub_revision)
-    return format_report(target, infos, tokenizer, config)
+        first = next(iter(loaded.values()))
+        chat_column = _conversation_column(first)
+        example = _chat_example(tok, first, chat_column) if chat_column else []
+    config = suggest_config(target, infos, tokenizer, hub_config, hub_revision, chat_column)
+    return format_report(target, infos, tokenizer, config) + "\n".join(["", *example] if example else [])

@@ -11,6 +11,11 @@ parameters), every config field that changes the output, the tokenizer (its file
 name) and the code that builds it (every project file this module imports, lora_module.prompt's
 truncation among them). The folder is built under a temporary name and renamed when complete, so a
 crash never leaves a folder that looks finished.
+
+Before any work `prepare` settles the model type (`model_type.resolve_model_type`: the base's, and a
+declared one that disagrees with it is an error) and, for prompt_format chat, loads the tokenizer to
+check it has a chat template; that template's text is part of the tokenizer's identity in the
+fingerprint (also for a Hub name), so a changed template prepares the data again.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ from lora_module.code_identity import code_fingerprint
 from lora_module.contracts import MANIFEST_FILE, PREPARED_TOKENIZER_DIR, TOKENIZER_FILES
 from lora_module.errors import InputNotFoundError
 from lora_module.files import move_aside, publish_dir, sha256_file, sha256_json, write_json_atomic
+from lora_module.prompt import chat_template_of, check_chat_tokenizer
 from lora_pipeline.data import encode, sources, validate
 from lora_pipeline.data import tokenizer as demo_tokenizer
 from lora_pipeline.data.config import DEFAULT_TEMPLATES, DEMO_TOKENIZER, DataConfig, DataConfigError
+from lora_pipeline.data.model_type import resolve_model_type
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,7 @@ FORMAT_VERSION = 1
 DATA_CODE = ("lora_pipeline.data.prepare",)
 # Files worth hashing in a local tokenizer folder: the tokenizer's and the model config beside them
 # (model weights are skipped on purpose).
-_TOKENIZER_FILES = (*TOKENIZER_FILES, "config.json")
+_TOKENIZER_FILES = (*TOKENIZER_FILES, "config.json", "chat_template.jinja", "chat_template.json")
 
 
 @dataclass
@@ -85,8 +92,9 @@ def tokenizer_identity(cfg: DataConfig) -> dict[str, Any]:
     return {"kind": "hub", "name": cfg.tokenizer}
 
 
-def fingerprint(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
-    """(hex fingerprint, source identity) for `cfg`; computing it loads no data."""
+def fingerprint(cfg: DataConfig, chat_template: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(hex fingerprint, source identity) for `cfg` (and the chat template it renders with, if any);
+    computing it loads no data."""
     source = sources.source_identity(cfg)
     key = {
         "format": FORMAT_VERSION,
@@ -95,7 +103,21 @@ def fingerprint(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
         "config": cfg.hash_dict(),
         "tokenizer": tokenizer_identity(cfg),
     }
+    if chat_template is not None:
+        key["chat_template"] = chat_template
     return sha256_json(key), source
+
+
+def _chat_template(cfg: DataConfig) -> str | None:
+    """prompt_format chat: the tokenizer's chat template (an error before any work when it has none)."""
+    if cfg.prompt_format != "chat":
+        return None
+    if cfg.tokenizer == DEMO_TOKENIZER:
+        raise DataConfigError("prompt_format='chat' needs a tokenizer with a chat template; tokenizer='demo' "
+                              "has none: give the chat model's folder or Hub name (flows pass the base's)")
+    tokenizer = _load_named_tokenizer(cfg)
+    check_chat_tokenizer(tokenizer, f"tokenizer={cfg.tokenizer!r}")
+    return chat_template_of(tokenizer)
 
 
 def _demo_tokenizer_texts(cfg: DataConfig, train: datasets.Dataset) -> list[str]:
@@ -121,14 +143,18 @@ class _Blank(dict):
         return ""
 
 
+def _load_named_tokenizer(cfg: DataConfig) -> Any:
+    """The tokenizer `cfg.tokenizer` names (a folder or Hub name); one-line error when it cannot load."""
+    try:
+        return AutoTokenizer.from_pretrained(cfg.tokenizer)
+    except Exception as e:
+        raise DataConfigError(f"tokenizer={cfg.tokenizer!r}: cannot load it: {type(e).__name__}: {e}") from e
+
+
 def _build_tokenizer(cfg: DataConfig, train: datasets.Dataset, root: Path) -> tuple[Any, str]:
     """Load the configured tokenizer, or train (once, cached under root/tokenizers) the demo one."""
     if cfg.tokenizer != DEMO_TOKENIZER:
-        try:
-            return AutoTokenizer.from_pretrained(cfg.tokenizer), cfg.tokenizer
-        except Exception as e:
-            raise DataConfigError(
-                f"tokenizer={cfg.tokenizer!r}: cannot load it: {type(e).__name__}: {e}") from e
+        return _load_named_tokenizer(cfg), cfg.tokenizer
     texts = _demo_tokenizer_texts(cfg, train)
     recipe = [cfg.tokenizer_vocab_size, cfg.model_type, sources.module_sha256(demo_tokenizer), texts]
     key = sha256_json(recipe)[:12]
@@ -171,8 +197,9 @@ def prepare(config: DataConfig | dict | str | Path) -> PreparedData:
     elif isinstance(config, str | Path):
         config = DataConfig.from_yaml(config)
     config.check_paths()  # a missing tokenizer folder or an output root under a file: fail before any work
+    config = resolve_model_type(config)
     root = config.output_dir_root
-    fp, source = fingerprint(config)
+    fp, source = fingerprint(config, _chat_template(config))
     final = root / f"{config.name}-{fp[:12]}"
     manifest = read_manifest(final)
     if manifest is not None and manifest.get("fingerprint") == fp:

@@ -13,10 +13,19 @@ columns the file has. Rows whose template or target columns hold null,
 non-string or empty/whitespace-only values are dropped and counted as "<reason>:<column>";
 exact duplicate (prompt, references) rows are dropped ("duplicate"); train rows whose input also
 occurs in test are removed ("in_test"). Missing validation/test splits are carved out of train.
+
+prompt_format chat adds a `messages` column: the conversation to render with the tokenizer's chat
+template, ending with the assistant turn to learn, whose last user turn holds the raw input of
+`parts`. With `messages_column` each row's conversation (role/content, or ShareGPT's from/value) is
+checked (`lora_module.prompt.validate_messages`: a bad one is an error naming split, row and turn);
+its last assistant turn is the target and only reference, and the turns before it stand for
+`input` and `prompt` in the duplicate and leakage checks. Without it the input column is the user
+turn and the target the assistant turn.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,7 +34,7 @@ from typing import Any
 import datasets
 
 from lora_module.errors import PipelineError
-from lora_module.prompt import template_parts
+from lora_module.prompt import normalize_messages, template_parts, validate_messages
 from lora_pipeline.data.config import SPLITS, DataConfig
 
 Rows = dict[str, list[Any]]  # columns "input", "prompt", "parts", "target", "references"
@@ -55,6 +64,8 @@ def _bad_reason(value: Any) -> str | None:
 
 def _needed_columns(cfg: DataConfig, split: str) -> dict[str, str]:
     """column -> role, in the order problems are reported."""
+    if cfg.messages_column:
+        return {cfg.messages_column: "messages_column"}
     own = (cfg.split_columns or {}).get(split, {})
     input_col, label_cols = cfg.columns_for(split)
     needed = {c: "prompt_template placeholder" for c in cfg.template_columns if c != cfg.input_column}
@@ -80,6 +91,9 @@ def clean_split(
         )
     if ds.num_rows == 0:
         raise DataValidationError(f"{where} is empty (0 rows)")
+    if cfg.messages_column:
+        return _conversation_rows(ds.select_columns([cfg.messages_column]).to_dict()[cfg.messages_column],
+                                  where, cfg)
 
     cols = ds.select_columns(list(needed)).to_dict()
     input_col, ref_cols = cfg.columns_for(split)
@@ -95,7 +109,8 @@ def clean_split(
         if reason:
             drops[reason] += 1
             continue
-        parts = template_parts(cfg.prompt_template, {c: cols[c][i] for c in others}, cfg.input_column)
+        template = cfg.prompt_template or "{" + cfg.input_column + "}"  # chat: the input is the user turn
+        parts = template_parts(template, {c: cols[c][i] for c in others}, cfg.input_column)
         prompt = cols[input_col][i].join(parts)
         refs = tuple(cols[c][i] for c in ref_cols)
         if (prompt, refs) in seen:
@@ -107,6 +122,9 @@ def clean_split(
         rows["parts"].append(parts)
         rows["target"].append(refs[0])
         rows["references"].append(list(refs))
+        if cfg.prompt_format == "chat":
+            rows.setdefault("messages", []).append(
+                [{"role": "user", "content": cols[input_col][i]}, {"role": "assistant", "content": refs[0]}])
     if split == "test" and cfg.group_test_references:
         rows = _group_references(rows, drops)
     if not rows["prompt"]:
@@ -125,8 +143,48 @@ def _group_references(rows: Rows, drops: Counter) -> Rows:
             continue
         order[prompt] = len(out["prompt"])
         for k in rows:
-            out[k].append(list(rows[k][i]) if k in ("references", "parts") else rows[k][i])
+            out[k].append(list(rows[k][i]) if k in ("references", "parts", "messages") else rows[k][i])
     return out
+
+
+def _conversation(value: Any, where: str) -> list[dict[str, str]] | None:
+    """One row's conversation as role/content turns ending with an assistant turn; None when null."""
+    if value is None:
+        return None
+    if isinstance(value, str):  # a CSV cell holds the conversation as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataValidationError(f"{where}: not a JSON list of turns ({e.msg}); give "
+                                      "[{role, content}, ...] or ShareGPT [{from, value}, ...]") from e
+    messages = normalize_messages(value)
+    validate_messages(messages, where, last="assistant")
+    return messages
+
+
+def _conversation_rows(values: list[Any], where: str, cfg: DataConfig) -> tuple[Rows, Counter]:
+    """Rows of a messages column: every conversation checked, null ones dropped, duplicates dropped."""
+    drops: Counter = Counter()
+    seen: set[str] = set()
+    rows: Rows = {"input": [], "prompt": [], "parts": [], "target": [], "references": [], "messages": []}
+    for i, value in enumerate(values):
+        messages = _conversation(value, f"{where}, row {i} ({cfg.messages_column})")
+        if messages is None:
+            drops[f"null:{cfg.messages_column}"] += 1
+            continue
+        key = json.dumps(messages, ensure_ascii=False)
+        if key in seen:
+            drops["duplicate"] += 1
+            continue
+        seen.add(key)
+        context = json.dumps(messages[:-1], ensure_ascii=False)
+        for k, v in (("input", context), ("prompt", context), ("parts", ["", ""]),
+                     ("target", messages[-1]["content"]), ("references", [messages[-1]["content"]]),
+                     ("messages", messages)):
+            rows[k].append(v)
+    if not rows["prompt"]:
+        raise DataValidationError(f"{where} has no valid rows left after dropping {dict(drops)}")
+    return rows, drops
 
 
 def _take(rows: Rows, idx: list[int]) -> Rows:

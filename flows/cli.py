@@ -14,11 +14,12 @@ command runs, so `lora-pipeline --help` does not import torch, Lightning, MLflow
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from lora_module.errors import run_cli
+from lora_module.errors import PipelineError, run_cli
 
 
 class Command(NamedTuple):
@@ -57,13 +58,16 @@ COMMANDS: dict[str, Command] = {
                        ("predict",)),
     "register-multitask": Command("lora_module.registry.multitask", "register one model serving several "
                                   "tasks' champions on one base"),
-    "serve-model": Command(SERVING, "serve a registered model over HTTP (/invocations; mlflow models serve)",
+    "serve-model": Command(SERVING, "serve a registered model over HTTP (/invocations, OpenAI's "
+                           "/v1/chat/completions and /v1/models)",
                            ("serve-model",)),
     "run": Command("lora_pipeline.flows.pipeline", "run the pipeline flow for one or more tasks"),
     "demo": Command("lora_pipeline.flows.demo", "the offline demo: both demo tasks end to end"),
     "sweep": Command("lora_pipeline.flows.sweep_cli", "LoRA rank sweep of a task on the demo settings "
                      "(chart, recommended rank, registered), or with --variant a LoRA/DoRA/LoRA+ "
                      "learning-rate sweep over seeds"),
+    "stack": Command("lora_pipeline.deploy.stack", "start, stop or show the production stack on this "
+                     "machine: PostgreSQL, S3, MLflow, Prefect, workers"),
     "serve": Command("lora_pipeline.deploy.serve", "serve the deployments of prefect.yaml from one "
                      "process"),
     "bench": Command("lora_pipeline.benchmarks.suite", "run the benchmarks, write RESULTS.md + .json"),
@@ -91,5 +95,42 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     command = COMMANDS[name]
+    prefect_defaults()
     # Bad input anywhere in a stage (a PipelineError) ends as one `error:` line and exit status 2.
-    return run_cli(importlib.import_module(command.module).main, [*command.args, *rest])
+    return run_cli(prefect_start_in_one_line(importlib.import_module(command.module).main),
+                   [*command.args, *rest])
+
+
+# Prefect's temporary server gets 20 s to start by default: too little on a loaded machine, where `run`
+# then died with a 30-line traceback. Read by Prefect when it is imported, so set before any command is.
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+STARTUP_TIMEOUT_DEFAULT = "180"
+
+
+class PrefectStartError(PipelineError, RuntimeError):
+    """Prefect's temporary server did not start in time."""
+
+
+def prefect_defaults() -> None:
+    """A longer start-up timeout for Prefect's temporary server, unless the user set one."""
+    os.environ.setdefault(STARTUP_TIMEOUT_ENV, STARTUP_TIMEOUT_DEFAULT)
+
+
+def prefect_start_in_one_line(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int | None]:
+    """`main`, with Prefect's start-up timeout (raised deep in its engine) as one line saying what to do."""
+
+    def run(argv: list[str]) -> int | None:
+        try:
+            return main(argv)
+        except Exception as e:
+            chain = [e, e.__cause__, e.__context__]
+            if not any("attempting to connect to ephemeral Prefect API server" in str(x) for x in chain if x):
+                raise
+            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout
+
+            raise PrefectStartError(
+                f"Prefect's temporary server did not start within {timeout.value()} s "
+                f"({STARTUP_TIMEOUT_ENV}); raise it, or start a server (prefect server start) and set "
+                "PREFECT_API_URL") from None
+
+    return run

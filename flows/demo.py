@@ -2,6 +2,7 @@
 
     ./run.sh demo                      # = .venv/bin/lora-pipeline demo
     lora-pipeline demo --home /tmp/lp --no-full
+    lora-pipeline demo --family causal # a chat task on a small Llama with a chat template
 
 What it does, with nothing downloaded: builds the demo base model (a small T5 pretrained by
 denoising on the generated demo corpus; cached), then runs the many-task flow for both tasks
@@ -11,6 +12,10 @@ fine-tune, train LoRA, evaluate, report, register each adapter through the promo
 prints the ROUGE table per task, what it measured (wall time per stage, cache hits), and how to
 open the results in the MLflow and Prefect UIs. A second run reuses the base model, the prepared
 data and the base evaluations, so it is faster.
+
+`--family causal` runs the same flow for the chat task `chat_summary` (deploy/tasks/chat_summary.yaml:
+the summary asked as a user turn, rendered by the tokenizer's chat template) on the causal demo base,
+a small Llama with a chat template built the same way (lora_module/training/demo_causal.py; cached).
 
 Pipeline home (`lora_module.home.PipelineHome`): `--home`, else `$LORA_PIPELINE_HOME`, else
 `./.lora_pipeline`; MLflow at `$MLFLOW_TRACKING_URI`, else `<home>/mlflow.db`.
@@ -42,8 +47,29 @@ DEMO_TRAIN = ["--trainer.max_steps", "200", "--trainer.log_every_n_steps", "25",
 # steps (benchmarks/RESULTS.md, "Demo").
 DEMO_FULL: list[str] = []
 DEMO_LORA: list[str] = []
+# The causal demo (`--family causal`): its base (a build_demo_base argument) and its task. Sizes as
+# above; the learning rates are in deploy/configs/demo_chat_<full|lora>.yaml (benchmarks/RESULTS.md,
+# "Causal demo").
+DEMO_CAUSAL_BASE = {"family": "causal", "corpus_size": 2000}
+DEMO_CAUSAL = "demo-causal"  # a task spec's base_model naming the causal demo base (chat_summary's)
+FAMILIES: dict[str, dict[str, Any]] = {
+    "seq2seq": {"tasks": ["summary", "topic"], "demo_base": DEMO_BASE, "data": DEMO_DATA, "train": DEMO_TRAIN,
+                "record": "demo_last_run.json"},
+    "causal": {"tasks": ["chat_summary"], "demo_base": DEMO_CAUSAL_BASE, "data": DEMO_DATA,
+               "train": DEMO_TRAIN, "record": "demo_causal_last_run.json"},
+}
 STAGES = ("base_model", "prepare", "evaluate_base", "train_full", "evaluate_full", "train_lora",
           "evaluate_lora", "report", "register")
+
+
+def demo_base_for(task: str) -> tuple[str | None, dict[str, Any]]:
+    """(base_model override, build_demo_base settings) for a demo task: a spec whose base_model is
+    "demo-causal" runs on the causal demo base (built as "demo" with the causal family's settings)."""
+    from lora_pipeline.flows.specs import load_task_spec
+
+    if load_task_spec(task).base_model == DEMO_CAUSAL:
+        return "demo", DEMO_CAUSAL_BASE
+    return None, DEMO_BASE
 
 
 def configure_environment(home: PipelineHome) -> None:
@@ -120,6 +146,8 @@ def render(summary: dict[str, Any], wall: float, flow_wall: float, home: Pipelin
     out.append(f"  flow {summary['seconds']:.1f} s, Prefect start-up and teardown {overhead:.1f} s, "
                f"demo total {wall:.1f} s")
 
+    models = ", ".join(r["model_name"] for r in summary["results"].values())
+    experiments = ", ".join(f"lora-{name}" for name in [*summary["results"], *summary["failed"]])
     uri = home.tracking_uri
     ui = (f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000\n               then http://127.0.0.1:5000"
           if uri.startswith("sqlite:") else uri)
@@ -129,7 +157,7 @@ def render(summary: dict[str, Any], wall: float, flow_wall: float, home: Pipelin
         "Where the results are",
         f"  everything:  {home.root}  (data/, base/, evals/, runs/, mlflow.db, prefect/)",
         f"  MLflow UI:   {ui}",
-        "               -> Models (summary-lora, topic-lora) and Experiments (lora-summary, lora-topic)",
+        f"               -> Models ({models or 'none registered'}) and Experiments ({experiments})",
         f"  Prefect UI:  PREFECT_HOME={prefect_home} .venv/bin/prefect server start",
         "               then http://127.0.0.1:4200 -> Runs (lora-tasks, lora-task) and Artifacts (rouge-*)",
         "  registry:    .venv/bin/lora-pipeline list",
@@ -141,22 +169,34 @@ def render(summary: dict[str, Any], wall: float, flow_wall: float, home: Pipelin
 def main(argv: list[str] | None = None) -> int:
     """`lora-pipeline demo [--home DIR] ...`; returns the exit status (1 if a task failed)."""
     parser = ArgumentParser(prog="lora-pipeline demo",
-                            description="Run the offline LoRA pipeline demo (summary + topic).",
+                            description="Run the offline LoRA pipeline demo (summary + topic on the demo T5, "
+                            "or --family causal: chat_summary on the demo Llama).",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--family", choices=list(FAMILIES), default="seq2seq",
+                        help="seq2seq: tasks summary and topic on the demo T5; causal: the chat task "
+                        "chat_summary on the demo Llama with a chat template")
     parser.add_argument("--home", type=Path,
                         help="pipeline home (None: $LORA_PIPELINE_HOME, else ./.lora_pipeline)")
     parser.add_argument("--task", action="append", dest="tasks",
-                        help="demo task to run, repeatable (None: summary and topic)")
+                        help="demo task to run, repeatable (None: the family's: summary and topic, or "
+                        "chat_summary)")
     parser.add_argument("--no-full", action="store_true", help="skip the full fine-tuning baseline")
     parser.add_argument("--max-concurrency", type=int, default=2, help="tasks run at the same time at most")
     args = parser.parse_args(argv)
-    return run_demo(PipelineHome.from_env(args.home), args.tasks or ["summary", "topic"], not args.no_full,
-                    args.max_concurrency)
+    return run_demo(PipelineHome.from_env(args.home), args.tasks, not args.no_full, args.max_concurrency,
+                    family=args.family)
 
 
-def run_demo(home: PipelineHome, tasks: list[str], train_full: bool = True, max_concurrency: int = 2) -> int:
-    """Run the demo's flow in `home`, print its results; returns the exit status (1 if a task failed)."""
+def run_demo(home: PipelineHome, tasks: list[str] | None = None, train_full: bool = True,
+             max_concurrency: int = 2, family: str = "seq2seq", settings: dict[str, Any] | None = None
+             ) -> int:
+    """Run the demo's flow in `home`, print its results; returns the exit status (1 if a task failed).
+
+    `family` picks the base and the default tasks (FAMILIES); `settings` replaces entries of that
+    family's settings (tests pass a tiny base and a few steps)."""
     t_start = time.perf_counter()
+    run = {**FAMILIES[family], **(settings or {})}
+    tasks = tasks or run["tasks"]
     home.create()
     configure_environment(home)
 
@@ -164,17 +204,18 @@ def run_demo(home: PipelineHome, tasks: list[str], train_full: bool = True, max_
 
     print(f"LoRA pipeline demo: tasks {tasks}, home {home.root}", flush=True)
     t0 = time.perf_counter()
+    # base_model "demo" with the family's demo_base: build_base builds that family's base (cached).
     summary = many_tasks(
         tasks=tasks, base_model="demo", home=str(home.root), tracking_uri=home.tracking_uri,
-        data_overrides=DEMO_DATA, train_overrides=DEMO_TRAIN, lora_overrides=DEMO_LORA,
+        data_overrides=run["data"], train_overrides=run["train"], lora_overrides=DEMO_LORA,
         full_overrides=DEMO_FULL, train_full=train_full, max_concurrency=max_concurrency,
-        allow_partial=True, demo_base=DEMO_BASE,
+        allow_partial=True, demo_base=run["demo_base"],
     )
     flow_wall = time.perf_counter() - t0
     wall = time.perf_counter() - t_start
     for r in summary["results"].values():
         r["rouge_n"] = json.loads(Path(r["report"]).read_text())["n"]
     print(render(summary, wall, flow_wall, home), flush=True)
-    record = {"wall_seconds": wall, "flow_wall_seconds": flow_wall, "summary": summary}
-    (home.root / "demo_last_run.json").write_text(json.dumps(record, indent=2, default=str))
+    record = {"family": family, "wall_seconds": wall, "flow_wall_seconds": flow_wall, "summary": summary}
+    (home.root / run["record"]).write_text(json.dumps(record, indent=2, default=str))
     return 1 if summary["failed"] else 0

@@ -34,12 +34,17 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import SecretStr
 
 from lora_module import contracts as c
 from lora_module.errors import ArgumentParser
 from lora_module.home import PipelineHome
+from lora_module.redact import redact_text, redact_uri
 from lora_module.registry import ensure_task_experiment
+from lora_module.run_dirs import RunClaim, claim_run_dir, training_key
+from lora_module.training.resume import RemoteCheckpointError, check_ckpt_overrides
 from lora_pipeline.flows import tasks as t
+from lora_pipeline.flows.fanout import run_on_pool
 from lora_pipeline.flows.reporting import mlflow_run_link, rouge_rows, summary_markdown, task_markdown
 from lora_pipeline.flows.specs import TaskSpec, TaskSpecError, check_task_spec, load_task_spec
 
@@ -79,6 +84,7 @@ def load_specs(tasks: list[str], base_model: str | None, data_overrides: dict | 
             problems.append(str(e))
         if check:
             problems += check_task_spec(spec)
+        problems += _remote_checkpoints(spec)
         specs.append(spec)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -86,6 +92,23 @@ def load_specs(tasks: list[str], base_model: str | None, data_overrides: dict | 
     if problems:
         raise TaskSpecError("invalid pipeline parameters:\n  - " + "\n  - ".join(problems))
     return specs
+
+
+def _remote_checkpoints(spec: TaskSpec) -> list[str]:
+    """A `--ckpt_path` in the spec's training overrides that is not a local file (its pickle would run)."""
+    try:
+        for kind in ("lora", "full"):
+            check_ckpt_overrides([*spec.train_overrides, *spec.training_overrides(kind)],
+                                 f"task {spec.name!r}: train_overrides --ckpt_path")
+    except RemoteCheckpointError as e:
+        return [str(e)]
+    return []
+
+
+def reveal(uri: str | SecretStr | None) -> str | None:
+    """A tracking URI as a plain string; flows take it as SecretStr too, which Prefect records masked
+    (its credentials stay out of the flow run's stored parameters)."""
+    return uri.get_secret_value() if isinstance(uri, SecretStr) else uri
 
 
 @dataclass
@@ -128,6 +151,16 @@ def _train_and_evaluate(stages: Stages, spec: TaskSpec, home: PipelineHome, base
     return runs, evals
 
 
+def _log_claim(claim: RunClaim) -> None:
+    """Say which run folder this run works in: an interrupted run's (resumed) or a new one."""
+    logger = get_run_logger()
+    for folder in claim.removed:
+        logger.info("removed %s: an older interrupted run with the same inputs", folder)
+    if claim.adopted:
+        logger.info("resuming the interrupted run in %s (same inputs; training continues from its last"
+                    " checkpoint)", claim.path)
+
+
 def _publish(task_name: str, report_json: dict[str, Any], reg: dict[str, Any], report_path: str) -> str:
     """The task's Markdown artifact (ROUGE table, registered version); returns the MLflow run link."""
     link = mlflow_run_link(reg["tracking_uri"], reg["run_id"])
@@ -155,11 +188,11 @@ def task_pipeline(
     registry_retries: int = 2,
     demo_base: dict[str, Any] | None = None,
     checked: bool = False,
-    tracking_uri: str | None = None,
+    tracking_uri: str | SecretStr | None = None,
 ) -> dict[str, Any]:
     """One task end to end: prepare, evaluate base, train, evaluate, report, register; returns the version."""
     t_start = time.perf_counter()
-    ph = PipelineHome.from_env(home, tracking_uri).create()
+    ph = PipelineHome.from_env(home, reveal(tracking_uri)).create()
     spec = load_specs([task], base_model, data_overrides, train_overrides, eval_limit, train_full,
                       check=not checked, lora_overrides=lora_overrides, full_overrides=full_overrides)[0]
     if not checked:  # run on its own: many_tasks creates its tasks' experiments before starting them
@@ -171,13 +204,19 @@ def task_pipeline(
     data_dir = prepared["path"]
     base_eval = stages.run("evaluate_base", t.evaluate_base, base, data_dir, str(ph.evals_dir(spec.name)),
                            spec.generation, spec.eval_limit, spec.protocol)
-    run_dir = ph.new_run_dir(spec.name, str(flow_run.id or "local"))
-    runs, evals = _train_and_evaluate(stages, spec, ph, base, data_dir, run_dir, threads)
-    rep = stages.run("report", t.report, spec.name, [base_eval["path"], *evals], str(run_dir / "report"))
-    lora_dir = runs["lora"]["path"]
-    reg = stages.run("register", t.register, spec.name, str(Path(lora_dir) / c.ADAPTER_DIR), rep["path"],
-                     lora_dir, spec.model_name, spec.metric, str(Path(data_dir) / c.PREPARED_TOKENIZER_DIR),
-                     ph, registry_retries)
+    key = training_key({"spec": spec.to_dict(), "base": base, "data": prepared["fingerprint"],
+                        "demo_base": demo_base}, [spec.lora_config, spec.full_config])
+    new_dir = ph.new_run_dir(spec.name, str(flow_run.id or "local"))
+    with claim_run_dir(ph.runs_dir(spec.name), key, new_dir) as claim:  # an interrupted run's, or new
+        _log_claim(claim)
+        run_dir = claim.path
+        runs, evals = _train_and_evaluate(stages, spec, ph, base, data_dir, run_dir, threads)
+        rep = stages.run("report", t.report, spec.name, [base_eval["path"], *evals], str(run_dir / "report"))
+        lora_dir = runs["lora"]["path"]
+        reg = stages.run("register", t.register, spec.name, str(Path(lora_dir) / c.ADAPTER_DIR), rep["path"],
+                         lora_dir, spec.model_name, spec.metric,
+                         str(Path(data_dir) / c.PREPARED_TOKENIZER_DIR), ph, registry_retries)
+        claim.finish()
     report_json = json.loads(Path(rep["path"]).read_text())
     link = _publish(spec.name, report_json, reg, rep["path"])
     total = time.perf_counter() - t_start
@@ -186,7 +225,8 @@ def task_pipeline(
     return {
         "task": spec.name, "model_name": reg["model_name"], "version": reg["version"], "alias": reg["alias"],
         "decision": reg["decision"].get("reason"), "model_uri": reg["model_uri"], "run_id": reg["run_id"],
-        "tracking_uri": reg["tracking_uri"], "mlflow_link": link, "rouge": rouge_rows(report_json),
+        "tracking_uri": redact_uri(reg["tracking_uri"]), "mlflow_link": link,
+        "rouge": rouge_rows(report_json),
         "report": rep["path"], "report_md": str(Path(rep["path"]).with_name("report.md")),
         "prepared_dir": data_dir, "data_fingerprint": prepared["fingerprint"], "base_model": base,
         "train_metrics": {k: {m: v["metrics"].get(m) for m in TRAIN_METRICS} for k, v in runs.items()},
@@ -217,7 +257,9 @@ def _run_tasks(refs: list[str], specs: list[TaskSpec], params: dict[str, Any], b
     futures = {}
     with ThreadPoolTaskRunner(max_workers=workers) as runner:
         for ref, spec in zip(refs, specs, strict=True):
-            task_params = {**params, "base_model": bases[spec.base_model]}
+            # SecretStr: Prefect records the child flow's parameters, this one masked.
+            task_params = {**params, "base_model": bases[spec.base_model],
+                           "tracking_uri": SecretStr(reveal(params["tracking_uri"]))}
             futures[spec.name] = runner.submit(run_task_flow, {"task_ref": ref, "params": task_params})
         results, failed = {}, {}
         for name, fut in futures.items():
@@ -226,8 +268,8 @@ def _run_tasks(refs: list[str], specs: list[TaskSpec], params: dict[str, Any], b
             if fut.state.is_completed():
                 results[name] = outcome
             else:
-                failed[name] = f"{type(outcome).__name__}: {outcome}" if isinstance(outcome, BaseException) \
-                    else str(fut.state.message)
+                failed[name] = redact_text(f"{type(outcome).__name__}: {outcome}" if isinstance(
+                    outcome, BaseException) else str(fut.state.message))
                 get_run_logger().error("task %s failed: %s", name, failed[name])
     return results, failed
 
@@ -247,20 +289,23 @@ def many_tasks(
     allow_partial: bool = False,
     registry_retries: int = 2,
     demo_base: dict[str, Any] | None = None,
-    tracking_uri: str | None = None,
+    tracking_uri: str | SecretStr | None = None,
+    deployment: str | None = None,
+    crash_reruns: int = 1,
 ) -> dict[str, Any]:
-    """Validate every task, then run each task's flow concurrently; one failure keeps the others' results."""
+    """Validate every task, then run each task's flow concurrently (in threads, or as runs of `deployment`
+    on a work pool: flows/fanout.py); one failure keeps the others' results."""
     t_start = time.perf_counter()
     tasks = tasks or ["summary", "topic"]
     if not isinstance(max_concurrency, int) or max_concurrency < 1:
         raise TaskSpecError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
-    ph = PipelineHome.from_env(home, tracking_uri).create()
+    ph = PipelineHome.from_env(home, reveal(tracking_uri)).create()
     t0 = time.perf_counter()
     specs = load_specs(tasks, base_model, data_overrides, train_overrides, eval_limit, train_full,
                        lora_overrides=lora_overrides, full_overrides=full_overrides)
     validate_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bases = _prepare_shared(specs, ph, demo_base)
+    bases = {} if deployment else _prepare_shared(specs, ph, demo_base)  # fan-out: built where tasks run
     base_seconds = time.perf_counter() - t0
 
     workers = min(max_concurrency, len(specs))
@@ -274,7 +319,11 @@ def many_tasks(
               "train_overrides": train_overrides, "lora_overrides": lora_overrides,
               "full_overrides": full_overrides, "eval_limit": eval_limit, "train_full": train_full,
               "threads": threads, "registry_retries": registry_retries, "checked": True}
-    results, failed = _run_tasks(tasks, specs, params, bases, workers)
+    if deployment:
+        results, failed = run_on_pool(deployment, tasks, specs, params, crash_reruns, base_model, demo_base,
+                                      reveal(tracking_uri))
+    else:
+        results, failed = _run_tasks(tasks, specs, params, bases, workers)
 
     seconds = time.perf_counter() - t_start
     create_markdown_artifact(key="lora-tasks-summary", markdown=summary_markdown(results, failed, seconds),
@@ -291,7 +340,7 @@ def many_tasks(
 def check_before_flow(args: argparse.Namespace) -> None:
     """The `run` command's inputs, checked before Prefect starts, so a bad one is one line, not two flow
     tracebacks: the home folder, the concurrency, and every task spec with the overrides given."""
-    PipelineHome.from_env(args.home)  # refuses a home under a regular file
+    PipelineHome.from_env(args.home, args.tracking_uri)  # a home under a regular file, an unknown URI scheme
     if args.max_concurrency < 1:
         raise TaskSpecError(f"--max-concurrency must be an integer >= 1, got {args.max_concurrency}")
     load_specs(args.tasks or ["summary", "topic"], args.base_model, None, None, args.eval_limit,
@@ -318,11 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrency", type=int, default=2, help="tasks run at the same time at most")
     parser.add_argument("--allow-partial", action="store_true",
                         help="exit 0 when some tasks fail (their errors are in the summary)")
+    parser.add_argument("--deployment",
+                        help="run each task as a run of this deployment on its work pool, e.g. "
+                             "lora-pool-task/lora-pool-task (None: in threads here)")
     args = parser.parse_args(argv)
     check_before_flow(args)
     out = many_tasks(tasks=args.tasks or ["summary", "topic"], base_model=args.base_model,
-                     home=args.home, tracking_uri=args.tracking_uri, eval_limit=args.eval_limit,
+                     home=args.home, tracking_uri=SecretStr(args.tracking_uri) if args.tracking_uri else None,
+                     eval_limit=args.eval_limit,
                      train_full=False if args.no_full else None, max_concurrency=args.max_concurrency,
-                     allow_partial=args.allow_partial)
-    print(json.dumps(out, indent=2, default=str))
+                     allow_partial=args.allow_partial, deployment=args.deployment)
+    print(redact_text(json.dumps(out, indent=2, default=str)))
     return 0

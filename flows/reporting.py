@@ -1,7 +1,8 @@
 """What the flows show: ROUGE tables, Markdown artifacts and links into the MLflow UI.
 
-Presentation only: the numbers come from `lora_module.evaluation.report` (report.json) and the registry;
-every table is drawn by its `format_table` / `rouge_table`, headed by the evaluation protocol.
+Presentation only, with credentials masked in every URI shown: the numbers come from
+`lora_module.evaluation.report` (report.json) and the registry; every table is drawn by its
+`format_table` / `rouge_table`, headed by the evaluation protocol.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from lora_module.contracts import run_link
 from lora_module.evaluation.protocol import protocol_of
 from lora_module.evaluation.report import format_table, rouge_table
 from lora_module.evaluation.rouge import ROUGE_TYPES
+from lora_module.redact import MASK, redact_uri
 
 LOCAL_UI = "http://127.0.0.1:5000"
 
@@ -28,8 +30,10 @@ def rouge_rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def mlflow_run_link(tracking_uri: str, run_id: str) -> str:
-    """A browser link to the MLflow run (for a local SQLite store: after `mlflow ui` starts on port 5000)."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    """A browser link to the MLflow run (for a local SQLite store: after `mlflow ui` starts on port 5000),
+    without the tracking URI's credentials (the browser asks for them)."""
+    base = (redact_uri(tracking_uri).replace(f"://{MASK}@", "://").rstrip("/")
+            if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI)
     experiment = None
     try:
         from mlflow import MlflowClient
@@ -43,7 +47,7 @@ def mlflow_run_link(tracking_uri: str, run_id: str) -> str:
 def _ui_hint(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return ""
-    return f" (start the UI first: `mlflow ui --backend-store-uri {tracking_uri}`)"
+    return f" (start the UI first: `mlflow ui --backend-store-uri {redact_uri(tracking_uri)}`)"
 
 
 def task_markdown(task: str, report: dict[str, Any], reg: dict[str, Any], link: str, report_path: str) -> str:

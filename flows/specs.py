@@ -19,15 +19,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lora_module.errors import PipelineError
 from lora_module.evaluation.metrics import metric_names
 from lora_module.evaluation.protocol import EvalProtocol, ProtocolError, resolve_protocol
 from lora_module.names import check_name
+from lora_module.user_files import read_yaml_file
 from lora_pipeline.deploy import SHIPPED_ROOT, TASKS_DIR
 
 DEMO_BASE = "demo"
+DEMO_BASES = {DEMO_BASE: "seq2seq", "demo-causal": "causal"}
+"""base_model names of the built demo bases, with their family (lora_module.training.demo_base)."""
 
 
 class TaskSpecError(PipelineError, ValueError):
@@ -45,7 +46,8 @@ class TaskSpec:
     lora_config: str
     """Training YAML of the adapter run (finetune: lora or qlora)."""
     base_model: str
-    """Base model: a Hub name, a local `save_pretrained` folder, or "demo" (the built demo T5)."""
+    """Base model: a Hub name, a local `save_pretrained` folder, "demo" (the built demo T5) or
+    "demo-causal" (the built demo Llama with a chat template)."""
     full_config: str | None = None
     """Training YAML of the full fine-tuning baseline; None skips it."""
     generation: dict[str, Any] = field(default_factory=dict)
@@ -143,10 +145,7 @@ def known_tasks(tasks_dir: Path = TASKS_DIR) -> list[str]:
 def load_task_spec(task: str, tasks_dir: Path = TASKS_DIR) -> TaskSpec:
     """Read a task by name (deploy/tasks/<name>.yaml) or by spec file path; resolves its paths."""
     path = Path(task)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise TaskSpecError(f"task spec file {path} does not exist")
-    else:
+    if path.suffix not in (".yaml", ".yml"):
         path = tasks_dir / f"{task}.yaml"
         if not path.is_file():
             raise TaskSpecError(
@@ -154,9 +153,9 @@ def load_task_spec(task: str, tasks_dir: Path = TASKS_DIR) -> TaskSpec:
                 f"(or pass the path of a task spec .yaml)"
             )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise TaskSpecError(f"{path}: not valid YAML: {e}") from e
+        raw = read_yaml_file(path, "task spec file", TaskSpecError)
+    except PipelineError as e:  # missing, a folder, a FIFO, not UTF-8: one problem of the run's list
+        raise TaskSpecError(str(e)) from None
     try:
         spec = TaskSpec.from_dict(raw)
     except TaskSpecError as e:
@@ -167,7 +166,7 @@ def load_task_spec(task: str, tasks_dir: Path = TASKS_DIR) -> TaskSpec:
     spec.lora_config = resolve_path(spec.lora_config, base, f"task {spec.name!r}: lora_config")
     if spec.full_config:
         spec.full_config = resolve_path(spec.full_config, base, f"task {spec.name!r}: full_config")
-    if spec.base_model != DEMO_BASE and _looks_local(spec.base_model):
+    if spec.base_model not in DEMO_BASES and _looks_local(spec.base_model):
         what = f"task {spec.name!r}: base_model"
         spec.base_model = resolve_path(spec.base_model, base, what, kind="folder")
     return spec
@@ -195,6 +194,7 @@ def check_task_spec(spec: TaskSpec, base_model: str | None = None) -> list[str]:
     overrides, through the Lightning CLI parser) without loading any data or model.
     """
     from lora_module.evaluation.generation import GenerationConfig
+    from lora_module.qlora import check_model_source
     from lora_module.training.cli import ConfigParseError, parse_config
     from lora_pipeline.data import DataConfig
 
@@ -208,6 +208,11 @@ def check_task_spec(spec: TaskSpec, base_model: str | None = None) -> list[str]:
     except (PipelineError, TypeError) as e:
         problems.append(f"task {spec.name!r}: generation: {e}")
     model = base_model or spec.base_model
+    if model not in DEMO_BASES:
+        try:
+            check_model_source(model, "base_model")
+        except PipelineError as e:  # before Prefect starts, not as a failed flow's traceback
+            problems.append(f"task {spec.name!r}: {e}")
     for key, kinds in (("lora_config", ("lora", "qlora")), ("full_config", ("full",))):
         path = getattr(spec, key)
         if not path:

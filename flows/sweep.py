@@ -7,7 +7,8 @@
     out = rank_sweep(task="summary")   # {"points": [...], "recommended": {...}, "plateau": {...}, ...}
 
 `rank_sweep` trains one LoRA adapter per (target set, rank) pair, r in {1, 2, 4, 8, 16, 32, 64} on
-attention only (q, k, v, o) and on every linear layer, with Prefect task mapping: the grid runs
+the "attention" preset (the attention blocks' projections: T5 q, k, v, o; Llama q_proj, k_proj, v_proj,
+o_proj) and on "all-linear" (every linear layer but the output head), with Prefect task mapping: the grid runs
 `max_concurrency` trainings at a time, each in its own process with its share of the CPU threads.
 Every adapter is evaluated on the same test rows; the chart (`rank_sweep.png`) plots the task's
 metric against trainable parameters with bootstrap 95% intervals. The recommendation is the
@@ -50,15 +51,14 @@ from lora_module.config import LoraConfig
 from lora_module.evaluation.metrics import get_metric
 from lora_module.home import PipelineHome
 from lora_module.registry import ensure_task_experiment
+from lora_module.selection import TARGET_PRESETS
 from lora_pipeline.flows.specs import TaskSpec, TaskSpecError, load_task_spec
 from lora_pipeline.flows.tasks import FlowFailedError, build_base, evaluate_base, prepare_data, training_env
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
-# T5 layer names; "wi" is the plain feed-forward input, "wi_0"/"wi_1" the gated one's (FLAN-T5).
-TARGET_SETS: dict[str, list[str]] = {
-    "attention": ["q", "k", "v", "o"],
-    "all-linear": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
-}
+# Layer sets are presets the training resolves on the base it loads (lora_module.selection): T5's
+# q, k, v, o or Llama's q_proj, k_proj, v_proj, o_proj for "attention", so the sweep runs on any family.
+TARGET_SETS: tuple[str, ...] = TARGET_PRESETS
 PLATEAU_RANK = 16  # the reference's finding: no gain above r=16
 SCALINGS = ("rslora", "constant")
 
@@ -119,7 +119,7 @@ def train_point(point: dict[str, Any], setup: dict[str, Any]) -> dict[str, Any]:
     """Train one (target set, rank) adapter in a subprocess and evaluate it; its scores and size."""
     rank = point["rank"]
     args = [*rank_args(rank, setup["scaling"], setup["anchor"]),
-            "--model.lora.target_modules", json.dumps(TARGET_SETS[point["target"]])]
+            "--model.lora.target_modules", point["target"]]
     return {**fit_and_evaluate(point_name(point["target"], rank), args, setup),
             "target": point["target"], "rank": rank}
 

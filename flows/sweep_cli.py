@@ -3,11 +3,15 @@ on the demo's settings.
 
     lora-pipeline sweep                                   # task summary, r in 1..64, both layer sets
     lora-pipeline sweep --task topic --rank 4 --rank 16 --targets attention --home /tmp/lp
+    lora-pipeline sweep --task chat_summary                # the chat task on the causal demo base (Llama)
     lora-pipeline sweep --variant lora --variant dora --variant loraplus --lr-multiplier 1 2 4 --seeds 3
 
 Any of --variant, --lr-multiplier, --seeds, --loraplus-ratio picks the variant sweep (the rank sweep's
 --rank, --targets, --scaling and --no-register are then refused); the others default to every
 variant, multipliers 1 2 4 of the task config's learning rate and 3 seeds.
+
+The layer sets are presets resolved on the task's base (lora_module.selection): "attention" is T5's
+q, k, v, o or Llama's q_proj, k_proj, v_proj, o_proj, "all-linear" every linear layer but the head.
 
 A module of its own because Prefect reads its settings when it is imported: the environment (offline,
 no telemetry, Prefect's database in the pipeline home) is set here first, as the demo does.
@@ -23,7 +27,7 @@ from lora_module.errors import ArgumentParser
 from lora_module.home import PipelineHome
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
-TARGETS = ("attention", "all-linear")
+TARGETS = ("attention", "all-linear")  # lora_module.selection.TARGET_PRESETS (not imported: torch would load)
 VARIANTS = ("lora", "dora", "loraplus")  # flows/variant_sweep.VARIANTS (not imported: Prefect would load)
 # The sweep trains 14 adapters, so each gets fewer steps than the demo's: the question is how the
 # score moves with the rank at a fixed budget, and 14 trainings must fit in 10 minutes on 2 cores.
@@ -77,10 +81,11 @@ def _run_variants(args: argparse.Namespace, ph: PipelineHome) -> str:
     from lora_pipeline.flows import demo
     from lora_pipeline.flows.variant_sweep import LORAPLUS_RATIO, render, variant_sweep
 
+    base_model, demo_base = demo.demo_base_for(args.task)
     result = variant_sweep(task=args.task, variants=args.variants, lr_multipliers=args.lr_multipliers,
                            seeds=args.seeds or 3, home=str(ph.root), tracking_uri=ph.tracking_uri,
                            data_overrides=demo.DEMO_DATA, train_overrides=demo.DEMO_TRAIN,
-                           max_concurrency=args.max_concurrency, demo_base=demo.DEMO_BASE,
+                           max_concurrency=args.max_concurrency, demo_base=demo_base, base_model=base_model,
                            loraplus_ratio=args.loraplus_ratio or LORAPLUS_RATIO)
     return render(result)
 
@@ -89,10 +94,11 @@ def _run_ranks(args: argparse.Namespace, ph: PipelineHome) -> str:
     from lora_pipeline.flows import demo
     from lora_pipeline.flows.sweep import rank_sweep, render
 
+    base_model, demo_base = demo.demo_base_for(args.task)
     result = rank_sweep(task=args.task, ranks=args.ranks, targets=args.targets, home=str(ph.root),
                         tracking_uri=ph.tracking_uri, data_overrides=demo.DEMO_DATA,
-                        train_overrides=[*demo.DEMO_TRAIN, *SWEEP_STEPS],
-                        max_concurrency=args.max_concurrency, demo_base=demo.DEMO_BASE,
+                        train_overrides=[*demo.DEMO_TRAIN, *SWEEP_STEPS], base_model=base_model,
+                        max_concurrency=args.max_concurrency, demo_base=demo_base,
                         register_best=not args.no_register, scaling=args.scaling or "rslora")
     return render(result)
 

@@ -38,13 +38,20 @@ def training_env(threads: int) -> dict[str, str]:
 
 @task(name="build-base-model", retries=1)
 def build_base(base_model: str, base_dir: str, demo_base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build (or reuse) the demo base model when `base_model` is "demo"; else pass the name through."""
+    """Build (or reuse) the demo base model when `base_model` names one ("demo", "demo-causal"); else
+    pass the name through. "demo" builds what `demo_base` says (the T5 by default); "demo-causal" the
+    causal family (`demo_base` settings of another family are replaced by the causal defaults)."""
+    from lora_pipeline.flows.specs import DEMO_BASES
+
     t0 = time.perf_counter()
-    if base_model != "demo":
+    if base_model not in DEMO_BASES:
         return {"path": base_model, "built": False, "seconds": 0.0}
     from lora_module.training.demo_base import build_demo_base
 
-    path = build_demo_base(Path(base_dir), **(demo_base or {}))
+    settings = dict(demo_base or {})
+    if base_model != "demo" and settings.get("family", "seq2seq") != DEMO_BASES[base_model]:
+        settings = {"family": DEMO_BASES[base_model]}
+    path = build_demo_base(Path(base_dir), **settings)
     return {"path": str(path), "built": True, "seconds": time.perf_counter() - t0}
 
 
@@ -88,14 +95,23 @@ def evaluate(name: str, kind: str, path: str, prepared_dir: str, out_dir: str, g
 @task(name="train", retries=1, retry_delay_seconds=5)
 def train(config_path: str, overrides: list[str], output_dir: str, tracking_uri: str, experiment: str,
           env: dict[str, str]) -> dict[str, Any]:
-    """Fine-tune through the Lightning CLI in a subprocess; a retry resumes from the last checkpoint."""
+    """Fine-tune through the Lightning CLI in a subprocess; a retry (or a re-run that adopted this folder)
+    resumes from the last checkpoint, and a folder whose training finished is reused as it is."""
     from lora_module.training.launcher import run_fit
+    from lora_module.training.outputs import current_outputs
 
     t0 = time.perf_counter()
+    done = current_outputs(output_dir)
+    if (done / c.METRICS_FILE).is_file() and any((done / d).is_dir() for d in (c.ADAPTER_DIR, c.MODEL_DIR)):
+        # Exports appear only when a fit ends: an interrupted flow's finished training.
+        metrics = json.loads((done / c.METRICS_FILE).read_text())
+        return {"path": str(Path(output_dir).resolve()), "metrics": metrics, "finished_before": True,
+                "seconds": 0.0}
     out = run_fit(config_path, overrides, resume=True, env=env, output_dir=output_dir,
                   tracking_uri=tracking_uri, experiment=experiment)
     metrics = json.loads((out / c.METRICS_FILE).read_text())
-    return {"path": str(out), "metrics": metrics, "seconds": time.perf_counter() - t0}
+    return {"path": str(out), "metrics": metrics, "finished_before": False,
+            "seconds": time.perf_counter() - t0}
 
 
 @task(name="build-report")

@@ -209,6 +209,19 @@ def _check_targets(targets: Any) -> list[str] | str | None:
     )
 
 
+def check_rank_fits(config: LoraConfig, widths: dict[str, tuple[int, int]]) -> None:
+    """LoraConfigError naming the first layer whose rank (r, or its rank_pattern entry) exceeds its width
+    min(in_features, out_features): B A then has full rank already below r, so the extra rank only adds
+    parameters (r 100000 on a 32-wide layer: a "low-rank" adapter larger than the model)."""
+    for path, (in_features, out_features) in widths.items():
+        r, width = config.for_module(path).r, min(in_features, out_features)
+        if r > width:
+            raise LoraConfigError(
+                f"LoraConfig.r={r} is larger than layer {path}'s width {width} (in_features={in_features}, "
+                f"out_features={out_features}); use r <= {width}"
+            )
+
+
 def default_target_modules(model_type: str | None) -> list[str] | None:
     """Architecture default targets for `config.model_type`, or None when we have none."""
     return list(DEFAULT_TARGET_MODULES[model_type]) if model_type in DEFAULT_TARGET_MODULES else None
@@ -349,7 +362,8 @@ def _check_pattern(field_name: str, pattern: Any, number: type) -> None:
             f"LoraConfig.{field_name} must be a dict of module pattern -> {what}, got {pattern!r}"
         )
     for key, value in pattern.items():
-        ok = isinstance(value, int if number is int else int | float) and not isinstance(value, bool)
+        ok = (isinstance(value, int if number is int else int | float) and not isinstance(value, bool)
+              and math.isfinite(value))
         if not isinstance(key, str) or not key or not ok or not (value >= 1 if number is int else value > 0):
             raise LoraConfigError(
                 f"LoraConfig.{field_name}[{key!r}] must map a non-empty module pattern to {what}, "

@@ -48,6 +48,10 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 """The resolved training config written beside the export."""
 TRAIN_FILES = (CONFIG_FILE, METRICS_FILE)
+RUN_STATE_FILE = "run.json"
+"""A run folder's claim: the key of its inputs and whether it is running or done (lora_module.run_dirs)."""
+RUN_LOCK_FILE = "run.lock"
+"""Held with flock while the run that owns the folder is alive."""
 """The files a registration copies from a training output."""
 
 # ---- files of an evaluation (evaluation.report) --------------------------------------------
@@ -184,6 +188,8 @@ TAG_GATE_CHAMPION_COMPARABLE = "gate.champion_comparable"
 TAG_GATE_JSON = "gate.json"
 """The whole decision as JSON."""
 GATE_TAGS = (TAG_GATE_DECISION, TAG_GATE_REASON)
+TAG_TASK_MISMATCH = "task_mismatch"
+"""A version registered under another task's model by explicit permission: what differed."""
 """The gate's tags a version shows (the full decision is in its run's lineage.json)."""
 
 ROUGE_PREFIX = "rouge."

@@ -1,7 +1,7 @@
 """Writing files so readers never see half of one, and hashing files and folders: the one copy.
 
     from lora_module.files import write_atomic, write_json_atomic, publish_dir, sha256_file
-    write_json_atomic(out / "report.json", report)      # temp file + rename, mode 0644
+    write_json_atomic(out / "report.json", report)      # temp file + rename, mode 0666 & ~umask
     publish_dir(tmp_folder, final_folder)               # a finished folder appears at once, or not at all
     sha256_file(path), sha256_files(paths), sha256_json(obj)
 
@@ -20,14 +20,35 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-FILE_MODE = 0o644  # what a plain `open(..., "w")` gives under the usual umask; mkstemp alone gives 0600
 _CHUNK = 1 << 20
+
+
+def _process_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (`/proc/self/status`).
+
+    `os.umask` can only be read by setting it; between the two calls another thread's new file
+    would get the stand-in value, so that fallback runs once, at import.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# What a plain `open(..., "w")` gives (mkstemp alone gives 0600): 0644 under the usual umask 022,
+# 0600 under 077, so a user who keeps predictions private gets private files.
+FILE_MODE = 0o666 & ~_process_umask()
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write `data` to `path` through a temporary file in the same folder and a rename.
 
-    A crash leaves the old file (or none), never a truncated one; the file gets mode 0644.
+    A crash leaves the old file (or none), never a truncated one; the file gets mode FILE_MODE.
     """
     return write_with(path, lambda tmp: tmp.write_bytes(data.encode() if isinstance(data, str) else data))
 

@@ -26,12 +26,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lora_module.errors import check_output_dir
+from lora_module.errors import PipelineError, check_output_dir
+from lora_module.redact import redact_uri
 
 HOME_ENV = "LORA_PIPELINE_HOME"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_ROOT = ".lora_pipeline"
 _SQLITE = "sqlite:///"
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+"""Tracking-URI schemes MLflow 3 accepts (a `+driver` suffix allowed); its ./mlruns file store is refused."""
+
+
+class TrackingUriError(PipelineError, ValueError):
+    """A tracking URI MLflow cannot use as a store."""
 
 
 def experiment_name_for(task: str) -> str:
@@ -72,6 +79,11 @@ class PipelineHome:
         if not isinstance(self.tracking_uri, str) or "://" not in self.tracking_uri:
             raise ValueError(f"PipelineHome.tracking_uri must be a URI such as sqlite:///path/mlflow.db or "
                              f"http://host:5000, got {self.tracking_uri!r}")
+        scheme = self.tracking_uri.split("://", 1)[0].split("+", 1)[0].lower()
+        if scheme not in TRACKING_SCHEMES:
+            raise TrackingUriError(
+                f"tracking URI {redact_uri(self.tracking_uri)!r} has scheme {scheme!r}; MLflow stores are "
+                f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} (--tracking-uri or $MLFLOW_TRACKING_URI)")
 
     @classmethod
     def from_env(cls, home: str | os.PathLike | None = None, tracking_uri: str | None = None) -> PipelineHome:

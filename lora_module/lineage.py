@@ -3,16 +3,20 @@
     from lora_module.lineage import git_commit, same_store
     git_commit()                              # '3cedd2d...' ('-dirty' with local changes), None outside git
     same_store("sqlite:////a/mlflow.db", "sqlite:////a/./mlflow.db")   # True
+    same_store("http://***@h:5000", "http://alice:pw@h:5000")           # True: credentials do not count
 
-Standard library only. The names, tag keys and UI links these facts end up in are built by
-`lora_module.contracts` (`training_run_tags`, `run_name`, `run_link`, `version_link`): the training
-module tags its MLflow run with them, the registry links a version and its training run both ways.
+Standard library (and lora_module.redact) only. The names, tag keys and UI links these facts end up
+in are built by `lora_module.contracts` (`training_run_tags`, `run_name`, `run_link`, `version_link`):
+the training module tags its MLflow run with them, the registry links a version and its training run
+both ways.
 """
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+
+from lora_module.redact import MASK, redact_uri
 
 
 def git_commit() -> str | None:
@@ -31,8 +35,9 @@ def git_commit() -> str | None:
 
 
 def _normal_store(uri: str) -> str:
-    """A tracking URI in one spelling: SQLite paths resolved, no trailing slash, lower-case scheme/host."""
-    uri = uri.strip().rstrip("/")
+    """A tracking URI in one spelling: SQLite paths resolved, no trailing slash, lower-case scheme/host,
+    no credentials (a recorded URI has them masked, the live one does not: both name one store)."""
+    uri = (redact_uri(uri.strip()) or "").replace(f"://{MASK}@", "://").rstrip("/")
     if uri.startswith("sqlite:///"):
         return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     scheme, sep, rest = uri.partition("://")

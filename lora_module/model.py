@@ -28,7 +28,7 @@ from torch import nn
 
 from lora_module import adapter_io, selection
 from lora_module import init as lora_init
-from lora_module.config import LoraConfig, mutates_base
+from lora_module.config import LoraConfig, check_rank_fits, mutates_base
 from lora_module.errors import AdapterLoadError, LoraConfigError
 from lora_module.layers import LoraLinear, dequantized_linear, is_linear4bit
 from lora_module.mixed_batch import mixed_batch
@@ -40,6 +40,12 @@ def _param_count(p: torch.Tensor) -> int:
     # A Params4bit stores two 4-bit values per byte; count the logical weight.
     state = getattr(p, "quant_state", None)
     return int(torch.Size(state.shape).numel()) if state is not None else p.numel()
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a target layer, already wrapped or not."""
+    layer = getattr(module, "base_layer", module)
+    return layer.in_features, layer.out_features
 
 
 class LoraModel(nn.Module):
@@ -163,6 +169,8 @@ class LoraModel(nn.Module):
         self._check_new_name(name, LoraConfigError)
         self._check_base_untouched(name, config.init_lora_weights)
         resolved, paths, saved = self._plan_new(config)  # validates before any module is touched
+        # Only new adapters: a saved adapter of a larger rank still loads, as in PEFT.
+        check_rank_fits(resolved, {p: _features(self.model.get_submodule(p)) for p in paths})
         initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         try:
             layers = {path: self._wrap(path) for path in paths}

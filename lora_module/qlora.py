@@ -241,6 +241,12 @@ def load_base_model(
         str(name_or_path), config=config, trust_remote_code=trust_remote_code, **kwargs
     )
     model.eval()
+    if quantize is None and dtype == torch.float16:
+        # fp16 rounds some weights away from their bf16 rounding, so hashing the loaded values would call
+        # this base "another base" for every adapter trained on it: hash the checkpoint's own values.
+        fingerprint = checkpoint_fingerprint(name_or_path, auto, config, None, trust_remote_code)
+        if fingerprint is not None:
+            setattr(model, FINGERPRINT_ATTR, fingerprint)
     if quantize == "nf4":
         quantize_nf4(model, double_quant=double_quant, compute_dtype=dtype or torch.float32)
     return model

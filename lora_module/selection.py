@@ -6,7 +6,19 @@
 Targets follow PEFT's `check_target_module_exists`: a regex must match the whole module path; a listed
 name matches a path equal to it (then layers_to_transform does not apply, as in PEFT) or ending in
 `.name` (then only layers whose index is in layers_to_transform); exclude_modules and the modules of
-modules_to_save are never targets. "all-linear" is every linear layer but the output layer (lm_head).
+modules_to_save are never targets.
+
+Two presets name layers by role, whatever the architecture calls them (`lora.target_modules: attention`
+in a training config; the rank sweep's layer sets):
+- "all-linear" (PEFT's own shorthand, `_maybe_include_all_linear_layers`): every nn.Linear / Conv1D
+  layer but the output layer (lm_head).
+- "attention": every linear layer directly inside an attention block (a module whose class name holds
+  "Attention"): T5 q, k, v, o (self- and cross-attention), Llama / Qwen / Mistral q_proj, k_proj,
+  v_proj, o_proj. PEFT has no such preset: its per-model defaults (TRANSFORMERS_MODELS_TO_LORA_TARGET_
+  MODULES_MAPPING, what `target_modules: null` gives, e.g. T5 q, v) are a subset of it. We chose the
+  whole block because that is what "attention only" means in LoRA studies and in the rank sweep.
+Both resolve to plain names (or full paths), so the saved adapter_config.json loads in PEFT alike.
+A preset shadows the regex of the same name (a module path that is exactly "attention").
 
 `modules_to_save` follows PEFT's ModulesToSaveWrapper: each module whose path ends with one of the
 names is wrapped; the wrapper holds `original_module` (frozen) and one full copy per adapter under
@@ -22,12 +34,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lora_module.config import LoraConfig, default_target_modules
 from lora_module.errors import LoraConfigError
 from lora_module.layers import LoraLinear
 
 ALL_LINEAR = "all-linear"
+ATTENTION = "attention"
+TARGET_PRESETS = (ATTENTION, ALL_LINEAR)
 # Path parts inside an adapter layer or a modules_to_save wrapper: never targets themselves.
 _ADAPTER_PARTS = frozenset({
     "base_layer", "lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector", "original_module",
@@ -41,9 +56,11 @@ def inside_adapter_layer(name: str) -> bool:
 
 
 def _linear_paths(model: nn.Module) -> list[str]:
+    # Conv1D (GPT-2's transposed linear) counts as linear, as in PEFT; resolve_targets then refuses it
+    # in one line, since our layers wrap nn.Linear only.
     return [
         name for name, m in model.named_modules()
-        if name and isinstance(m, nn.Linear | LoraLinear) and not inside_adapter_layer(name)
+        if name and isinstance(m, nn.Linear | LoraLinear | Conv1D) and not inside_adapter_layer(name)
     ]
 
 
@@ -92,17 +109,44 @@ def is_target(config: LoraConfig, path: str) -> bool:
     return any(path.endswith(f".{t}") for t in targets) and _layer_index_ok(config, path)
 
 
-def _all_linear(model: nn.Module) -> list[str]:
-    """PEFT's "all-linear": every linear layer but the output embeddings, as the shortest list of names
-    that selects exactly those (the leaf names when they do, else the full paths)."""
-    paths = set(_linear_paths(model))
-    get_output = getattr(model, "get_output_embeddings", None)
-    output = get_output() if callable(get_output) else None
-    paths -= {name for name, m in model.named_modules() if output is not None and m is output}
+def _as_names(model: nn.Module, paths: set[str]) -> list[str]:
+    """The shortest target list that selects exactly `paths`: their leaf names when those select no
+    other module, else the full paths."""
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     everything = [name for name, _ in model.named_modules() if name and not inside_adapter_layer(name)]
     by_leaves = {p for p in everything if any(p == leaf or p.endswith(f".{leaf}") for leaf in leaves)}
     return leaves if by_leaves == paths else sorted(paths)
+
+
+def _all_linear(model: nn.Module) -> list[str]:
+    """PEFT's "all-linear": every linear layer but the output embeddings."""
+    paths = set(_linear_paths(model))
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    paths -= {name for name, m in model.named_modules() if output is not None and m is output}
+    return _as_names(model, paths)
+
+
+def _attention(model: nn.Module) -> list[str]:
+    """The "attention" preset: the linear layers whose parent module is an attention block."""
+    linear = set(_linear_paths(model))
+    blocks = [name for name, m in model.named_modules() if "Attention" in type(m).__name__]
+    paths = {p for p in linear if p.rpartition(".")[0] in blocks}
+    if not paths:
+        raise LoraConfigError(
+            f"target_modules {ATTENTION!r} found no linear layer inside an attention block (a module whose "
+            f"class name holds 'Attention') of {type(model).__name__}; list the layers instead: "
+            f"{linear_module_names(model)}"
+        )
+    return _as_names(model, paths)
+
+
+def preset_targets(model: nn.Module, preset: str) -> list[str]:
+    """The layer names preset `preset` ("attention" or "all-linear", any case) selects in `model`."""
+    key = preset.lower()
+    if key not in TARGET_PRESETS:
+        raise LoraConfigError(f"target preset must be one of {list(TARGET_PRESETS)}, got {preset!r}")
+    return _attention(model) if key == ATTENTION else _all_linear(model)
 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> tuple[LoraConfig, list[str]]:
@@ -117,8 +161,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> tuple[LoraConfig, l
                 f"no default target_modules for model_type {model_type!r}; set LoraConfig.target_modules "
                 f"to some of this model's linear layers (or 'all-linear'): {linear_module_names(model)}"
             )
-    elif isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        targets = _all_linear(model)
+    elif isinstance(targets, str) and targets.lower() in TARGET_PRESETS:
+        targets = preset_targets(model, targets)
     resolved = LoraConfig(**{**config.to_dict(), "target_modules": targets})
     paths = []
     for name, module in model.named_modules():

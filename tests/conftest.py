@@ -129,6 +129,25 @@ def tiny_llama_dir(tmp_path_factory, causal_tokenizer_dir) -> Path:
     return out
 
 
+# A Llama-3-like chat template over the test tokenizer's own specials (no new tokens, so the tiny
+# Llama's vocabulary fits): BOS once, a role header per turn, EOS ends every turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_llama_dir(tmp_path_factory, causal_tokenizer_dir) -> Path:
+    """The tiny Llama saved with the causal test tokenizer plus a chat template (`CHAT_TEMPLATE`)."""
+    out = tmp_path_factory.mktemp("chat_llama")
+    tok = AutoTokenizer.from_pretrained(causal_tokenizer_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    make_tiny_llama(len(tok)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def tiny_t5() -> T5ForConditionalGeneration:
     return make_tiny_t5()

@@ -12,8 +12,12 @@ caches (the datasets cache, the generated demo corpus) may appear: they are reus
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +29,15 @@ from conftest import make_tiny_t5
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
+import lora_pipeline.flows.pipeline  # noqa: F401  (why: see below)
 from lora_module import LoraConfig, LoraModel, load_base_model
 from lora_module.errors import PipelineError
 from lora_pipeline.data import DataConfig, prepare
 from lora_pipeline.flows.cli import main as lora_pipeline
 
+# Importing the flows sets up Prefect's console log handler on the root logger, bound to the stderr of the
+# moment: imported at collection, that is pytest's session-long stream. Imported first by a `run` case, it
+# would be that case's captured stderr, closed after it, and every later Lightning log line a "Logging error".
 REPO = Path(__file__).resolve().parents[1]
 FIT_CONFIG = REPO / "deploy" / "configs" / "demo_summary_lora.yaml"
 CACHES = ("hf_cache", "tokenizers")  # input caches under an output root, not outputs
@@ -48,8 +56,13 @@ class Case:
     home: str = "{tmp}/home"
     """$LORA_PIPELINE_HOME during the case (formatted with env)."""
     caches: bool = False
-    """The input was found bad only once read: the datasets cache of what was read (and the folder holding
-    it) may remain; no other file may."""
+    """The input was found bad only once read, or the fault came part-way: folders may remain (the datasets
+    cache of what was read, a run's empty checkpoints/); no other file may."""
+    needs: str = ""
+    """"ro" or "full": the case writes into the read-only folder or onto the full disk of `mounts`."""
+    patch: Callable[[pytest.MonkeyPatch, dict[str, Any]], None] | None = None
+    """Sets up a fault the command meets part-way (a write that finds the disk full)."""
+    marks: tuple[Any, ...] = ()
 
 
 # ---- the shared, valid inputs every case spoils one part of -------------------------------------
@@ -91,13 +104,74 @@ def env(tmp_path_factory, tiny_t5_dir) -> dict[str, Any]:
     (files / "bad_override.yaml").write_text(json.dumps(spec))
     (files / "unknown_spec_key.yaml").write_text(json.dumps({**spec, "train_overrides": [], "colour": "red"}))
     (root / "a_file").write_text("a regular file, not a folder\n")
+    _odd_files(files, spec)
     trained = root / "trained_r8"  # a checkpoint to resume with another r
     rc = lora_pipeline(["fit", "--config", str(FIT_CONFIG), *_fit_paths(tiny_t5_dir, prepared, trained),
                         "--trainer.max_epochs", "-1", "--trainer.max_steps", "1"])
     assert rc == 0 and (trained / "checkpoints" / "last.ckpt").is_file()
+    checkpoint = (trained / "checkpoints" / "last.ckpt").read_bytes()
+    (files / "cut.ckpt").write_bytes(checkpoint[: len(checkpoint) // 2])
     return {"root": root, "base": tiny_t5_dir, "prepared": prepared, "adapter": adapter, "nan": nan_adapter,
             "cut_adapter": cut_adapter, "other_base": other_base, "cut_base": cut_base, "files": files,
             "file": root / "a_file", "trained": trained}
+
+
+@pytest.fixture(scope="module")
+def mounts(tmp_path_factory) -> Any:
+    """{"ro": a read-only folder, "full": a folder on a full disk}: tiny tmpfs mounts (read-only; filled to
+    the last byte), so the file system refuses as a real one would. Mounting needs root; without it the
+    read-only folder is one without write permission and "full" is None; where root cannot mount, both are
+    None (their cases skip, saying why)."""
+    root = tmp_path_factory.mktemp("mounts")
+    ro, full = root / "ro", root / "full"
+    ro.mkdir()
+    full.mkdir()
+    mounted = []
+    try:
+        for folder, options in ((ro, "ro,size=64k"), (full, "size=64k")):
+            command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]
+            if os.geteuid() == 0 and subprocess.run(command, capture_output=True).returncode == 0:
+                mounted.append(folder)
+        read_only = ro in mounted or os.geteuid() != 0  # root writes into a folder without permissions
+        if ro not in mounted:
+            ro.chmod(0o555)
+        if full in mounted:
+            _fill(full / "filler")
+        yield {"ro": ro if read_only else None, "full": full if full in mounted else None}
+    finally:
+        for folder in mounted:
+            subprocess.run(["umount", str(folder)], check=True)
+        ro.chmod(0o755)
+
+
+def _fill(path: Path) -> None:
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+
+
+def _odd_files(files: Path, spec: dict[str, Any]) -> None:
+    """Things given where a file is expected: a symlink loop, a folder, a FIFO; and files that are not
+    UTF-8, empty, or hold a NaN or a string where a boolean belongs."""
+    for name in ("loop.yaml", "loop.ckpt", "loop_dir"):
+        (files / name).symlink_to(files / name)
+    for name in ("dir.yaml", "dir.ckpt"):
+        (files / name).mkdir()
+    for name in ("fifo.yaml", "fifo.ckpt"):
+        os.mkfifo(files / name)
+    (files / "latin1.yaml").write_bytes("name: café\n".encode("latin-1"))
+    (files / "empty.yaml").write_text("")
+    (files / "comments.yaml").write_text("# all settings left out\n")
+    (files / "string_bool.yaml").write_text('name: x\ngroup_test_references: "no"\n')
+    (files / "nan_size.yaml").write_text("name: x\nvalidation_size: .nan\n")
+    (files / "notes.ckpt").write_text("not a checkpoint\n")
+    (files / "empty.ckpt").write_bytes(b"")
+    (files / "string_bool_spec.yaml").write_text(json.dumps(
+        {**spec, "train_overrides": [], "data_overrides": {"group_test_references": "no"}}))
 
 
 def _truncate(path: Path) -> None:
@@ -286,6 +360,10 @@ CASES = [
          ("eval_limit must be an integer >= 1", "-3")),
     Case("run-home-under-file", run("--home", "{file}/home", "--task", "summary"),
          ("pipeline home", "under the regular file"), out_parent),
+    Case("run-bogus-tracking-uri", run("--task", "summary", "--tracking-uri", "bogus://x"),
+         ("scheme 'bogus'", "sqlite://", "http://")),
+    Case("run-tracking-uri-credentials-masked", run("--task", "summary", "--tracking-uri", "ftp://al:PW@h/x"),
+         ("scheme 'ftp'", "ftp://***@h/x")),
     Case("run-zero-concurrency", run("--task", "summary", "--max-concurrency", "0"),
          ("--max-concurrency", ">= 1")),
     Case("run-missing-spec-file", run("--task", "{root}/no_task.yaml"), ("task spec file", "no_task.yaml")),
@@ -314,6 +392,243 @@ CASES = [
 ]
 
 
+# ---- round two (#27 item 7): file system faults, odd files, NaN/zero settings, strings for booleans ----
+def stage(command: str, *args: str) -> Callable[[dict], list[str]]:
+    """`lora-pipeline validate|test ...` with the fit paths (no training settings needed)."""
+    def argv(env: dict) -> list[str]:
+        base = _fit_paths(env["base"], env["prepared"], env["out"])
+        return [command, "--config", str(FIT_CONFIG), *base, *(a.format(**env) for a in args)]
+    return argv
+
+
+def cmd(*args: str) -> Callable[[dict], list[str]]:
+    return lambda env: [a.format(**env) for a in args]
+
+
+def no_space(monkeypatch: pytest.MonkeyPatch, what: str, target: Any, name: str) -> None:
+    """`target.name` raises ENOSPC as a disk that fills up part-way through a stage would."""
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what)
+    monkeypatch.setattr(target, name, full)
+
+
+def full_while_saving_data(monkeypatch: pytest.MonkeyPatch, env: dict) -> None:
+    import datasets
+
+    no_space(monkeypatch, str(env["out"] / "dataset"), datasets.DatasetDict, "save_to_disk")
+
+
+def full_while_saving_checkpoint(monkeypatch: pytest.MonkeyPatch, env: dict) -> None:
+    no_space(monkeypatch, str(env["out"] / "checkpoints" / "last.ckpt"), torch, "save")
+
+
+def full_while_writing_report(monkeypatch: pytest.MonkeyPatch, env: dict) -> None:
+    import lora_module.evaluation.evaluate as evaluation
+
+    no_space(monkeypatch, str(env["out"] / "base.eval.json"), evaluation, "write_json_atomic")
+
+
+def api_rank_beyond_width(env: dict) -> None:
+    LoraModel(load_base_model(env["base"]), LoraConfig(r=64, target_modules=["q", "v"]))
+
+
+def api_data_config(**fields: Any) -> Callable[[dict], Any]:
+    return lambda env: DataConfig(**fields)
+
+
+def api_read_yaml(name: str) -> Callable[[dict], Any]:
+    from lora_module.user_files import read_yaml_file
+
+    return lambda env: read_yaml_file(env["files"] / name, "config file", PipelineError)
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(),
+                            reason="a CUDA GPU is present: the case needs a machine without one")
+WRITABLE = "choose a writable folder"
+FULL = "no space left on device"
+LOOP = "symlink loop"
+
+CASES += [
+    # a read-only output folder (a read-only mount; without root, a folder without write permission)
+    Case("prepare-output-root-read-only", prep("--output_root", "{ro}/data"), ("output_root:", WRITABLE),
+         needs="ro"),
+    Case("prepare-output-root-is-read-only", prep("--output_root", "{ro}"), ("output_root:", WRITABLE),
+         needs="ro"),
+    Case("fit-output-dir-read-only", fit("--model.output_dir", "{ro}/run"), ("model.output_dir:", WRITABLE),
+         needs="ro"),
+    Case("evaluate-out-read-only", evaluate("base={base}", extra=("--out", "{ro}/eval")), ("--out:",
+         WRITABLE),
+         needs="ro"),
+    Case("run-home-read-only", run("--home", "{ro}/home", "--task", "summary"), ("pipeline home", WRITABLE),
+         needs="ro"),
+    Case("demo-corpus-out-read-only", cmd("demo-corpus", "--out", "{ro}/corpus", "--n", "3"), ("--out:",
+         WRITABLE),
+         needs="ro"),
+    Case("demo-base-out-read-only", cmd("demo-base", "{ro}/base", "--steps", "1"), ("OUT_DIR", WRITABLE),
+         needs="ro"),
+    Case("api-prepare-read-only", lambda env: prepare(DataConfig(demo_train_size=30,
+         output_root=str(env["ro"]))),
+         ("output_root:", WRITABLE), needs="ro"),
+    # a full disk: refused before any work; or met part-way, one line naming the path
+    Case("prepare-output-root-full-disk", prep("--output_root", "{full}/data"), ("output_root:", FULL),
+         needs="full"),
+    Case("fit-output-dir-full-disk", fit("--model.output_dir", "{full}/run"), ("model.output_dir:", FULL),
+         needs="full"),
+    Case("evaluate-out-full-disk", evaluate("base={base}", extra=("--out", "{full}/eval")), ("--out:", FULL),
+         needs="full"),
+    Case("run-home-full-disk", run("--home", "{full}/home", "--task", "summary"), ("pipeline home", FULL),
+         needs="full"),
+    Case("demo-corpus-out-full-disk", cmd("demo-corpus", "--out", "{full}/corpus", "--n", "3"), ("--out:",
+         FULL),
+         needs="full"),
+    Case("prepare-disk-fills-while-saving", prep(), ("dataset", FULL), patch=full_while_saving_data,
+         caches=True),
+    Case("fit-disk-fills-while-checkpointing", fit("--trainer.max_epochs", "-1"), ("last.ckpt", FULL),
+         patch=full_while_saving_checkpoint, caches=True),
+    Case("evaluate-disk-fills-while-writing", evaluate("base={base}"), ("base.eval.json", FULL),
+         patch=full_while_writing_report, caches=True),
+    # a symlink loop where a folder to write is expected
+    Case("prepare-output-root-symlink-loop", prep("--output_root", "{files}/loop_dir/data"),
+         ("output_root:", LOOP),
+         watch=out_parent),
+    Case("fit-output-dir-symlink-loop", fit("--model.output_dir", "{files}/loop_dir"), ("model.output_dir:",
+         LOOP),
+         watch=out_parent),
+    Case("evaluate-out-symlink-loop", evaluate("base={base}", extra=("--out", "{files}/loop_dir")),
+         ("--out:", LOOP),
+         watch=out_parent),
+    Case("run-home-symlink-loop", run("--home", "{files}/loop_dir", "--task", "summary"), ("loop_dir", LOOP),
+         watch=out_parent),
+    Case("demo-corpus-out-symlink-loop", cmd("demo-corpus", "--out", "{files}/loop_dir"), ("--out:", LOOP)),
+    # a symlink loop, a folder, a FIFO, non-UTF-8, empty: where a config file is expected
+    Case("prepare-config-symlink-loop", prep("--config", "{files}/loop.yaml"), ("loop.yaml", LOOP)),
+    Case("prepare-config-is-a-folder", prep("--config", "{files}/dir.yaml"), ("dir.yaml", "is a folder")),
+    Case("prepare-config-is-a-fifo", prep("--config", "{files}/fifo.yaml"), ("fifo.yaml", "FIFO")),
+    Case("prepare-config-not-utf8", prep("--config", "{files}/latin1.yaml"), ("latin1.yaml", "not UTF-8")),
+    Case("prepare-config-empty", prep("--config", "{files}/empty.yaml"), ("empty.yaml", "is empty")),
+    Case("prepare-config-only-comments", prep("--config", "{files}/comments.yaml"), ("comments.yaml",
+         "is empty")),
+    Case("fit-config-symlink-loop", fit("--config", "{files}/loop.yaml"), ("--config", LOOP)),
+    Case("fit-config-is-a-folder", fit("--config", "{files}/dir.yaml"), ("--config", "is a folder")),
+    Case("fit-config-is-a-fifo", fit("--config", "{files}/fifo.yaml"), ("--config", "FIFO")),
+    Case("fit-config-not-utf8", fit("--config", "{files}/latin1.yaml"), ("latin1.yaml", "not UTF-8")),
+    Case("fit-config-empty", fit("--config", "{files}/empty.yaml"), ("empty.yaml", "is empty")),
+    Case("run-spec-symlink-loop", run("--task", "{files}/loop.yaml"), ("task spec file", LOOP)),
+    Case("run-spec-is-a-folder", run("--task", "{files}/dir.yaml"), ("task spec file", "is a folder")),
+    Case("run-spec-is-a-fifo", run("--task", "{files}/fifo.yaml"), ("task spec file", "FIFO")),
+    Case("run-spec-not-utf8", run("--task", "{files}/latin1.yaml"), ("latin1.yaml", "not UTF-8")),
+    Case("run-spec-empty", run("--task", "{files}/empty.yaml"), ("empty.yaml", "is empty")),
+    # NaN, infinity and zero settings
+    Case("prepare-validation-size-nan", prep("--validation_size", ".nan"), ("validation_size", "nan")),
+    Case("prepare-test-size-inf", prep("--test_size", ".inf"), ("test_size", "inf")),
+    Case("prepare-config-validation-size-nan", prep("--config", "{files}/nan_size.yaml"),
+         ("nan_size.yaml", "validation_size", "nan")),
+    Case("fit-accumulate-grad-batches-zero", fit("--trainer.accumulate_grad_batches", "0"),
+         ("trainer.accumulate_grad_batches", ">= 1")),
+    Case("fit-max-steps-zero", fit("--trainer.max_steps", "0"), ("trainer.max_steps", "0 trains nothing")),
+    Case("fit-max-epochs-zero", fit("--trainer.max_epochs", "0"), ("trainer.max_epochs", "0 trains nothing")),
+    Case("fit-limit-train-batches-zero", fit("--trainer.limit_train_batches", "0"),
+         ("trainer.limit_train_batches", "> 0")),
+    Case("fit-check-val-every-zero", fit("--trainer.check_val_every_n_epoch", "0"),
+         ("trainer.check_val_every_n_epoch", ">= 1")),
+    Case("fit-adam-epsilon-negative", fit("--model.adam_epsilon", "-1"), ("model.adam_epsilon must be > 0",)),
+    Case("fit-adam-epsilon-zero", fit("--model.adam_epsilon", "0"), ("model.adam_epsilon must be > 0",)),
+    Case("fit-weight-decay-negative", fit("--model.weight_decay", "-0.1"),
+         ("model.weight_decay must be >= 0",)),
+    Case("fit-learning-rate-nan", fit("--model.learning_rate", ".nan"), ("model.learning_rate", "nan")),
+    Case("fit-learning-rate-inf", fit("--model.learning_rate", ".inf"), ("model.learning_rate", "finite")),
+    Case("fit-weight-decay-nan", fit("--model.weight_decay", ".nan"), ("model.weight_decay", "finite")),
+    Case("fit-gradient-clip-nan", fit("--trainer.gradient_clip_val", ".nan"), ("trainer.gradient_clip_val",
+         "finite")),
+    Case("fit-lora-alpha-inf", fit("--model.lora.lora_alpha", ".inf"), ("lora_alpha", "finite")),
+    Case("fit-lora-dropout-nan", fit("--model.lora.lora_dropout", ".nan"), ("lora_dropout", "0 <= p < 1")),
+    Case("fit-warmup-ratio-nan", fit("--model.warmup_ratio", ".nan"), ("model.warmup_ratio", "[0, 1)")),
+    # strings where a boolean belongs
+    Case("prepare-config-string-bool", prep("--config", "{files}/string_bool.yaml"),
+         ("group_test_references must be true or false", "'no'")),
+    Case("prepare-option-string-bool", prep("--group_test_references", '"yes"'),
+         ("group_test_references must be true or false", "'yes'")),
+    Case("prepare-option-number-bool", prep("--group_test_references", "1"),
+         ("group_test_references must be true or false", "1")),
+    Case("run-spec-string-bool-override", run("--task", "{files}/string_bool_spec.yaml"),
+         ("badspec", "group_test_references must be true or false")),
+    # a rank beyond the width of the layers it targets (the tiny T5's projections are 32 wide)
+    Case("fit-lora-r-beyond-width", fit("--model.lora.r", "100000"), ("r=100000", "width 32", "use r <= 32")),
+    Case("fit-rank-pattern-beyond-width", fit("--model.lora.rank_pattern", "{{v: 64}}"),
+         ("r=64", ".v's width 32")),
+    Case("api-lora-r-beyond-width", api_rank_beyond_width, ("r=64", "width 32")),
+    # --ckpt_path that is not a checkpoint
+    Case("fit-ckpt-not-a-checkpoint", fit("--ckpt_path", "{files}/notes.ckpt"), ("notes.ckpt",
+         "is not a checkpoint")),
+    Case("fit-ckpt-truncated", fit("--ckpt_path", "{files}/cut.ckpt"), ("cut.ckpt", "truncated")),
+    Case("fit-ckpt-empty-file", fit("--ckpt_path", "{files}/empty.ckpt"), ("empty.ckpt",
+         "is not a checkpoint")),
+    Case("fit-ckpt-is-a-folder", fit("--ckpt_path", "{files}/dir.ckpt"), ("dir.ckpt", "is a folder")),
+    Case("fit-ckpt-is-a-fifo", fit("--ckpt_path", "{files}/fifo.ckpt"), ("fifo.ckpt", "FIFO")),
+    Case("fit-ckpt-symlink-loop", fit("--ckpt_path", "{files}/loop.ckpt"), ("loop.ckpt", LOOP)),
+    Case("validate-ckpt-not-a-checkpoint", stage("validate", "--ckpt_path", "{files}/notes.ckpt"),
+         ("notes.ckpt", "is not a checkpoint")),
+    Case("test-ckpt-is-a-folder", stage("test", "--ckpt_path", "{files}/dir.ckpt"), ("dir.ckpt",
+         "is a folder")),
+    # a GPU asked for where there is none
+    Case("fit-accelerator-cuda", fit("--trainer.accelerator", "cuda"), ("trainer.accelerator='cuda'",
+         "no usable"),
+         marks=(NO_GPU,)),
+    Case("fit-accelerator-gpu", fit("--trainer.accelerator", "gpu"), ("trainer.accelerator='gpu'", "'cpu'"),
+         marks=(NO_GPU,)),
+    # serve-model's options, checked by its parser before MLflow is asked anything
+    Case("serve-model-port-too-big", cmd("serve-model", "models:/x@champion", "--port", "99999"),
+         ("--port", "'99999' is not a TCP port", "1 to 65535")),
+    Case("serve-model-port-negative", cmd("serve-model", "models:/x@champion", "--port", "-1"),
+         ("--port", "1 to 65535")),
+    Case("serve-model-port-not-a-number", cmd("serve-model", "models:/x@champion", "--port", "http"),
+         ("--port", "'http' is not a TCP port")),
+    Case("serve-model-workers-zero", cmd("serve-model", "models:/x@champion", "--workers", "0"),
+         ("--workers", "integer >= 1")),
+    Case("serve-model-threads-negative", cmd("serve-model", "models:/x@champion", "--threads", "-2"),
+         ("--threads", "integer >= 0")),
+    # demo-corpus and demo-base arguments
+    Case("demo-corpus-n-zero", cmd("demo-corpus", "--out", "{out}", "--n", "0"), ("--n 0", "--n >= 1")),
+    Case("demo-corpus-n-negative", cmd("demo-corpus", "--out", "{out}", "--n", "-5"),
+         ("corpus size n", "-5")),
+    Case("demo-corpus-n-not-a-number", cmd("demo-corpus", "--out", "{out}", "--n", "many"),
+         ("--n", "invalid int value: 'many'")),
+    Case("demo-corpus-out-missing", cmd("demo-corpus", "--n", "3"),
+         ("the following arguments are required: --out",)),
+    Case("demo-corpus-out-is-file", cmd("demo-corpus", "--out", "{file}"), ("--out:", "is a regular file"),
+         out_parent),
+    Case("demo-base-out-is-file", cmd("demo-base", "{file}", "--steps", "1"), ("OUT_DIR",
+         "is a regular file"),
+         out_parent),
+    Case("demo-base-out-under-file", cmd("demo-base", "{file}/base", "--steps", "1"),
+         ("OUT_DIR", "under the regular file"), out_parent),
+    Case("demo-base-steps-zero", cmd("demo-base", "{out}", "--steps", "0"),
+         ("steps must be a positive integer",)),
+    Case("demo-base-corpus-size-negative", cmd("demo-base", "{out}", "--corpus-size", "-1"),
+         ("corpus_size must be a positive integer", "-1")),
+    Case("demo-base-instruction-steps-negative", cmd("demo-base", "{out}", "--instruction-steps", "-1"),
+         ("instruction_steps must be an integer >= 0",)),
+    Case("demo-base-seed-not-a-number", cmd("demo-base", "{out}", "--seed", "x"), ("--seed",
+         "invalid int value")),
+    Case("demo-base-out-dir-missing", cmd("demo-base"), ("the following arguments are required: out_dir",)),
+    # run: bad values past the up-front check are still refused before Prefect starts
+    Case("run-base-model-missing", run("--task", "summary", "--base-model", "{root}/nonexistent"),
+         ("base_model", "nonexistent", "does not exist")),
+    Case("run-base-model-is-a-file", run("--task", "summary", "--base-model", "{file}"),
+         ("base_model", "no config.json")),
+    # the library, called directly
+    Case("api-alpha-pattern-inf", lambda env: LoraConfig(alpha_pattern={"q": float("inf")}),
+         ("alpha_pattern['q']", "a number > 0", "inf")),
+    Case("api-lora-alpha-nan", lambda env: LoraConfig(lora_alpha=float("nan")), ("lora_alpha", "finite")),
+    Case("api-data-config-nan", api_data_config(validation_size=float("nan")), ("validation_size", "nan")),
+    Case("api-data-config-string-bool", api_data_config(group_test_references="no"),
+         ("group_test_references must be true or false",)),
+    Case("api-read-empty-yaml", api_read_yaml("empty.yaml"), ("empty.yaml", "is empty")),
+    Case("api-read-yaml-fifo", api_read_yaml("fifo.yaml"), ("fifo.yaml", "FIFO")),
+    Case("api-read-missing-yaml", api_read_yaml("missing.yaml"), ("missing.yaml", "not found")),
+]
+
+
 def snapshot(paths: list[Path], folders: bool = True) -> dict[str, tuple[int, int] | None]:
     """Every file (size, mtime) and folder under `paths`, input caches left out (`folders=False`: files)."""
     seen: dict[str, tuple[int, int] | None] = {}
@@ -327,9 +642,16 @@ def snapshot(paths: list[Path], folders: bool = True) -> dict[str, tuple[int, in
     return seen
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_gives_one_clear_line_and_writes_nothing(case: Case, env, tmp_path, capfd, monkeypatch):
-    env = {**env, "out": tmp_path / "out", "tmp": tmp_path}
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input_gives_one_clear_line_and_writes_nothing(case: Case, env, mounts, tmp_path, capfd,
+                                                           monkeypatch):
+    env = {**env, **mounts, "out": tmp_path / "out", "tmp": tmp_path}
+    if case.needs and env[case.needs] is None:
+        what = "full disk" if case.needs == "full" else "read-only folder"
+        pytest.skip(f"the {what} is a tmpfs mount, and mounting failed here (it needs root, or CAP_SYS_ADMIN "
+                    "in a container)")
+    if case.patch is not None:
+        case.patch(monkeypatch, env)
     monkeypatch.setenv("LORA_PIPELINE_HOME", case.home.format(**env))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     before = snapshot(case.watch(env) + [tmp_path], folders=not case.caches)
@@ -356,4 +678,35 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(case: Case, env, tmp_
 
 def test_the_table_is_big_enough():
     stages = {c.id.split("-")[0] for c in CASES}
-    assert len(CASES) >= 40 and stages >= {"prepare", "fit", "evaluate", "register", "predict", "run", "api"}
+    assert len(CASES) >= 160 and stages >= {"prepare", "fit", "evaluate", "register", "predict", "run", "api",
+                                            "demo", "serve", "validate", "test"}
+
+
+def test_prefect_gets_a_longer_start_up_timeout_unless_the_user_set_one(monkeypatch):
+    from lora_pipeline.flows.cli import STARTUP_TIMEOUT_ENV, prefect_defaults
+
+    monkeypatch.delenv(STARTUP_TIMEOUT_ENV, raising=False)
+    prefect_defaults()
+    assert int(os.environ[STARTUP_TIMEOUT_ENV]) >= 120  # Prefect's own default, 20 s, is too short under load
+    monkeypatch.setenv(STARTUP_TIMEOUT_ENV, "7")
+    prefect_defaults()
+    assert os.environ[STARTUP_TIMEOUT_ENV] == "7"
+
+
+@pytest.mark.slow  # a process of its own that imports Prefect, torch and Lightning: 10-20 s
+def test_prefect_server_that_does_not_start_is_one_line(tmp_path):
+    """`run` whose temporary Prefect server does not come up in time (a timeout of 0 s stands in for a
+    machine too loaded to start it): one `error:` line saying what to do, not Prefect's 30-line traceback.
+    Its own process: Prefect reads the setting when imported."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env.update({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0", "HF_HUB_OFFLINE": "1",
+                "PREFECT_HOME": str(tmp_path / "prefect"), "DO_NOT_TRACK": "1"})
+    code = "import sys; from lora_pipeline.flows.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["run", "--home", str(tmp_path / "home"), "--task", "summary", "--no-full"]
+    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True,
+                          timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "did not start within 0 s" in errors[0] and "PREFECT_API_URL" in errors[0], errors[0]
+    assert not (tmp_path / "home" / "runs").exists()

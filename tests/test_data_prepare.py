@@ -41,7 +41,8 @@ def test_seq2seq_folder_follows_the_contract(tmp_path, seq2seq_tokenizer_dir):
     for key in ("fingerprint", "name", "model_type", "tokenizer", "rows", "drops", "truncation", "lengths"):
         assert key in manifest
     assert manifest["tokenizer"] == str(seq2seq_tokenizer_dir) and manifest["model_type"] == "seq2seq"
-    assert manifest["config"] == cfg.to_dict() and manifest["sources"]["kind"] == "demo"
+    assert manifest["config"] == {**cfg.to_dict(), "model_type": "seq2seq"}  # the base's type, recorded
+    assert manifest["sources"]["kind"] == "demo"
     assert set(manifest["lengths"]["train"]["source"]) == {"p50", "p90", "p99", "max", "mean"}
     for split in dd:
         ds = dd[split]

@@ -19,7 +19,8 @@ from lora_module import LoraConfig
 from lora_module import contracts as c
 from lora_module.errors import SettingsError
 from lora_module.training.cli import ConfigParseError, parse_config
-from lora_module.training.module import FineTuneModule, check_hparams
+from lora_module.training.hparams import check_hparams
+from lora_module.training.module import FineTuneModule
 from lora_module.training.optim import loraplus_groups, param_groups
 
 RATIO, LR, WD = 16.0, 1e-3, 0.01

@@ -61,7 +61,9 @@ def test_serve_model_help_and_bad_threads(capsys, monkeypatch):
     out = " ".join(capsys.readouterr().out.split())
     assert "Serve a registered model" in out and "--threads THREADS" in out and "OMP_NUM_THREADS" in out
     assert lora_pipeline(["serve-model", "models:/m@champion", "--threads", "-1"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --threads must be >= 0 (0: torch's default), got -1"
+    assert capsys.readouterr().err.strip() == (
+        "error: lora-pipeline serve-model: argument --threads: '-1' is not an integer >= 0 "
+        "(see lora-pipeline serve-model --help)")
 
 
 def test_register_multitask_help_has_a_description(capsys):

@@ -181,7 +181,7 @@ def test_load_by_alias_and_pyfunc_generate_like_in_memory(registered, tiny_t5_di
     assert pyfunc.predict(pd.DataFrame({"text": TEXTS}), params=params) == expected
     assert pyfunc.predict({"text": TEXTS}, params=params) == expected
     sig = pyfunc.metadata.signature
-    assert sig.inputs.input_names() == ["text"] and sig.outputs.to_dict()[0]["type"] == "string"
+    assert sig.inputs.input_names() == ["text", "messages"] and sig.outputs.to_dict()[0]["type"] == "string"
 
 
 def test_peft_loads_registry_files_same_logits(registered, tiny_t5_dir, tmp_path):

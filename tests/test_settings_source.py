@@ -12,9 +12,9 @@ import stat
 
 import pytest
 from registry_helpers import make_adapter, make_report
+from transformers import AutoTokenizer
 
 from lora_module.adapter_io import read_prompt_settings, write_prompt_settings
-from lora_module.evaluation import generation
 from lora_module.evaluation.generation import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from lora_module.evaluation.report import format_table, rouge_table
 from lora_module.files import publish_dir, sha256_dir, sha256_file, write_atomic, write_json_atomic
@@ -23,7 +23,8 @@ from lora_module.names import NAME_PATTERN, InvalidNameError, check_name
 from lora_module.prompt import PromptSettings
 from lora_module.registry import register_adapter
 from lora_module.registry.inputs import RegistrationInputError, read_inputs
-from lora_module.serving.predictor import AdapterPredictor
+from lora_module.serving import predictor as predictor_module
+from lora_module.serving.predictor import AdapterPredictor, Output
 
 TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 MANIFEST = {"fingerprint": "f" * 64, "model_type": "seq2seq",
@@ -67,16 +68,17 @@ def test_registration_records_the_prompt_and_predict_applies_it(tmp_path, tiny_t
 
     seen = {}
 
-    def fake_generate(model, tokenizer, prompts, config):
-        seen.update(prompts=prompts, config=config)
-        return ["out"] * len(prompts)
+    def fake_generate_rows(model, jobs, batch_size, is_seq2seq, sampling, deadline):
+        seen.update(jobs=jobs)
+        return [Output("out", "stop", len(j.ids), 1) for j in jobs]
 
-    monkeypatch.setattr(generation, "generate", fake_generate)
-    predictor = AdapterPredictor(model, None, inp.prompt)
+    monkeypatch.setattr(predictor_module, "generate_rows", fake_generate_rows)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    predictor = AdapterPredictor(model, tokenizer, inp.prompt)
     assert predictor.predict(["#Person1#: hi"], {"num_beams": 2}) == ["out"]
-    assert seen["prompts"] == [TEMPLATE.format(dialogue="#Person1#: hi")]
-    assert (seen["config"].max_source_length, seen["config"].max_new_tokens, seen["config"].num_beams) == (
-        192, 64, 2)
+    [job] = seen["jobs"]
+    assert job.ids == tokenizer(TEMPLATE.format(dialogue="#Person1#: hi"))["input_ids"]
+    assert (job.max_new_tokens, job.num_beams) == (64, 2)
     assert read_prompt_settings(tmp_path / "nothing-here") is None
 
 

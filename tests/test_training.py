@@ -26,7 +26,8 @@ from lora_module.training.datamodule import (
     PreparedDataModule,
     ResumableDataLoader,
 )
-from lora_module.training.module import FineTuneModule, NonFiniteLossError, WarmupDecay
+from lora_module.training.hparams import WarmupDecay
+from lora_module.training.module import FineTuneModule, NonFiniteLossError
 from lora_pipeline.data import DataConfig, prepare
 
 # Every linear layer, lm_head included: a random tiny model's output layer has tiny logits, and

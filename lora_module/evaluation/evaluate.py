@@ -49,7 +49,7 @@ from lora_module.evaluation.protocol import (
     EvalProtocol,
     resolve_protocol,
 )
-from lora_module.evaluation.report import ReportInputError, build_report
+from lora_module.evaluation.report import DEFAULT_BASELINE, ReportInputError, build_report, check_baseline
 from lora_module.evaluation.rouge import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
 from lora_module.files import write_json_atomic
 from lora_module.prompt import PromptSettings
@@ -303,7 +303,7 @@ def evaluate_models(
     gen: GenerationConfig | None = None,
     split: str = "test",
     limit: int | None = None,
-    baseline: str = "base",
+    baseline: str | None = DEFAULT_BASELINE,
     protocol: EvalProtocol | str | dict | None = None,
 ) -> Path:
     """Evaluate every spec on the same split under one protocol, then build the report; returns
@@ -313,6 +313,7 @@ def evaluate_models(
         raise EvalInputError("evaluate_models needs at least one ModelSpec (one --model)")
     if len(set(names)) != len(names):
         raise EvalInputError(f"model names must be unique, got {names}; name each --model differently")
+    check_baseline(baseline, names)  # an unknown one would drop every comparison after all the generating
     check_output_dir(out_dir, "out_dir")
     for spec in specs:  # every model's files, before the first one spends time generating
         _check_spec(spec)
@@ -381,7 +382,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="base model for LoRA specs (None: the adapter's recorded base)")
     p.add_argument("--force", action="store_true",
                    help="evaluate LoRA adapters even on a base whose fingerprint differs from their own")
-    p.add_argument("--baseline", default="base", help="model name the report's changes are relative to")
+    p.add_argument("--baseline", default=DEFAULT_BASELINE,
+                   help="model name (of a --model) the report's changes are relative to; the default is used "
+                        "only when such a model is evaluated")
     p.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS),
                    help="evaluation protocol: how several references per example score (best, one per row, "
                         "first)")
@@ -396,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     which `lora-pipeline` (`run_cli`) prints as one `error:` line with exit status 2."""
     args = _parser().parse_args(argv)
     specs = [parse_model_arg(m) for m in args.model]
+    check_baseline(args.baseline, [s.name for s in specs])  # before --out is created
     for s in specs:
         if s.kind == "lora":
             s.base, s.force = args.lora_base or s.base, args.force

@@ -66,6 +66,9 @@ class GenerationConfig:
     dtype: str | None = "auto"
     """Weights dtype for generation: 'auto' (bf16 on a CUDA GPU that has it, else fp16 there; as loaded on
     CPU: lora_module.device), 'float32', 'bfloat16' or 'float16'. None: the same as 'auto'."""
+    add_special_tokens: bool = True
+    """Tokenize prompts with the tokenizer's special tokens. `with_settings` sets it from the prompt
+    format: False for chat prompts, whose chat template already wrote BOS (no double BOS)."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "num_beams", "max_new_tokens", "max_source_length"):
@@ -80,6 +83,9 @@ class GenerationConfig:
             raise SettingsError(
                 f"GenerationConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
             )
+        if not isinstance(self.add_special_tokens, bool):
+            raise SettingsError(
+                f"GenerationConfig.add_special_tokens must be true or false, got {self.add_special_tokens!r}")
         if self.dtype not in (None, AUTO, *DTYPE_NAMES):
             raise SettingsError(
                 f"GenerationConfig.dtype must be 'auto' or one of {list(DTYPE_NAMES)}, got {self.dtype!r}"
@@ -95,9 +101,11 @@ class GenerationConfig:
 
     def with_settings(self, settings: PromptSettings) -> GenerationConfig:
         """A copy whose unset lengths are the ones the model was trained with (`settings`, from the
-        prepared data's manifest); a set one that differs from them is logged as an override."""
+        prepared data's manifest); a set one that differs from them is logged as an override. Prompts
+        are tokenized as the prompt format asks (`settings.add_special_tokens`)."""
         return replace(
             self,
+            add_special_tokens=settings.add_special_tokens,
             max_source_length=settings.resolve("max_source_length", self.max_source_length),
             max_new_tokens=settings.resolve("max_target_length", self.max_new_tokens, "max_new_tokens")
             or DEFAULT_MAX_NEW_TOKENS,
@@ -361,7 +369,8 @@ def generate(
 
     pad_id = pad_token_id(tokenizer)
 
-    encoded = encode_prompts(tokenizer, prompts, config.max_source_length, is_seq2seq)
+    encoded = encode_prompts(tokenizer, prompts, config.max_source_length, is_seq2seq,
+                             add_special_tokens=config.add_special_tokens)
     order = list(range(len(prompts)))
     if config.sort_by_length:
         # Longest first: the biggest batch runs first, so running out of memory shows up at once.
@@ -400,15 +409,17 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_len: int | None,
-            is_seq2seq: bool) -> list[list[int]]:
-    """Token ids per prompt, cut to `max_len` (None: not cut)."""
+                   is_seq2seq: bool, add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids per prompt, cut to `max_len` (None: not cut); without the tokenizer's special tokens
+    when `add_special_tokens` is off (chat prompts: `PromptSettings.add_special_tokens`)."""
     # Over-long prompts: seq2seq keeps the start (as the data stage does), causal keeps the end,
     # where the prompt hands over to the answer ("Summary:").
     saved_side = tokenizer.truncation_side
     tokenizer.truncation_side = "right" if is_seq2seq else "left"
     try:
         return tokenizer(
-            list(prompts), truncation=max_len is not None, max_length=max_len, add_special_tokens=True
+            list(prompts), truncation=max_len is not None, max_length=max_len,
+            add_special_tokens=add_special_tokens,
         )["input_ids"]
     finally:
         tokenizer.truncation_side = saved_side

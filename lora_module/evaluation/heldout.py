@@ -49,7 +49,8 @@ def reference_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pr
     hf_model = unwrap_model(model)
     is_seq2seq = bool(getattr(hf_model.config, "is_encoder_decoder", False))
     device = next(hf_model.parameters()).device
-    sources = encode_prompts(tokenizer, prompts, config.max_source_length, is_seq2seq)
+    sources = encode_prompts(tokenizer, prompts, config.max_source_length, is_seq2seq,
+                             add_special_tokens=config.add_special_tokens)
     pairs = [(i, j) for i, refs in enumerate(references) for j in range(len(refs))]
     targets = _targets(tokenizer, [references[i][j] for i, j in pairs],
                        config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, is_seq2seq)

@@ -47,6 +47,23 @@ class ReportInputError(PipelineError, ValueError):
     """Evaluations that cannot be combined (missing, malformed, or computed on different data)."""
 
 
+DEFAULT_BASELINE = "base"
+"""The baseline when none is named: used when a model of that name was evaluated, else no changes."""
+
+
+def check_baseline(baseline: str | None, names: Sequence[str]) -> str | None:
+    """The baseline to measure changes against: `baseline` when it is one of `names`; None for None
+    or an absent DEFAULT_BASELINE. Any other absent name: ReportInputError (it would silently drop
+    every comparison)."""
+    if baseline is None or baseline in names:
+        return baseline
+    if baseline == DEFAULT_BASELINE:
+        return None
+    raise ReportInputError(
+        f"baseline {baseline!r} is not one of the evaluated models {list(names)}; name one of them "
+        f"(--baseline), or leave it out ({DEFAULT_BASELINE!r} when evaluated)")
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], style: str = "markdown",
                  indent: str = "", align: str | None = None,
                  protocol: EvalProtocol | str | None = None) -> str:
@@ -185,15 +202,16 @@ def build_report(
     task: str,
     eval_paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
-    baseline: str | None = "base",
+    baseline: str | None = DEFAULT_BASELINE,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
 ) -> Path:
     """Write report.json, report.md, rouge.png and predictions.csv; returns report.json's path.
 
-    `baseline` names the model that changes are measured against (None or an absent name: no
-    changes). Paired comparisons: every LoRA model vs every full fine-tune, and every model vs
-    the baseline.
+    `baseline` names the model that changes are measured against (None, or DEFAULT_BASELINE when no
+    model has that name: no changes; another name that is not an evaluated model: ReportInputError,
+    before anything is written). Paired comparisons: every LoRA model vs every full fine-tune, and
+    every model vs the baseline.
     """
     if not eval_paths:
         raise ReportInputError("build_report needs at least one evaluation file")
@@ -203,8 +221,7 @@ def build_report(
         raise ReportInputError(f"evaluations have duplicate model names {names}; names must be unique")
     _check_comparable(loaded)
     evals = dict(zip(names, loaded, strict=True))
-    if baseline is not None and baseline not in evals:
-        baseline = None
+    baseline = check_baseline(baseline, names)
     first = loaded[0]
     names = _report_metrics(loaded)
     report = {

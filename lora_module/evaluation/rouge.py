@@ -119,6 +119,17 @@ class _ProtocolTokenizer(tokenizers.Tokenizer):
         return [w for w in words if w]
 
 
+def _check_ascii_scorable(refs: list[list[str]], protocol: str) -> None:
+    """Refuse references with letters but no ASCII token: every model would score 0 on them, silently."""
+    for i, ref_list in enumerate(refs):
+        for ref in ref_list:
+            if any(ch.isalpha() for ch in ref) and not tokenize.tokenize(ref, None):
+                raise RougeInputError(
+                    f"references[{i}] {ref[:40]!r} has letters but no ASCII token, so protocol {protocol!r} "
+                    "(tokenizer 'ascii') scores it 0 for every model; use tokenizer 'unicode' in the task's "
+                    "protocol (e.g. protocol: {name: one-reference-per-row, tokenizer: unicode})")
+
+
 def _normalize_references(references: Sequence[Sequence[str] | str]) -> list[list[str]]:
     out: list[list[str]] = []
     for i, refs in enumerate(references):
@@ -168,6 +179,8 @@ def score_examples(
         if not isinstance(p, str):
             raise RougeInputError(f"predictions[{i}] must be a string, got {type(p).__name__}")
     refs = _normalize_references(references)
+    if protocol.tokenizer == "ascii":
+        _check_ascii_scorable(refs, protocol.name)
 
     tokenizer = _ProtocolTokenizer(protocol.stemmer, protocol.tokenizer == "unicode")
     scorer = rouge_scorer.RougeScorer(list(rouge_types), tokenizer=tokenizer)

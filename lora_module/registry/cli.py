@@ -10,7 +10,10 @@ store under `$LORA_PIPELINE_HOME` (see lora_module.registry).
     lora-pipeline promote summary 3 --reason "human review passed"
     lora-pipeline demote summary --reason "regression reported"   # drops @champion
 
-A task `T` means the registered model `T-lora`; `--model-name` names another one.
+A task `T` means the registered model `T-lora`; `--model-name` names another one (of another
+task only with `--allow-task-mismatch`). `register` first loads the adapter on its base and
+generates one row: an adapter that cannot be served is not registered. URIs printed here have
+their credentials masked.
 Exit status: 0 on success, 2 with a one-line `error: ...` for bad input or an unreachable registry.
 """
 
@@ -30,10 +33,11 @@ from lora_module import contracts as c
 from lora_module.contracts import CHALLENGER, CHAMPION
 from lora_module.errors import ArgumentParser, PipelineError
 from lora_module.evaluation.report import format_table
+from lora_module.redact import redact_text, redact_uri
 from lora_module.registry.aliases import name_filter
 from lora_module.registry.gate import VersionScore
 from lora_module.registry.register import register_adapter
-from lora_module.registry.retry import RetryPolicy
+from lora_module.registry.retry import RegistryUnavailableError, RetryPolicy
 from lora_module.registry.tracking import configure_tracking, model_name_for
 
 
@@ -88,7 +92,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         models = policy.call(lambda: client.search_registered_models(max_results=1000), "list models", uri)
         names = sorted(m.name for m in models)
         if not names:
-            print(f"no registered models at {uri}")
+            print(f"no registered models at {redact_uri(uri)}")
             return 0
     header = ["version", "aliases", args.metric, "base", "gate", "mode", "test data", "created (UTC)"]
     for name in names:
@@ -198,6 +202,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         data_fingerprint=args.data_fingerprint, model_name=args.model_name, metric=args.metric,
         tracking_uri=args.tracking_uri, retries=args.retries, backoff=args.backoff,
         tokenizer_dir=args.tokenizer_dir, candidate=args.candidate, prepared_dir=args.prepared,
+        allow_task_mismatch=args.allow_task_mismatch,
     )
     print(json.dumps({"model_uri": res.model_uri, "alias": res.alias, "run_id": res.run_id,
                       "decision": res.decision}, indent=2))
@@ -261,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--candidate",
                    help="the report's model name for this adapter (if not given: found by checksum)")
     s.add_argument("--metric", default="rougeL", help="metric of the promotion gate")
+    s.add_argument("--allow-task-mismatch", action="store_true",
+                   help="register under a model of another task anyway (the version's task_mismatch tag "
+                        "records it)")
     s.set_defaults(func=cmd_register)
     s = task_cmd("promote", "give a version an alias by hand (default @champion)")
     s.description = _PROMOTE_HELP
@@ -282,4 +290,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except MlflowException as e:  # e.g. no such version: the registry's own words, one line via run_cli
-        raise RegistryCommandError(e.message) from e
+        raise RegistryCommandError(redact_text(e.message)) from e
+    except RegistryUnavailableError as e:  # names the store's URI: never with its password
+        raise RegistryUnavailableError(redact_text(str(e))) from e

@@ -7,9 +7,10 @@ bad folder fails before anything is written to the registry. Tag keys and file n
 
 The prompt settings come from the adapter itself (its sidecar, written by the training export). An
 adapter without them is refused unless `prepared_dir` names the prepared data it was trained on:
-its manifest's settings are then written into the copy that is logged (`adapter_to_log`), never
-into the caller's folder. Nothing is guessed: the tokenizer that ships is `tokenizer_dir`, else
-the prepared folder's, else none (serving then takes the base model's).
+its manifest's settings are then written into the copy that is logged (`files_to_log`), never
+into the caller's folder; an adapter or tokenizer folder of another name is logged as a copy named
+as the loaders read it (`adapter`, `tokenizer`). Nothing is guessed: the tokenizer that ships is
+`tokenizer_dir`, else the prepared folder's, else none (serving then takes the base model's).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from lora_module.files import sha256_file
 from lora_module.lineage import git_commit
 from lora_module.names import check_name
 from lora_module.prompt import PromptSettings
+from lora_module.redact import redact_text, redact_uri
 from lora_module.training.outputs import current_outputs
 
 logger = logging.getLogger(__name__)
@@ -118,7 +120,14 @@ class RegistrationInputs:
     prompt: PromptSettings | None = None  # template and lengths the adapter was trained with
     prompt_source: Path | None = None  # the prepared folder they came from; None: the adapter's sidecar
     metric: str = "rougeL"  # the gate's metric: the one figure (beside the baseline's) a version shows
+    extra_version_tags: dict[str, str] = field(default_factory=dict)  # beside version_tags' dozen
     timestamp_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+    @property
+    def adapter_task(self) -> str | None:
+        """The task the adapter's sidecar says it was trained for (None: it records none)."""
+        task = _meta(self.adapter_config).get(c.TAG_TASK)
+        return str(task) if task else None
 
     @property
     def rouge_types(self) -> list[str]:
@@ -127,16 +136,25 @@ class RegistrationInputs:
         return [self.metric] if self.metric in self.candidate_metrics else []
 
     @contextlib.contextmanager
-    def adapter_to_log(self) -> Iterator[Path]:
-        """The adapter folder to log: `adapter_dir` when its sidecar holds the prompt settings, else a
-        temporary copy whose sidecar gets them (from `prompt_source`); the given folder is never changed."""
-        if self.prompt_source is None or self.prompt is None:
-            yield self.adapter_dir
+    def files_to_log(self) -> Iterator[tuple[Path, Path | None]]:
+        """(adapter folder, tokenizer folder or None) as the model will hold them: folders named as
+        the loaders read them (MLflow stores an artifact under its folder's own name), the adapter's
+        sidecar with the prompt settings (from `prompt_source`). Copies where the given folders differ;
+        the caller's folders are never changed."""
+        adapter_ok = self.adapter_dir.name == c.ADAPTER_DIR and self.prompt_source is None
+        tokenizer_ok = self.tokenizer_dir is None or self.tokenizer_dir.name == c.TOKENIZER_ARTIFACT
+        if adapter_ok and tokenizer_ok:
+            yield self.adapter_dir, self.tokenizer_dir
             return
         with tempfile.TemporaryDirectory(prefix="register-") as tmp:
-            copy = Path(shutil.copytree(self.adapter_dir, Path(tmp) / c.ADAPTER_DIR))
-            write_prompt_settings(copy, self.prompt)
-            yield copy
+            adapter, tokenizer = self.adapter_dir, self.tokenizer_dir
+            if not adapter_ok:
+                adapter = Path(shutil.copytree(self.adapter_dir, Path(tmp) / c.ADAPTER_DIR))
+                if self.prompt_source is not None and self.prompt is not None:
+                    write_prompt_settings(adapter, self.prompt)
+            if not tokenizer_ok:
+                tokenizer = Path(shutil.copytree(self.tokenizer_dir, Path(tmp) / c.TOKENIZER_ARTIFACT))
+            yield adapter, tokenizer
 
     def description(self, limit: int) -> str:
         """The report's Markdown table (cut to `limit` characters), or a note that there is none."""
@@ -167,7 +185,8 @@ class RegistrationInputs:
                 src = MlflowClient(tracking_uri=train_uri)
                 histories = {k: src.get_metric_history(run_id, k) for k in src.get_run(run_id).data.metrics}
         except Exception as e:
-            logger.warning("loss curves of training run %s at %s not copied: %s", run_id, train_uri, e)
+            logger.warning("loss curves of training run %s at %s not copied: %s", run_id,
+                           redact_uri(train_uri), redact_text(str(e)))
             return
         for key, history in sorted(histories.items()):
             for m in history:
@@ -296,7 +315,7 @@ def _read_training(inp: RegistrationInputs, train_dir: Path) -> dict:
             raise RegistrationInputError(f"training config {config_file} is not valid YAML: {e}") from e
     for k, v in flatten(config).items():
         text = json.dumps(v) if isinstance(v, list | dict) else str(v)
-        inp.params[_key(k)] = text[:_PARAM_LIMIT]
+        inp.params[_key(k)] = redact_text(text)[:_PARAM_LIMIT]  # a logger's tracking_uri may hold a password
     metrics = _read_json(metrics_file, "training metrics") if metrics_file.is_file() else {}
     for k, v in metrics.items():
         if _number(v) is not None:

@@ -25,7 +25,10 @@ import mlflow.pyfunc
 from lora_module import contracts
 from lora_module.contracts import CHAMPION
 from lora_module.errors import ArgumentParser, PipelineError
+from lora_module.redact import redact_text
 from lora_module.registry.bases import BaseRecord, ensure_base_logged
+from lora_module.registry.retry import RegistryUnavailableError
+from lora_module.registry.servable import one_line
 from lora_module.registry.store import NotRegisteredError, download_adapter
 from lora_module.registry.tracking import configure_tracking, ensure_experiment
 from lora_module.serving.multitask import TaskRef, multitask_signature
@@ -42,7 +45,8 @@ DEFAULT_MULTITASK_NAME = "lora-tasks"
 
 
 class MultiTaskRegistrationError(PipelineError, ValueError):
-    """The tasks cannot share one registered model (a task without that version, different bases)."""
+    """The tasks cannot share one registered model (a task without that version, different bases), or
+    the registry failed while registering it."""
 
 
 def _resolve_refs(client: Any, uri: str, refs: list[TaskRef], tmp: Path) -> BaseRecord:
@@ -56,7 +60,7 @@ def _resolve_refs(client: Any, uri: str, refs: list[TaskRef], tmp: Path) -> Base
         try:
             reg = download_adapter(f"models:/{ref.model}", tmp / ref.task, ref.version, ref.alias, uri)
         except NotRegisteredError as e:
-            raise MultiTaskRegistrationError(f"task {ref.task!r}: {e}") from e
+            raise MultiTaskRegistrationError(redact_text(f"task {ref.task!r}: {e}")) from e
         config = read_adapter_config(reg.adapter_dir)
         bases[ref.task] = str(config.get("base_fingerprint"))
         record = record or BaseRecord.read(reg.base_dir) or ensure_base_logged(
@@ -75,8 +79,11 @@ def register_multitask(tasks: Sequence[str], name: str = DEFAULT_MULTITASK_NAME,
     from mlflow import MlflowClient
     from mlflow.models import Model
 
+    from lora_module.registry.register import quiet_credentials
+
     refs = [TaskRef.parse(t) for t in tasks]
     uri = configure_tracking(tracking_uri)
+    quiet_credentials(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     with tempfile.TemporaryDirectory(prefix="lora-multitask-") as tmp_name:
         tmp = Path(tmp_name)
@@ -123,6 +130,14 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`lora-pipeline register-multitask --tasks ...`."""
+    from mlflow.exceptions import MlflowException
+
     args = build_parser().parse_args(argv)
-    print(register_multitask(args.tasks, args.name, args.alias, args.tracking_uri))
+    try:
+        print(redact_text(register_multitask(args.tasks, args.name, args.alias, args.tracking_uri)))
+    except MlflowException as e:  # an unreachable registry's message names its URI: masked, one line
+        raise MultiTaskRegistrationError(
+            redact_text(f"registering {args.name!r}: the MLflow registry failed: {one_line(e)}")) from e
+    except RegistryUnavailableError as e:
+        raise RegistryUnavailableError(redact_text(str(e))) from e
     return 0

@@ -19,6 +19,14 @@ settings, written by the training export); one that does not is refused unless `
 (`--prepared`) names the prepared data it was trained on, whose manifest's settings are then
 written into the registered copy. Serving reads them from the registered adapter folder.
 
+Only what can be served is registered: before any registry call the adapter, staged as the model
+will hold it (folders named `adapter` and `tokenizer` whatever they were called), is loaded on the
+base it names and generates one row (`servable.check_servable`: truncated or non-finite tensors,
+layers without tensors, a base with another fingerprint, a failing generate -> one line, no run, no
+version, no alias). An adapter of another task than the registered model's is refused unless
+`allow_task_mismatch` (`--allow-task-mismatch`), recorded in the version's `task_mismatch` tag.
+Tracking URIs in tags, lineage.json, descriptions and messages have their credentials masked.
+
 One registration = one MLflow run in the task's experiment `lora-<task>`, beside its training
 runs (params from the resolved training config, loss curves, ROUGE metrics and report files) +
 the adapter logged as a pyfunc model
@@ -54,10 +62,11 @@ from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
 from lora_module import contracts as c
-from lora_module.contracts import CHAMPION
+from lora_module.contracts import CHAMPION, TAG_TASK_MISMATCH
 from lora_module.home import PipelineHome, experiment_name_for
 from lora_module.lineage import same_store
 from lora_module.names import check_name
+from lora_module.redact import redact_text, redact_uri
 from lora_module.registry.aliases import converge_aliases, name_filter, read_state, registration_lock
 from lora_module.registry.gate import (
     PENDING,
@@ -69,6 +78,7 @@ from lora_module.registry.gate import (
 from lora_module.registry.inputs import RegistrationInputError, RegistrationInputs, read_inputs
 from lora_module.registry.logged_model import log_adapter_model
 from lora_module.registry.retry import RegistryUnavailableError, RetryPolicy
+from lora_module.registry.servable import check_servable, check_task
 from lora_module.registry.tracking import configure_tracking, ensure_experiment, model_name_for
 from lora_module.registry.version_lineage import (
     gate_tags,
@@ -197,11 +207,22 @@ def _close_abandoned_runs(client: MlflowClient, experiment_id: str, identity: di
             client.set_terminated(run.info.run_id, "FAILED")
 
 
-def _log_model(client: MlflowClient, experiment_id: str, run_id: str, inp: RegistrationInputs) -> str:
-    """Log the adapter model (after failing a previous try's partial one); returns its model id."""
+def _log_model(client: MlflowClient, experiment_id: str, run_id: str, files: tuple[Path, Path | None]) -> str:
+    """Log the adapter model (after failing a previous try's partial one) from `files` (adapter and
+    tokenizer folders as `RegistrationInputs.files_to_log` staged them); returns its model id."""
     _fail_pending_models(client, experiment_id, run_id)
-    with inp.adapter_to_log() as adapter:  # the adapter with its prompt settings in the sidecar
-        return log_adapter_model(run_id, adapter, inp.tokenizer_dir, experiment_id=experiment_id).model_id
+    adapter, tokenizer = files
+    return log_adapter_model(run_id, adapter, tokenizer, experiment_id=experiment_id).model_id
+
+
+def _model_task(client: MlflowClient, name: str) -> str | None:
+    """The `task` tag of registered model `name` (None: no such model yet, or untagged)."""
+    try:
+        return (client.get_registered_model(name).tags or {}).get(c.TAG_TASK)
+    except MlflowException as e:
+        if e.error_code in _NOT_FOUND:
+            return None
+        raise
 
 
 def _create_version(client: MlflowClient, name: str, run_id: str, model_id: str, tags: dict[str, str],
@@ -235,6 +256,7 @@ def register_adapter(
     max_backoff: float = RetryPolicy.max_backoff,
     home: PipelineHome | None = None,
     prepared_dir: str | os.PathLike | None = None,
+    allow_task_mismatch: bool = False,
 ) -> RegistrationResult:
     """Log, register and gate one adapter; returns its version and the gate's decision.
 
@@ -247,9 +269,12 @@ def register_adapter(
     the adapter was trained on, for an adapter whose sidecar records no prompt settings (they are
     taken from its manifest; its `tokenizer/` ships unless `tokenizer_dir` is given).
 
-    Re-running after a failure completes the version the failed call created (same adapter
-    checksum and training run) instead of adding one. Each registry call is retried (by default
-    for about 75 s, longer than a server restart); then RegistryUnavailableError.
+    Before any registry call the adapter is loaded on its base and generates one row
+    (`servable.check_servable`: ServabilityError, nothing registered); an adapter of another task
+    than `model_name`'s is refused (TaskMismatchError) unless `allow_task_mismatch`, which the
+    version then records. Re-running after a failure completes the version the failed call created
+    (same adapter checksum and training run) instead of adding one. Each registry call is retried
+    (by default for about 75 s, longer than a server restart); then RegistryUnavailableError.
     """
     # The names first, before any file is read or anything created: MLflow's registry filters are
     # quoted strings (no `o'brien`).
@@ -258,22 +283,47 @@ def register_adapter(
     inp = read_inputs(task, adapter_dir, report_path, train_dir, data_fingerprint, metric,
                       tokenizer_dir=tokenizer_dir, candidate=candidate, prepared_dir=prepared_dir)
     home = home or PipelineHome.from_env()
-    uri = configure_tracking(tracking_uri or home.tracking_uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     policy = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
+    with inp.files_to_log() as files:
+        check_servable(*files)  # what serving will load, before anything reaches the registry
+        uri = configure_tracking(tracking_uri or home.tracking_uri)
+        quiet_credentials(uri)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
-    def call(fn, what: str):
-        return policy.call(fn, what, uri)
+        def call(fn, what: str):
+            return policy.call(fn, what, uri)
 
-    _warn_other_store(inp, uri)
-    try:
-        return _register(client, uri, name, inp, metric, call, home.locks_dir)
-    except RegistryUnavailableError as e:
-        raise RegistryUnavailableError(
-            f"{e}. Nothing on disk was changed: the adapter ({inp.adapter_dir}) and report "
-            f"({inp.report_path or 'none'}) are kept; re-run the registration (register_adapter or "
-            "`lora-pipeline register ...`) once the registry is reachable: it completes this attempt"
-        ) from e
+        _warn_other_store(inp, uri)
+        try:
+            _check_task(client, name, inp, call, allow_task_mismatch)
+            return _register(client, uri, name, inp, metric, call, home.locks_dir, files)
+        except RegistryUnavailableError as e:
+            raise _unavailable(e, inp) from e
+
+
+def _check_task(client: MlflowClient, name: str, inp: RegistrationInputs, call: Callable[..., Any],
+                allow: bool) -> None:
+    """TaskMismatchError for an adapter of another task than model `name`'s, unless `allow`: then the
+    mismatch goes into the version's tags."""
+    model_task = call(lambda: _model_task(client, name), f"read registered model {name}")
+    mismatch = check_task(inp.task, name, model_task, inp.adapter_task, allow)
+    if mismatch is not None:
+        inp.extra_version_tags[TAG_TASK_MISMATCH] = mismatch
+
+
+def _unavailable(error: RegistryUnavailableError, inp: RegistrationInputs) -> RegistryUnavailableError:
+    """The registry-down error with what to do next, its URI's credentials masked."""
+    return RegistryUnavailableError(redact_text(
+        f"{error}. Nothing on disk was changed: the adapter ({inp.adapter_dir}) and report "
+        f"({inp.report_path or 'none'}) are kept; re-run the registration (register_adapter or "
+        "`lora-pipeline register ...`) once the registry is reachable: it completes this attempt"))
+
+
+def quiet_credentials(uri: str) -> None:
+    """MLflow prints `View run ... at: <tracking URI>` when a run on a server ends: not with a password
+    in the URI (process-wide, like `configure_tracking`'s other MLflow settings; an explicit one wins)."""
+    if redact_uri(uri) != uri:
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def _warn_other_store(inp: RegistrationInputs, uri: str) -> None:
@@ -283,12 +333,13 @@ def _warn_other_store(inp: RegistrationInputs, uri: str) -> None:
             "training run %s was logged to tracking store %s, but this registration goes to %s: the "
             "version records the run id and that store (tag %s), but the MLflow UI "
             "cannot link them. Register into the training's store (--tracking-uri %s), or train with "
-            "the same MLFLOW_TRACKING_URI", inp.training_run[1], inp.training_run[0], uri,
-            c.TAG_TRAINING_RUN_STORE, inp.training_run[0])
+            "the same MLFLOW_TRACKING_URI", inp.training_run[1], redact_uri(inp.training_run[0]),
+            redact_uri(uri), c.TAG_TRAINING_RUN_STORE, redact_uri(inp.training_run[0]))
 
 
 def _register(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs, metric: str,
-              call: Callable[..., Any], lock_dir: Path) -> RegistrationResult:
+              call: Callable[..., Any], lock_dir: Path, files: tuple[Path, Path | None]
+              ) -> RegistrationResult:
     task = inp.task
     experiment = experiment_name_for(task)
     experiment_id = call(lambda: ensure_experiment(client, uri, experiment),
@@ -308,9 +359,10 @@ def _register(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs
     try:
         if version is None:
             _log_params_and_files(client, run_id, inp, call)
-            model_id = call(lambda: _log_model(client, experiment_id, run_id, inp), "log adapter model")
+            model_id = call(lambda: _log_model(client, experiment_id, run_id, files), "log adapter model")
             _log_metrics(client, run_id, inp, call)
-            tags = {**version_tags(inp, metric, uri), **_pending_gate_tags(client, name, inp, metric, call)}
+            tags = {**version_tags(inp, metric, uri), **inp.extra_version_tags,
+                    **_pending_gate_tags(client, name, inp, metric, call)}
             header = lineage_header(client, uri, inp, call)
             description = header + inp.description(_DESCRIPTION_LIMIT - len(header))
             version = call(lambda: _create_version(client, name, run_id, model_id, tags, description),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from lora_module.errors import PipelineError
+from lora_module.redact import redact_text, redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +106,11 @@ class RetryPolicy:
                     raise
                 if attempt == self.retries:
                     raise RegistryUnavailableError(
-                        f"MLflow registry at {uri} unreachable: {what} failed {attempt + 1} time(s); "
-                        f"last error: {type(e).__name__}: {str(e)[:300]}"
+                        f"MLflow registry at {redact_uri(uri)} unreachable: {what} failed {attempt + 1} "
+                        f"time(s); last error: {type(e).__name__}: {redact_text(str(e))[:300]}"
                     ) from e
                 delay = self.wait(attempt)
                 logger.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__,
-                               str(e)[:120], attempt + 1, self.retries, delay)
+                               redact_text(str(e))[:120], attempt + 1, self.retries, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")  # the loop returns or raises

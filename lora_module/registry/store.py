@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from lora_module import contracts
 from lora_module.contracts import CHAMPION
 from lora_module.errors import PipelineError
+from lora_module.redact import redact_text, redact_uri
 from lora_module.registry.retry import RetryPolicy
 from lora_module.registry.tracking import configure_tracking, model_name_for
 
@@ -100,7 +101,8 @@ def download_adapter(
     except MlflowException as e:
         if e.error_code in NOT_FOUND_CODES:
             what = f"version {version}" if version is not None else f"alias {alias!r}"
-            raise NotRegisteredError(f"registered model {name!r} has no {what} at {uri}: {e.message}") from e
+            raise NotRegisteredError(f"registered model {name!r} has no {what} at {redact_uri(uri)}: "
+                                     f"{redact_text(e.message)}") from e
         raise
     local = Path(policy.call(
         lambda: mlflow.artifacts.download_artifacts(
@@ -123,4 +125,5 @@ def check_registered(model_uri: str, tracking_uri: str) -> None:
         else:
             client.get_model_version_by_alias(name, alias)
     except MlflowException as e:
-        raise NotRegisteredError(f"{model_uri} is not in the registry at {tracking_uri}: {e.message}") from e
+        raise NotRegisteredError(f"{model_uri} is not in the registry at {redact_uri(tracking_uri)}: "
+                                 f"{redact_text(e.message)}") from e

@@ -6,6 +6,8 @@ Used by `register_adapter`; every key, name and link comes from `lora_module.con
   read by the gate, `lora-pipeline list` or a reviewer): task, mode, the candidate's ROUGE figures
   (4 decimals), the baseline's figure of the gate metric, the test and training data fingerprints,
   the training run, the adapter checksum; `gate_tags` adds the gate's decision and reason.
+  Every tracking URI recorded here (tags, lineage.json, the description) has its credentials
+  masked (`lora_module.redact`); the connection itself keeps the real one.
 - `lineage_record`: everything else (every model's ROUGE figures, intervals, LoRA settings, base,
   git commit, the gate's full decision, both tracking stores, the prompt settings and where they
   came from), logged as `lineage.json` in the version's run.
@@ -27,6 +29,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
 
 from lora_module import contracts as c
 from lora_module.lineage import same_store
+from lora_module.redact import redact_uri
 from lora_module.registry.gate import Decision
 from lora_module.registry.inputs import RegistrationInputs
 
@@ -37,7 +40,7 @@ def version_tags(inp: RegistrationInputs, metric: str, uri: str) -> dict[str, st
     """The version's tags (see the module docstring); the full set goes to lineage.json."""
     train_uri = inp.training_run[0] if inp.training_run is not None else None
     other_store = train_uri if train_uri and not same_store(train_uri, uri) else None
-    return c.version_tags(inp.version_tags, inp.rouge_types, metric, other_store)
+    return c.version_tags(inp.version_tags, inp.rouge_types, metric, redact_uri(other_store))
 
 
 def gate_tags(decision: Decision) -> dict[str, str]:
@@ -51,8 +54,8 @@ def lineage_record(inp: RegistrationInputs, name: str, version: str, run_id: str
     train_uri, train_run = inp.training_run or (None, None)
     return {
         "model": name, "version": version, "task": inp.task, "registration_run_id": run_id,
-        "tracking_uri": uri,
-        "training_run": {"run_id": train_run, "tracking_uri": train_uri,
+        "tracking_uri": redact_uri(uri),
+        "training_run": {"run_id": train_run, "tracking_uri": redact_uri(train_uri),
                          "same_store": same_store(train_uri, uri) if train_uri else None},
         "adapter_dir": str(inp.adapter_dir), "report": str(inp.report_path) if inp.report_path else None,
         "train_dir": str(inp.train_dir) if inp.train_dir else None,
@@ -74,7 +77,8 @@ def lineage_header(client: MlflowClient, uri: str, inp: RegistrationInputs, call
     facts = ", ".join(f"{label} `{tags.get(key, c.UNKNOWN)[:12]}`" for label, key in (
         ("data", c.TAG_DATA_FINGERPRINT), ("base", c.TAG_BASE_FINGERPRINT), ("commit", c.TAG_GIT_COMMIT)))
     if not same_store(train_uri, uri):
-        return f"Trained in MLflow run `{run_id}` of another tracking store ({train_uri}); {facts}.\n\n"
+        store = redact_uri(train_uri)
+        return f"Trained in MLflow run `{run_id}` of another tracking store ({store}); {facts}.\n\n"
     experiment = _experiment_of(client, run_id, call)
     run = f"[`{run_id}`]({c.run_link(experiment, run_id)})" if experiment else f"`{run_id}` (not found)"
     return f"Trained in MLflow run {run}; {facts}.\n\n"

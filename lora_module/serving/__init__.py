@@ -6,7 +6,8 @@
 Modules: `predictor` (an adapter on its base with its prompt settings; the one predict path),
 `loading` (a registered version by task, alias or version), `multitask` (many tasks on one base,
 mixed-task batches, champions followed while serving, and its pyfunc model), `pyfunc` (the
-single-task pyfunc model and what a logged model ships), `cli` (`predict`, `serve-model`).
+single-task pyfunc model and what a logged model ships), `cli` (`predict`, `serve-model`), `server`
+(the HTTP server `serve-model` runs) and `openai_api` (its `/v1` routes).
 Serving reads the registry through `registry.store` only, never registration or the gate.
 
 Names are imported lazily (PEP 562), so the logged models ship this `__init__` and nothing more.

@@ -7,11 +7,13 @@
            "params": {"max_new_tokens": 32}}'
 
 `predict` runs the same path as the served model (`serving.predictor.AdapterPredictor`: the task's
-prompt template, prompts cut as in training, greedy by default). `serve-model` runs `mlflow models
-serve --env-manager local` with this interpreter's `bin` first on PATH (MLflow execs `uvicorn` by
-name) and the tracking URI exported, so it works from a fresh shell on any machine that reaches
-the tracking server. Tracking URI: `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else the
-embedded SQLite store under `$LORA_PIPELINE_HOME`.
+prompt template, prompts cut as in training, greedy by default). `serve-model` becomes (`os.execve`)
+the server of `serving.server` (MLflow's scoring app plus OpenAI routes, uvicorn in-process, so
+SIGTERM / SIGINT stop it and nothing is left holding the port), with the tracking URI and the
+request limits (`--max-rows`, `--max-new-tokens`, ..., `--deadline-seconds`: `ServingLimits`) in
+its environment, so it works from a fresh shell on any machine that reaches the tracking server.
+Tracking URI: `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else the embedded SQLite store under
+`$LORA_PIPELINE_HOME`.
 
 Threads: each server worker runs torch with `--threads` intra-op threads (default: `$OMP_NUM_THREADS`
 if set, else 1), set as OMP_NUM_THREADS / MKL_NUM_THREADS in the server's environment, which torch
@@ -29,13 +31,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lora_module.contracts import CHAMPION
-from lora_module.errors import ArgumentParser, InputNotFoundError, PipelineError
+from lora_module.errors import ArgumentParser, InputNotFoundError, PipelineError, port_number, whole_number
+from lora_module.redact import redact_uri
 from lora_module.registry.bases import BASE_ENV
 from lora_module.registry.retry import RetryPolicy
 from lora_module.serving.multitask import DEFAULT_REFRESH_SECONDS, REFRESH_ENV
-from lora_module.serving.predictor import PredictInputError
+from lora_module.serving.predictor import LIMIT_ENV, PredictInputError, ServingLimits
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read by torch (and its BLAS) at start-up
 DEFAULT_SERVE_THREADS = 1
@@ -49,8 +53,9 @@ TRACKING_HELP = ("MLflow tracking/registry URI (if not given: $MLFLOW_TRACKING_U
                  "under the pipeline home)")
 
 
-def read_texts(texts: list[str] | None, file: str | None) -> list[str]:
-    """`--text` values plus `--file` lines (or .jsonl rows' `text` / `prompt` field), in order."""
+def read_texts(texts: list[str] | None, file: str | None) -> list[str | list[dict[str, Any]]]:
+    """`--text` values plus `--file` lines (or .jsonl rows' `text` / `prompt` field, or `messages`: a
+    conversation, rendered with the task's chat template), in order."""
     out = list(texts or [])
     if file:
         path = Path(file)
@@ -59,11 +64,14 @@ def read_texts(texts: list[str] | None, file: str | None) -> list[str]:
         if path.suffix == ".jsonl":  # rows with a "text" (or the prepared data's "prompt") field
             for i, line in enumerate(path.read_text().splitlines()):
                 if line.strip():
-                    row = json.loads(line)
-                    if "text" not in row and "prompt" not in row:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise PredictInputError(f"{path} line {i + 1} is not JSON: {e.msg}") from e
+                    if not isinstance(row, dict) or not {"text", "prompt", "messages"} & set(row):
                         raise PredictInputError(
-                            f"{path} line {i + 1} has neither a 'text' nor a 'prompt' field")
-                    out.append(row.get("text", row.get("prompt")))
+                            f"{path} line {i + 1} has none of the fields 'text', 'prompt', 'messages'")
+                    out.append(row.get("text", row.get("prompt", row.get("messages"))))
         else:
             out += [line for line in path.read_text().splitlines() if line.strip()]
     if not out:
@@ -90,9 +98,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def serve_command(model_uri: str, host: str, port: int, workers: int) -> list[str]:
-    """The `mlflow models serve` line, run by this interpreter (so its environment's MLflow serves)."""
-    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-            "-h", host, "-p", str(port), "-w", str(workers)]
+    """The server's command line (`serving.server`), run by this interpreter."""
+    return [sys.executable, "-m", "lora_module.serving.server", "-m", model_uri, "-h", host, "-p", str(port),
+            "-w", str(workers)]
+
+
+def serve_limits(args: argparse.Namespace) -> dict[str, str]:
+    """The request limits given on the command line, as `LIMIT_ENV` variables."""
+    if args.deadline_seconds is not None and not 0 <= args.deadline_seconds < float("inf"):  # NaN too
+        raise ServeSettingsError(f"--deadline-seconds must be a number of seconds >= 0 (0: no deadline), "
+                                 f"got {args.deadline_seconds}")
+    return {variable: str(getattr(args, name)) for name, variable in LIMIT_ENV.items()
+            if getattr(args, name) is not None}
 
 
 def serve_threads(threads: int | None) -> int | None:
@@ -110,10 +127,11 @@ def serve_threads(threads: int | None) -> int | None:
 
 
 def serve_env(tracking_uri: str, base: str | None, refresh_seconds: float | None,
-              threads: int | None = None) -> dict[str, str]:
+              threads: int | None = None, limits: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of the server: this interpreter's bin first on PATH, the tracking URI, settings,
-    and `serve_threads(threads)` as OMP_NUM_THREADS / MKL_NUM_THREADS."""
-    env = dict(os.environ)
+    the request limits (`serve_limits`), and `serve_threads(threads)` as OMP_NUM_THREADS /
+    MKL_NUM_THREADS."""
+    env = {**os.environ, **(limits or {})}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = tracking_uri
     if base:
@@ -134,14 +152,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lora_module.registry.tracking import configure_tracking
 
     env_threads = serve_threads(args.threads)  # a bad value fails before the registry is asked
+    limits = serve_limits(args)
     uri = configure_tracking(args.tracking_uri)
     if args.model_uri.startswith("models:/"):  # fail in one line before starting a server for nothing
         check_registered(args.model_uri, uri)
     cmd = serve_command(args.model_uri, args.host, args.port, args.workers)
     threads = f"{env_threads} thread(s)" if env_threads else "torch's default threads"
-    print(f"serving {args.model_uri} (registry {uri}) on http://{args.host}:{args.port}/invocations "
-          f"({args.workers} worker(s), {threads} each)", flush=True)
-    os.execve(cmd[0], cmd, serve_env(uri, args.base, args.refresh_seconds, args.threads))
+    print(f"serving {args.model_uri} (registry {redact_uri(uri)}) on http://{args.host}:{args.port}"
+          f"/invocations and /v1/chat/completions ({args.workers} worker(s), {threads} each)", flush=True)
+    os.execve(cmd[0], cmd, serve_env(uri, args.base, args.refresh_seconds, args.threads, limits))
     return 0  # not reached: execve replaces this process
 
 
@@ -170,24 +189,42 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("serve-model", help="serve a registered model over HTTP (mlflow models serve)",
+    s = sub.add_parser("serve-model", help="serve a registered model over HTTP (/invocations, /v1)",
                        description="Serve a registered model (one task's adapter, or a multi-task model "
-                       "from register-multitask) over HTTP: POST /invocations.",
+                       "from register-multitask) over HTTP: POST /invocations (MLflow), POST "
+                       "/v1/chat/completions and GET /v1/models (OpenAI).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION (one task or lora-tasks)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=int, default=5001, help="port")
-    s.add_argument("--workers", type=int, default=1, help="server processes, each with its own model")
-    s.add_argument("--threads", type=int, help="torch threads per worker (sets OMP_NUM_THREADS and "
-                   "MKL_NUM_THREADS; if not given: $OMP_NUM_THREADS, else 1: a request is too small to "
-                   "share between cores, and more threads than idle cores slow it many times; 0: "
-                   "torch's default, one per core)")
+    s.add_argument("--port", type=port_number, default=5001, help="port (1-65535)")
+    s.add_argument("--workers", type=whole_number(1), default=1,
+                   help="server processes, each with its own model")
+    s.add_argument("--threads", type=whole_number(0), help="torch threads per worker (sets "
+                   "OMP_NUM_THREADS and MKL_NUM_THREADS; if not given: $OMP_NUM_THREADS, else 1: a request "
+                   "is too small to share between cores, and more threads than idle cores slow it many "
+                   "times; 0: torch's default, one per core)")
     s.add_argument("--base", help=f"base folder or Hub id instead of the recorded one (sets {BASE_ENV}; "
                    "if not given: the recorded folder, else its logged copy, else the Hub id)")
     s.add_argument("--refresh-seconds", type=float, help=f"alias re-resolution period of a multi-task "
                    f"model (sets {REFRESH_ENV}; if not given: {DEFAULT_REFRESH_SECONDS:g}; negative: never)")
     s.add_argument("--tracking-uri", help=TRACKING_HELP)
+    _add_limits(s)
     s.set_defaults(func=cmd_serve)
+
+
+def _add_limits(s: argparse.ArgumentParser) -> None:
+    """The request limits (`ServingLimits`; a request above one gets HTTP 400 naming it)."""
+    helps = {"max_rows": "rows per request", "max_input_chars": "characters of one row's input",
+             "max_new_tokens": "generated tokens per row", "max_num_beams": "beam width",
+             "max_total_tokens": "generated tokens per request (rows x max_new_tokens)",
+             "deadline_seconds": "wall time a request may generate; then every row stops where it is "
+                                 "(0: no deadline)"}
+    defaults = ServingLimits()
+    for name, variable in LIMIT_ENV.items():
+        kind = float if name == "deadline_seconds" else whole_number(1)
+        s.add_argument(f"--{name.replace('_', '-')}", type=kind,
+                       help=f"{helps[name]} at most (sets {variable}; if not given: ${variable}, else "
+                       f"{getattr(defaults, name):g})")
 
 
 def build_parser() -> ArgumentParser:

@@ -7,9 +7,11 @@
 Each task's adapter is loaded under its own name onto one LoraModel; `predict` applies each task's
 prompt template and length limits (recorded in its adapter's sidecar), then
 generates all rows together with per-row adapters (`LoraModel.generate(adapter_names=...)`, the
-same arithmetic as PEFT's mixed batches). Decoding is greedy unless `num_beams` is given; rows
-of one batch generate up to the longest row's `max_new_tokens` and each row is cut to its own (for
-greedy decoding that is exactly what generating it alone gives).
+same arithmetic as PEFT's mixed batches; `predictor.generate_rows`). A row is a text or a
+conversation (`messages`, rendered with the task's prompt format). Decoding is greedy unless
+`num_beams` or `temperature` is given; rows of one batch generate up to the longest row's
+`max_new_tokens` and each row is cut to its own (for greedy decoding that is exactly what generating
+it alone gives). Requests are held to `limits` (`predictor.ServingLimits`).
 
 New champions without a restart: a task named by alias (`summary` = `summary-lora@champion`) is
 re-resolved at most every `refresh_seconds` (default 60; 0: on every request; None: never) and on
@@ -29,14 +31,13 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import mlflow.pyfunc
 import pandas as pd
-import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
@@ -49,19 +50,25 @@ from lora_module.registry.bases import BaseRecord, resolve_base
 from lora_module.registry.store import download_adapter
 from lora_module.registry.tracking import configure_tracking, model_name_for
 from lora_module.serving.predictor import (
-    GENERATION_PARAMS,
+    Output,
     PredictInputError,
-    generation_config,
+    Row,
+    RowJob,
+    ServingLimits,
+    check_row,
+    generate_rows,
     inference_base,
+    parse_params,
     prompt_settings,
+    render_rows,
+    row_chars,
 )
-from lora_module.serving.pyfunc import bad_request, served_base
+from lora_module.serving.pyfunc import bad_request, frame_rows, param_specs, row_columns, served_base
 
 logger = logging.getLogger(__name__)
 
-REFRESH_ENV, MAX_CHARS_ENV = "LORA_REFRESH_SECONDS", "LORA_MAX_INPUT_CHARS"
+REFRESH_ENV = "LORA_REFRESH_SECONDS"
 DEFAULT_REFRESH_SECONDS = 60.0
-DEFAULT_MAX_INPUT_CHARS = 20_000
 
 
 class TaskSpecError(PipelineError, ValueError):
@@ -110,29 +117,18 @@ class TaskState:
     tokenizer: Any
 
 
-@dataclass
-class RowJob:
-    """One row ready to generate: adapter, prompt token ids, its own decoding limits, its tokenizer."""
-
-    adapter: str
-    ids: list[int]
-    max_new_tokens: int
-    num_beams: int
-    tokenizer: Any = field(repr=False)
-
-
 class MultiTaskPredictor:
     """One base model, one adapter per task, mixed-task batches (see the module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, refs: list[TaskRef], force: bool = False,
                  refresh_seconds: float | None = DEFAULT_REFRESH_SECONDS,
-                 max_input_chars: int = DEFAULT_MAX_INPUT_CHARS, tracking_uri: str | None = None) -> None:
+                 limits: ServingLimits | None = None, tracking_uri: str | None = None) -> None:
         tasks = [r.task for r in refs]
         if not tasks or len(set(tasks)) != len(tasks):
             raise TaskSpecError(f"give one or more distinct tasks, got {tasks}")
         self.model, self.tokenizer, self.force = model, tokenizer, force
         self.refs = {r.task: r for r in refs}
-        self.refresh_seconds, self.max_input_chars = refresh_seconds, max_input_chars
+        self.refresh_seconds, self.limits = refresh_seconds, limits or ServingLimits()
         self.tracking_uri = tracking_uri
         self.states: dict[str, TaskState] = {}
         self._lock = threading.RLock()  # the model's adapter set is shared state: load xor generate
@@ -204,71 +200,59 @@ class MultiTaskPredictor:
                                ref.describe(), type(e).__name__, e, self.states[task].version)
         return changed
 
-    def check_rows(self, tasks: list[Any], texts: list[Any]) -> None:
-        """Raise PredictInputError naming the first bad row (unknown task, non-text, too long)."""
-        if len(tasks) != len(texts):
-            raise PredictInputError(f"{len(tasks)} tasks for {len(texts)} texts: give one task per text")
-        for i, (task, text) in enumerate(zip(tasks, texts, strict=True)):
+    @property
+    def max_input_chars(self) -> int:
+        """Characters of one row's input at most (`limits.max_input_chars`)."""
+        return self.limits.max_input_chars
+
+    @max_input_chars.setter
+    def max_input_chars(self, value: int) -> None:
+        self.limits = replace(self.limits, max_input_chars=value)
+
+    def check_rows(self, tasks: list[Any], rows: list[Any]) -> list[Row]:
+        """The rows as texts and checked conversations; PredictInputError naming the first bad row
+        (unknown task, neither text nor messages, too long) or a request with too many rows."""
+        if len(tasks) != len(rows):
+            raise PredictInputError(f"{len(tasks)} tasks for {len(rows)} texts: give one task per text")
+        checked = []
+        for i, (task, row) in enumerate(zip(tasks, rows, strict=True)):
             if task not in self.refs:
                 raise PredictInputError(f"row {i}: unknown task {task!r}; tasks served: {sorted(self.refs)}")
-            if not isinstance(text, str):
-                raise PredictInputError(f"row {i}: text must be a string, got {type(text).__name__}")
-            if len(text) > self.max_input_chars:
-                raise PredictInputError(f"row {i}: text has {len(text)} characters; the limit is "
-                                 f"{self.max_input_chars} (model_config max_input_chars)")
+            if not isinstance(row, str) and not isinstance(row, list | tuple):
+                raise PredictInputError(f"row {i}: text must be a string, got {type(row).__name__}")
+            checked.append(check_row(row, f"row {i}"))
+        self.limits.check_rows([row_chars(row) for row in checked])
+        return checked
 
-    def predict(self, tasks: list[str], texts: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        """One output per row, in order; `params`: max_new_tokens, num_beams, batch_size, refresh."""
+    def predict(self, tasks: list[str], rows: list[Row], params: dict[str, Any] | None = None) -> list[str]:
+        """One output per row (a text or a conversation), in order; `params`: predict params
+        (`predictor.PREDICT_PARAMS`) and refresh."""
+        return [o.text for o in self.generate(tasks, rows, params)]
+
+    def generate(self, tasks: list[str], rows: list[Row], params: dict[str, Any] | None = None
+                 ) -> list[Output]:
+        """`predict`, with each row's finish reason and token counts."""
+        deadline = self.limits.deadline()
         params = {k: v for k, v in (params or {}).items() if v is not None}
         refresh = bool(params.pop("refresh", False))
-        gen = generation_config(params)
-        self.check_rows(tasks, texts)
+        rows = self.check_rows(tasks, rows)
+        gen, sampling = parse_params(params)
         self.refresh(now=refresh)
         with self._lock:
             per_task = {t: gen.with_settings(self.states[t].prompt) for t in set(tasks)}
-            jobs = [self._job(task, text, per_task[task]) for task, text in zip(tasks, texts, strict=True)]
-            return generate_mixed(self.model, jobs, gen.batch_size, self.is_seq2seq)
+            self.limits.check_decoding([per_task[t].max_new_tokens for t in tasks], gen.num_beams)
+            jobs = [self._job(task, row, per_task[task]) for task, row in zip(tasks, rows, strict=True)]
+            return generate_rows(self.model, jobs, gen.batch_size, self.is_seq2seq, sampling, deadline)
 
-    def _job(self, task: str, text: str, gen: Any) -> RowJob:
+    def _job(self, task: str, row: Row, gen: Any) -> RowJob:
         from lora_module.evaluation.generation import encode_prompts
 
         state = self.states[task]
-        prompt = state.prompt.render([text])[0]
-        ids = encode_prompts(state.tokenizer, [prompt], gen.max_source_length, self.is_seq2seq)[0]
+        prompt = render_rows(replace(state.prompt, max_source_length=gen.max_source_length), [row],
+                             state.tokenizer)[0]
+        ids = encode_prompts(state.tokenizer, [prompt], gen.max_source_length, self.is_seq2seq,
+                             add_special_tokens=gen.add_special_tokens)[0]
         return RowJob(state.adapter, ids, gen.max_new_tokens, gen.num_beams, state.tokenizer)
-
-
-@torch.inference_mode()
-def generate_mixed(model: Any, jobs: list[RowJob], batch_size: int, is_seq2seq: bool) -> list[str]:
-    """Generate every row with its own adapter, `batch_size` rows per `generate`; texts in input order.
-
-    Rows are batched longest first (less padding); within a batch they are ordered by adapter, so
-    each adapter's rows are one slice (no gathers). Beam search rows batch only with rows of the same
-    beam width and length limit (a beam result cannot be cut to a shorter limit)."""
-    from lora_module.evaluation.generation import pad_batch, pad_token_id
-
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault((job.num_beams, job.max_new_tokens if job.num_beams > 1 else 0), []).append(i)
-    outputs = [""] * len(jobs)
-    device = next(model.parameters()).device
-    for (beams, _), rows in groups.items():
-        rows.sort(key=lambda i: -len(jobs[i].ids))
-        for start in range(0, len(rows), batch_size):
-            batch = sorted(rows[start : start + batch_size], key=lambda i: jobs[i].adapter)
-            pad_id = pad_token_id(jobs[batch[0]].tokenizer)
-            input_ids, attention = pad_batch([jobs[i].ids for i in batch], pad_id, left=not is_seq2seq)
-            out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                adapter_names=[jobs[i].adapter for i in batch], num_beams=beams, do_sample=False,
-                max_new_tokens=max(jobs[i].max_new_tokens for i in batch), pad_token_id=pad_id,
-            )
-            if not is_seq2seq:
-                out = out[:, input_ids.shape[1] :]
-            for row, i in enumerate(batch):
-                tokens = out[row, : jobs[i].max_new_tokens + (1 if is_seq2seq else 0)]  # + decoder start
-                outputs[i] = jobs[i].tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    return outputs
 
 
 def base_of(ref: TaskRef, tracking_uri: str | None) -> str:
@@ -292,23 +276,23 @@ def _tokenizer(base: str) -> Any:
 
 
 def multitask_signature() -> ModelSignature:
-    """Input: string columns `task` and `text`; output: one string per row; decoding params + `refresh`."""
+    """Input: a string column `task` and a row's input (`pyfunc.row_columns`: `text` or `messages`);
+    output: one string per row; the predict params + `refresh`."""
     return ModelSignature(
-        inputs=Schema([ColSpec(DataType.string, "task"), ColSpec(DataType.string, "text")]),
+        inputs=Schema([ColSpec(DataType.string, "task"), *row_columns()]),
         outputs=Schema([ColSpec(DataType.string)]),
-        params=ParamSchema([*(ParamSpec(k, DataType.long, None) for k in GENERATION_PARAMS),
-                            ParamSpec("refresh", DataType.boolean, False)]),
+        params=ParamSchema([*param_specs(), ParamSpec("refresh", DataType.boolean, False)]),
     )
 
 
 def rows_from_input(model_input: Any) -> tuple[list[Any], list[Any]]:
-    """(tasks, texts) from a DataFrame / records / dict of columns with `task` and `text`."""
+    """(tasks, rows) from a DataFrame / records / dict of columns with `task` and `text` or `messages`."""
     frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
     missing = [c for c in ("task", "text") if c not in frame.columns]
-    if missing:
-        raise PredictInputError(f"input needs columns 'task' and 'text'; missing {missing} "
+    if missing and (missing != ["text"] or "messages" not in frame.columns):
+        raise PredictInputError(f"input needs columns 'task' and 'text' (or 'messages'); missing {missing} "
                                 f"(got {list(frame.columns)})")
-    return frame["task"].tolist(), frame["text"].tolist()
+    return frame["task"].tolist(), frame_rows(frame)
 
 
 def _setting(config: dict[str, Any], key: str, env: str, default: Any, kind: type) -> Any:
@@ -327,16 +311,15 @@ class LoraMultiTaskModel(mlflow.pyfunc.PythonModel):
         self.predictor = MultiTaskPredictor.load(
             [TaskRef.from_dict(r) for r in spec["tasks"]], base=served_base(context, config),
             force=bool(config.get("force", False)), refresh_seconds=None if refresh < 0 else refresh,
-            max_input_chars=_setting(config, "max_input_chars", MAX_CHARS_ENV, DEFAULT_MAX_INPUT_CHARS, int),
+            limits=ServingLimits.from_config(config),
         )
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
                 ) -> list[str]:
-        from lora_module.prompt import PromptTooLongError
+        from lora_module.prompt import PromptError
 
         try:
             tasks, texts = rows_from_input(model_input)
-            self.predictor.check_rows(tasks, texts)
             return self.predictor.predict(tasks, texts, params)
-        except (PredictInputError, PromptTooLongError) as e:  # bad rows or params, a template too long
+        except (PredictInputError, PromptError) as e:  # bad rows or params, a template too long
             raise bad_request(e) from e

@@ -1,9 +1,11 @@
-"""The MLflow pyfunc models: one task's adapter, or many tasks on one base; texts in, texts out.
+"""The MLflow pyfunc models: one task's adapter, or many tasks on one base; rows in, texts out.
 
     import mlflow
     model = mlflow.pyfunc.load_model("models:/summary-lora@champion")
     model.predict({"text": ["#Person1#: ..."]})                       # -> ["...", ...]
     model.predict(pd.DataFrame({"text": [...]}), params={"max_new_tokens": 64})
+    model.predict(pd.DataFrame({"messages": [[{"role": "user", "content": "..."}]]}),
+                  params={"temperature": 0.7, "seed": 1, "stop": ["\n"]})
     mlflow.pyfunc.load_model(uri, model_config={"base": "/models/flan-t5-base", "quantize": "nf4"})
 
     tasks = mlflow.pyfunc.load_model("models:/lora-tasks@champion")     # register-multitask
@@ -22,7 +24,13 @@ Many tasks (`LoraMultiTaskModel`): the artifact `multitask` names the tasks (not
 each task's champion is resolved when the model loads and followed while it serves
 (`serving.multitask`). Settings: model_config keys, else environment variables (what
 `lora-pipeline serve-model` sets): `refresh_seconds` / `LORA_REFRESH_SECONDS` (default 60; 0: every
-request; negative: never), `max_input_chars` / `LORA_MAX_INPUT_CHARS` (longer texts get a 400).
+request; negative: never).
+
+Rows (both models): a `text`, or `messages` (a conversation: `predictor.Row`). Params:
+`predictor.PREDICT_PARAMS` (`param_specs`; sampling when temperature > 0, `stop`, `seed`). Limits,
+for both models: `predictor.ServingLimits` (model_config keys `max_rows`, `max_input_chars`,
+`max_new_tokens`, `max_total_tokens`, `max_num_beams`, `deadline_seconds`, else `LORA_MAX_ROWS`, ...):
+a request over one gets a 400, and generation stops at the deadline.
 
 Both are models-from-code: the logged files are the short lists `SINGLE_TASK_CODE` /
 `MULTI_TASK_CODE` (tests check each list is closed under imports), so they load wherever MLflow
@@ -41,14 +49,15 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array, Object, Property
 
 from lora_module import contracts
 from lora_module.registry.bases import BaseRecord, resolve_base
 from lora_module.serving.predictor import (
-    GENERATION_PARAMS,
+    PREDICT_PARAMS,
     AdapterPredictor,
     PredictInputError,
-    generation_config,
+    ServingLimits,
 )
 
 # The files each logged model ships (relative to the folder holding lora_module/). Explicit, so
@@ -59,7 +68,7 @@ SINGLE_TASK_CODE = (
     "lora_module/files.py",
     "lora_module/home.py", "lora_module/init.py", "lora_module/layers.py", "lora_module/lazy.py",
     "lora_module/mixed_batch.py", "lora_module/model.py", "lora_module/names.py", "lora_module/prompt.py",
-    "lora_module/qlora.py", "lora_module/selection.py",
+    "lora_module/qlora.py", "lora_module/redact.py", "lora_module/selection.py",
     "lora_module/evaluation/__init__.py", "lora_module/evaluation/generation.py",
     "lora_module/registry/__init__.py", "lora_module/registry/bases.py", "lora_module/serving/__init__.py",
     "lora_module/serving/predictor.py", "lora_module/serving/pyfunc.py",
@@ -93,13 +102,28 @@ def copy_code(code: Path, files: tuple[str, ...]) -> Path:
     return code / "lora_module"
 
 
+def param_specs() -> list[ParamSpec]:
+    """The predict params (`predictor.PREDICT_PARAMS`; None: GenerationConfig's default, lengths from
+    the training settings). MLflow drops params a signature lacks: `serving.server` refuses them."""
+    kinds = {"temperature": DataType.double, "top_p": DataType.double}
+    specs = [ParamSpec(k, kinds.get(k, DataType.long), None) for k in PREDICT_PARAMS if k != "stop"]
+    return [*specs, ParamSpec("stop", DataType.string, [], shape=(-1,))]
+
+
+def row_columns() -> list[ColSpec]:
+    """A row's input: `text` (a string) or `messages` (a list of {role, content}); in one request
+    every row uses the same one (MLflow's schema check cannot mix a list column with missing cells)."""
+    turn = Object([Property("role", DataType.string), Property("content", DataType.string)])
+    return [ColSpec(DataType.string, "text", required=False),
+            ColSpec(Array(turn), "messages", required=False)]
+
+
 def model_signature() -> ModelSignature:
-    """Input: a string column `text`; output: one generated string per row; decoding params (None:
-    GenerationConfig's default, lengths from the training settings)."""
+    """Input: `row_columns()`; output: one generated string per row; the predict params."""
     return ModelSignature(
-        inputs=Schema([ColSpec(DataType.string, "text")]),
+        inputs=Schema(row_columns()),
         outputs=Schema([ColSpec(DataType.string)]),
-        params=ParamSchema([ParamSpec(k, DataType.long, None) for k in GENERATION_PARAMS]),
+        params=ParamSchema(param_specs()),
     )
 
 
@@ -119,17 +143,27 @@ def _is_listlike(value: Any) -> bool:
     return isinstance(value, list | tuple) or type(value).__name__ == "ndarray"
 
 
-def texts_from_input(model_input: Any) -> list[str]:
-    """A DataFrame with a `text` column (or one column), a list / Series of strings, a single
-    string, or a dict {"text": [...]} -> list of strings; anything else is a PredictInputError."""
-    if isinstance(model_input, pd.DataFrame):
+def frame_rows(frame: pd.DataFrame) -> list[Any]:
+    """Each row's `messages` where it has them, else its `text` (None where it has neither)."""
+    texts = frame["text"].tolist() if "text" in frame.columns else [None] * len(frame)
+    messages = frame["messages"].tolist() if "messages" in frame.columns else [None] * len(frame)
+    return [m if _is_listlike(m) else t for t, m in zip(texts, messages, strict=True)]
+
+
+def texts_from_input(model_input: Any) -> list[Any]:
+    """Rows from a DataFrame with a `text` and/or `messages` column (or one column), a list / Series
+    of strings, a single string, or a dict {"text": [...]}; anything else is a PredictInputError. A
+    row is a text or a conversation (`predictor.Row`; checked when it is predicted)."""
+    if isinstance(model_input, pd.DataFrame) and "messages" in model_input.columns:
+        values = frame_rows(model_input)
+    elif isinstance(model_input, pd.DataFrame):
         if "text" in model_input.columns:
             column = model_input["text"]
         elif model_input.shape[1] == 1:
             column = model_input.iloc[:, 0]
         else:
-            raise PredictInputError(
-                f"input DataFrame needs a 'text' column, got columns {list(model_input.columns)}")
+            raise PredictInputError(f"input DataFrame needs a 'text' or 'messages' column, got columns "
+                                    f"{list(model_input.columns)}")
         # MLflow turns {"text": [a, b]} into a one-row frame whose cell is the list: flatten it.
         values = [v for cell in column.tolist() for v in (list(cell) if _is_listlike(cell) else [cell])]
     elif isinstance(model_input, dict) and "text" in model_input:
@@ -142,7 +176,7 @@ def texts_from_input(model_input: Any) -> list[str]:
     else:
         raise PredictInputError(
             f"predict takes texts (DataFrame with 'text', list of str), got {type(model_input).__name__}")
-    bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    bad = [i for i, v in enumerate(values) if not isinstance(v, str) and not _is_listlike(v)]
     if bad:
         raise PredictInputError(
             f"every input must be a string; rows {bad[:5]} are not (e.g. {values[bad[0]]!r})")
@@ -173,14 +207,15 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
             tokenizer_dir=context.artifacts.get(contracts.TOKENIZER_ARTIFACT),
             quantize=config.get("quantize"),  # device and dtype: inference_base's CUDA-aware defaults
         )
+        self.limits = ServingLimits.from_config(config)
 
     # `pd.DataFrame` as the hint: MLflow then validates against the logged signature (a `text`
     # column) instead of inferring a schema from the hint; lists of strings work as well.
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> list[str]:
+        from lora_module.prompt import PromptError
+
         try:
-            texts = texts_from_input(model_input)
-            generation_config(params)  # unknown or bad params: the caller's error
-        except PredictInputError as e:
+            return self.predictor.predict(texts_from_input(model_input), params, self.limits)
+        except (PredictInputError, PromptError) as e:  # bad rows or params, over a limit
             raise bad_request(e) from e
-        return self.predictor.predict(texts, params)

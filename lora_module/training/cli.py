@@ -22,24 +22,41 @@ their pipeline home's store and the task's experiment `lora-<task>`), by default
 `--trainer.logger.init_args.task <task>`; never the plain `./mlruns` store that MLflow 3 refuses.
 Each run is named `<task>-<method>-r<rank>-<UTC time>-<run id[:6]>` and tagged with its task, data and base
 fingerprints and git commit (lora_module.training.run_lineage).
+
+Faults and trust: the Trainer saves checkpoints atomically beside their destination
+(training.checkpoint_io); `--ckpt_path` must name a local file (a URL's pickle would run its code:
+training.resume.check_local_checkpoint); config.yaml records URIs with their credentials masked.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 from jsonargparse import ArgumentError, Namespace, lazy_instance
 from jsonargparse._common import debug_mode_active
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
-from lora_module.errors import BAD_INPUT_STATUS, PipelineError, check_output_dir, one_line, run_cli
+from lora_module.errors import (
+    BAD_INPUT_STATUS,
+    PipelineError,
+    SettingsError,
+    check_output_dir,
+    one_line,
+    run_cli,
+)
 from lora_module.home import PipelineHome, artifact_location_for, ensure_store_folder, experiment_name_for
 from lora_module.qlora import check_model_source
+from lora_module.redact import MASK, redact_text, redact_uri
+from lora_module.training.checkpoint_io import AtomicCheckpointIO
 from lora_module.training.datamodule import (
     CHECKED_LOADER_SETTINGS,
     PreparedDataModule,
@@ -47,8 +64,10 @@ from lora_module.training.datamodule import (
     check_prepared_dir,
 )
 from lora_module.training.early_stopping import check_early_stopping
-from lora_module.training.module import CHECKED_HPARAMS, FineTuneModule, check_hparams
-from lora_module.training.resume import CheckpointMismatchError
+from lora_module.training.hparams import CHECKED_HPARAMS, check_hparams
+from lora_module.training.module import FineTuneModule
+from lora_module.training.resume import CheckpointMismatchError, check_local_checkpoint
+from lora_module.user_files import check_input_file, read_yaml_file
 
 DEFAULT_EXPERIMENT = "lora_pipeline"
 INVALID = "invalid configuration: "  # the start of the errors of check_config and check_inputs
@@ -73,7 +92,9 @@ class PipelineMLFlowLogger(MLFlowLogger):
             run_name: Name of the MLflow run; None: `<task>-<method>-r<rank>-<UTC time>-<id>`, set when
                 training starts (lora_module.training.run_lineage).
             tracking_uri: Tracking server or store; None: the store of `PipelineHome.from_env()`
-                ($MLFLOW_TRACKING_URI, else the home's SQLite file).
+                ($MLFLOW_TRACKING_URI, else the home's SQLite file). A URI with masked credentials
+                (`http://***@host`, as config.yaml records it) takes them from $MLFLOW_TRACKING_URI
+                when that names the same store (what `run_fit` passes).
             tags: Tags for the run.
             artifact_location: Artifact root of a newly created experiment; None: `mlartifacts/<experiment>`
                 beside the SQLite file when the store is that file, else the server's default.
@@ -82,7 +103,7 @@ class PipelineMLFlowLogger(MLFlowLogger):
         """
         self.task = task
         experiment_name = experiment_name or (experiment_name_for(task) if task else DEFAULT_EXPERIMENT)
-        uri = ensure_store_folder(tracking_uri or PipelineHome.from_env().tracking_uri)
+        uri = ensure_store_folder(with_credentials(tracking_uri) or PipelineHome.from_env().tracking_uri)
         if artifact_location is None:
             artifact_location = artifact_location_for(uri, experiment_name)
         super().__init__(
@@ -94,6 +115,15 @@ class PipelineMLFlowLogger(MLFlowLogger):
         )
 
 
+def with_credentials(tracking_uri: str | None) -> str | None:
+    """`tracking_uri` itself, or $MLFLOW_TRACKING_URI when `tracking_uri` is that URI with its credentials
+    masked: credentials travel in the environment, never in arguments or recorded configs."""
+    if not tracking_uri or MASK not in tracking_uri:
+        return tracking_uri
+    env = PipelineHome.from_env().tracking_uri
+    return env if redact_uri(env) == tracking_uri else tracking_uri
+
+
 class OutputDirConfig(SaveConfigCallback):
     """Hands the resolved config of a `fit` run to the module, which exports it as config.yaml.
 
@@ -102,8 +132,8 @@ class OutputDirConfig(SaveConfigCallback):
     """
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            pl_module.resolved_config = self.parser.dump(self.config, skip_none=False)
+        if stage == "fit":  # config.yaml is a record: URIs in it lose their credentials
+            pl_module.resolved_config = redact_text(self.parser.dump(self.config, skip_none=False))
 
 
 class CheckpointPathError(PipelineError, ValueError):
@@ -111,9 +141,11 @@ class CheckpointPathError(PipelineError, ValueError):
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
-    """`last` -> `<output_dir>/checkpoints/last.ckpt`; raises CheckpointPathError if it is missing."""
-    if ckpt_path is None or ckpt_path in ("best", "hpc") or ckpt_path.startswith("registry"):
+    """`last` -> `<output_dir>/checkpoints/last.ckpt`; raises CheckpointPathError if it is missing and
+    RemoteCheckpointError for anything but a local file (a URL's pickle would run its code)."""
+    if ckpt_path is None or ckpt_path in ("best", "hpc"):
         return ckpt_path
+    check_local_checkpoint(ckpt_path)
     if ckpt_path == "last":
         last = Path(output_dir) / "checkpoints" / "last.ckpt"
         if not last.is_file():
@@ -122,7 +154,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
                 " drop --ckpt_path to train from the start"
             )
         return str(last)
-    if "://" not in ckpt_path and not Path(ckpt_path).is_file():  # remote URLs: Lightning's fsspec
+    if not Path(ckpt_path).is_file():
         raise CheckpointPathError(
             f"--ckpt_path {ckpt_path} does not exist; pass a checkpoint file such as"
             f" {Path(output_dir) / 'checkpoints' / 'last.ckpt'}, or 'last'"
@@ -144,8 +176,49 @@ def check_config(config: Namespace) -> None:
     limit_val_batches = (config.get("trainer") or Namespace()).get("limit_val_batches")
     check_early_stopping(**_given(model, ("early_stopping",)), limit_val_batches=limit_val_batches)
     check_loader_settings(**_given(config.get("data") or Namespace(), CHECKED_LOADER_SETTINGS))
+    check_numbers(config)
     if model.get("output_dir"):
         check_output_dir(model.output_dir, "model.output_dir")
+
+
+# Settings that must be >= 1, or that at 0 train nothing yet exit 0 without outputs; None or -1: no limit.
+_COUNTS = {"trainer.accumulate_grad_batches": (), "trainer.check_val_every_n_epoch": (None,),
+           "trainer.max_steps": (-1,), "trainer.max_epochs": (None, -1)}
+# Lower bounds of model.* numbers that check_hparams does not check: (bound, strict).
+_BOUNDS = {"model.adam_epsilon": (0.0, True), "model.weight_decay": (0.0, False)}
+
+
+def check_numbers(config: Namespace) -> None:
+    """No NaN or infinity in any setting; counts that would train nothing, and out-of-range optimizer
+    settings, refused; raises SettingsError naming the key and what is valid."""
+    for key in config.keys():
+        value = config[key]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SettingsError(f"{key} must be a finite number, got {value}")
+    for key, no_limit in _COUNTS.items():
+        value = config.get(key)
+        if key in config and value not in no_limit and (not isinstance(value, int) or value < 1):
+            allowed = " or ".join(["an integer >= 1", *(str(v) for v in no_limit if v is not None)])
+            raise SettingsError(f"{key} must be {allowed} (0 trains nothing), got {value!r}")
+    limit = config.get("trainer.limit_train_batches")
+    if isinstance(limit, int | float) and limit <= 0:
+        raise SettingsError(f"trainer.limit_train_batches must be > 0 (a fraction <= 1 or a batch count; 0 "
+                            f"trains nothing), got {limit!r}")
+    for key, (bound, strict) in _BOUNDS.items():
+        value = config.get(key)
+        if isinstance(value, int | float) and (value <= bound if strict else value < bound):
+            raise SettingsError(f"{key} must be {'>' if strict else '>='} {bound:g}, got {value!r}")
+
+
+def check_accelerator(config: Namespace) -> None:
+    """A GPU accelerator asked for on a machine without one: one line, not Lightning's traceback."""
+    accelerator = config.get("trainer.accelerator")
+    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise SettingsError(f"trainer.accelerator={accelerator!r} but this machine has no usable CUDA GPU "
+                            "(torch.cuda.is_available() is False); use 'cpu' or 'auto'")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise SettingsError("trainer.accelerator='mps' but this machine has no usable Apple GPU; use 'cpu' "
+                            "or 'auto'")
 
 
 def check_inputs(config: Namespace) -> None:
@@ -158,6 +231,34 @@ def check_inputs(config: Namespace) -> None:
     base = (config.get("model") or Namespace()).get("model_name_or_path")
     if base:
         check_model_source(base, "model.model_name_or_path")
+        check_rank_against_base(config)
+    check_accelerator(config)
+
+
+def check_rank_against_base(config: Namespace) -> None:
+    """The adapter's rank fits every layer it targets (lora_module.config.check_rank_fits), checked on the
+    base's architecture built on the meta device (no weights, no memory) before the real model is loaded:
+    r 100000 would otherwise allocate and save a "low-rank" adapter larger than the model."""
+    model = config.get("model") or Namespace()
+    base = Path(str(model.get("model_name_or_path"))).expanduser()
+    if model.get("finetune", "lora") not in ("lora", "qlora") or not (base / "config.json").is_file():
+        return  # full fine-tuning has no rank; a Hub id is checked when the model is loaded
+    lora = check_hparams(**_given(model, ("lora",)))
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from lora_module.config import check_rank_fits
+    from lora_module.selection import resolve_targets
+
+    try:
+        arch = AutoConfig.from_pretrained(base)
+        auto = AutoModelForSeq2SeqLM if arch.is_encoder_decoder else AutoModelForCausalLM
+        with torch.device("meta"):
+            skeleton = auto.from_config(arch)
+    except (ValueError, OSError, KeyError):  # an architecture this cannot build: loading the model reports it
+        return
+    resolved, paths = resolve_targets(skeleton, lora)
+    layers = {path: skeleton.get_submodule(path) for path in paths}
+    check_rank_fits(resolved, {path: (m.in_features, m.out_features) for path, m in layers.items()})
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -210,9 +311,15 @@ class LoraCLI(LightningCLI):
                 # `last` is resolved here, not by Lightning: it looks only among the Trainer's own
                 # checkpoint callbacks (ours comes from the module), and finding none it trains from
                 # scratch with a warning, overwriting last.ckpt.
+                check_checkpoint_file(config.get("ckpt_path"))
                 config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), config.model.output_dir)
+                check_checkpoint_file(config.ckpt_path)
         except PipelineError as e:
             self.parser.error(f"{INVALID}{e}")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        """The Trainer, saving checkpoints atomically beside their destination (training.checkpoint_io)."""
+        return super()._instantiate_trainer(AtomicCheckpointIO.add_to(config), callbacks)
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; the error of a checkpoint that does not fit the configured model names the file."""
@@ -246,15 +353,47 @@ def parse_config(args: Sequence[str], quiet: bool = False) -> Namespace:
         # Lightning warns when a process that has its own sys.argv (pytest, a flow) passes args.
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         if not quiet:
+            check_config_files(args)
             return ConfigOnlyCLI(args=args, run=False).config
         try:
+            check_config_files(args)
             return ConfigOnlyCLI(args=args, run=False, parser_kwargs={"exit_on_error": False}).config
-        except ArgumentError as e:
+        except (ArgumentError, PipelineError) as e:
             raise ConfigParseError(one_line(str(e))) from None
 
 
+def check_config_files(args: Sequence[str]) -> None:
+    """Each `--config FILE` that names something on disk is a readable UTF-8 YAML file with settings in it:
+    jsonargparse reads a folder, a FIFO, a symlink loop or a non-UTF-8 file with a traceback (or blocks),
+    and an empty file as "every default". A value that names nothing is left to it (it may be inline YAML).
+    """
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg in ("-c", "--config") and i + 1 < len(args) else (
+            arg.removeprefix("--config=") if arg.startswith("--config=") else None)
+        if value is not None and (Path(value).exists() or Path(value).is_symlink()):
+            read_yaml_file(value, "--config", ConfigParseError)
+
+
+def check_checkpoint_file(ckpt_path: str | None) -> None:
+    """A local `--ckpt_path` that is there must be a regular file written by torch.save (a zip archive):
+    a folder, a FIFO, a text file or a truncated checkpoint is one line, not a PytorchStreamReader
+    traceback. Keywords, URLs and missing files are resolve_ckpt_path's to judge."""
+    if ckpt_path is None or ckpt_path in ("best", "hpc", "last") or "://" in ckpt_path:
+        return
+    path = Path(ckpt_path)
+    if path.exists() or path.is_symlink():
+        check_input_file(path, "--ckpt_path")
+        if not zipfile.is_zipfile(path):
+            raise CheckpointPathError(f"--ckpt_path {path} is not a checkpoint (not a torch.save archive: "
+                                      "another kind of file, or truncated); pass a .ckpt written by fit")
+
+
 def _run(args: list[str]) -> None:
-    LoraCLI(args=args)
+    check_config_files(args)
+    try:
+        LoraCLI(args=args)
+    except MisconfigurationException as e:  # e.g. more devices than the machine has: one line
+        raise SettingsError(f"trainer settings: {e}") from None
 
 
 def main(args: Sequence[str] | None = None) -> None:

@@ -7,7 +7,8 @@
 Batches are padded to the longest row of the batch (dynamic padding): `input_ids` with the pad id
 of the prepared tokenizer, `attention_mask` with 0 and `labels` with -100 (ignored by the loss).
 Training batches are padded on the right for both seq2seq and causal models; only generation
-(`predict_dataloader`, causal prompts) pads on the left.
+(`predict_dataloader`, causal prompts) pads on the left. A causal prompt is everything before the
+row's last labelled span (`prompt_length`), so multi-turn chat rows generate their last reply.
 
 The training sampler is always a seeded `DistributedSampler` subclass, so:
 - the order depends only on (seed, epoch), and a run resumed from a checkpoint sees the same
@@ -60,6 +61,19 @@ def check_loader_settings(*, batch_size: int | None = None, eval_batch_size: int
             raise SettingsError(f"data.{name} must be >= 1, got {value}")
     if num_workers is not None and num_workers < 0:
         raise SettingsError(f"data.num_workers must be >= 0, got {num_workers}")
+
+
+def prompt_length(labels: Sequence[int]) -> int:
+    """Tokens of a causal row's prompt: everything before its last labelled span (the reply to generate).
+    A plain-template row is prompt + target; a chat row may also label earlier assistant turns, which
+    then belong to the prompt."""
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start if end else len(labels)
 
 
 class PaddingCollator:
@@ -316,8 +330,7 @@ class PreparedDataModule(L.LightningDataModule):
         def to_prompt(row: dict) -> dict:
             ids, mask = row["input_ids"], row["attention_mask"]
             if causal:
-                # Causal rows are prompt + target; the prompt is where the labels are ignored.
-                n = next((i for i, lab in enumerate(row["labels"]) if lab != IGNORE_INDEX), len(ids))
+                n = prompt_length(row["labels"])
                 ids, mask = ids[:n], mask[:n]
             return {
                 "input_ids": ids,

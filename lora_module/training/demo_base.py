@@ -2,6 +2,7 @@
 
     lora-pipeline demo-base runs/demo_base            # builds (or reuses) and prints the folder
     lora-pipeline demo-base runs/demo_base --steps 100 --instruction-steps 50   # stage 1, stage 2 steps
+    lora-pipeline demo-base runs/demo_base --family causal   # the Llama with a chat template (demo_causal.py)
     from lora_module.training.demo_base import build_demo_base
     base_dir = build_demo_base("runs/demo_base", corpus_size=2000, seed=0, steps=300)
 
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -46,14 +46,22 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
-from lora_module.errors import ArgumentParser, SettingsError
+from lora_module.errors import ArgumentParser, SettingsError, check_output_dir
 from lora_module.files import move_aside, publish_dir
+from lora_module.training.demo_common import (
+    MANIFEST,
+    complete,
+    corpus_texts,
+    lr_schedule,
+    padded,
+    tokenizer_texts,
+)
 from lora_pipeline.data.tokenizer import NUM_SENTINELS, train_tokenizer
 
-MANIFEST = "demo_base.json"
 # Bump when the build procedure changes in a way the parameters do not show.
 BUILD_VERSION = 3
 OBJECTIVES = ("span", "denoise", "mixed")
+FAMILIES = ("seq2seq", "causal")  # seq2seq: the T5 below; causal: demo_causal's Llama with a chat template
 
 
 @dataclass(frozen=True)
@@ -136,30 +144,6 @@ class DemoBaseConfig:
             )
 
 
-def corpus_texts(corpus_size: int, seed: int) -> list[str]:
-    """Dialogues and summaries of the demo corpus as plain texts (no task framing, no topic labels)."""
-    from lora_pipeline.data.demo_corpus import generate
-
-    texts: list[str] = []
-    for row in generate(corpus_size, seed):
-        texts.append(row["dialogue"])
-        texts.append(row["summary"])
-    return texts
-
-
-def tokenizer_texts(corpus_size: int, seed: int, pretrain_texts: list[str]) -> list[str]:
-    """Pretraining texts plus the topic labels and prompt templates, so the task prompts of both demo
-    tasks and of the instruction mixture tokenize into whole words (the data stage reuses this
-    tokenizer for the prepared data). Only the tokenizer sees the labels: no training step does."""
-    from lora_pipeline.data.config import DEFAULT_TEMPLATES
-    from lora_pipeline.data.demo_corpus import generate
-    from lora_pipeline.data.demo_instructions import all_phrasings
-
-    topics = [row["topic"] for row in generate(corpus_size, seed)]
-    templates = [t.replace("{dialogue}", "") for t in DEFAULT_TEMPLATES.values()] + all_phrasings()
-    return pretrain_texts + topics + templates * 50
-
-
 def fingerprint(config: DemoBaseConfig, texts: list[str]) -> str:
     """Hash of the build parameters, the procedure version and the corpus text (tokenizer texts)."""
     h = hashlib.sha256()
@@ -238,30 +222,12 @@ def make_model(config: DemoBaseConfig, vocab_size: int) -> T5ForConditionalGener
     return model
 
 
-def _lr_schedule(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over 5% of `total` steps, then cosine decay to 10% of the peak."""
-    warmup = max(1, total // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-
-
 def encode_instructions(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], max_prompt: int
                         ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids cut to `max_prompt` tokens, answer ids), each ending with </s>."""
     prompts = tokenizer([p for p, _ in pairs], max_length=max_prompt, truncation=True)["input_ids"]
     answers = tokenizer([a for _, a in pairs], max_length=64, truncation=True)["input_ids"]
     return list(zip(prompts, answers, strict=True))
-
-
-def _padded(rows: list[list[int]], fill: int) -> torch.Tensor:
-    width = max(map(len, rows))
-    return torch.tensor([r + [fill] * (width - len(r)) for r in rows])
 
 
 def pretrain(
@@ -286,7 +252,7 @@ def pretrain(
     eos, rng = tokenizer.eos_token_id, random.Random(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
-    sched = _lr_schedule(opt, config.steps + instruct_steps)
+    sched = lr_schedule(opt, config.steps + instruct_steps)
     model.train()
     losses: list[float] = []
     order, cursor = torch.randperm(len(rows), generator=gen), 0
@@ -295,8 +261,8 @@ def pretrain(
         if step >= config.steps:
             batch = [instructions[i] for i in torch.randint(len(instructions), (config.batch_size,),
                                                             generator=gen).tolist()]
-            input_ids = _padded([p for p, _ in batch], tokenizer.pad_token_id)  # [B, L_prompt]
-            labels = _padded([a for _, a in batch], -100)  # [B, L_answer], padding ignored by the loss
+            input_ids = padded([p for p, _ in batch], tokenizer.pad_token_id)  # [B, L_prompt]
+            labels = padded([a for _, a in batch], -100)  # [B, L_answer], padding ignored by the loss
             attention_mask = (input_ids != tokenizer.pad_token_id).long()
         else:
             if cursor + config.batch_size > len(order):
@@ -325,28 +291,33 @@ def pretrain(
     return losses
 
 
-def _complete(path: Path, fp: str) -> bool:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    has_weights = any((path / name).exists() for name in ("model.safetensors", "pytorch_model.bin"))
-    return manifest.get("fingerprint") == fp and has_weights and (path / "tokenizer.json").exists()
+def _build_other_family(family: str, out_dir: str | Path, corpus_size: int, seed: int, log_every: int,
+                        overrides: dict[str, object]) -> Path:
+    """The causal base (lora_module.training.demo_causal); an unknown family is refused in one line."""
+    if family not in FAMILIES:
+        raise SettingsError(f"demo base family must be one of {list(FAMILIES)}, got {family!r}")
+    from lora_module.training.demo_causal import build_causal_demo_base
+
+    return build_causal_demo_base(out_dir, corpus_size, seed, log_every=log_every, **overrides)
 
 
 def build_demo_base(
     out_dir: str | Path,
     corpus_size: int = 2000,
     seed: int = 0,
-    steps: int = 300,
+    steps: int | None = None,
     log_every: int = 50,
+    family: str = "seq2seq",
     **overrides: object,
 ) -> Path:
-    """Build (or reuse) the demo base model; returns its `save_pretrained` folder.
-
-    `overrides` sets any other `DemoBaseConfig` field (batch_size, d_model, ...).
-    """
-    config = DemoBaseConfig(corpus_size=corpus_size, seed=seed, steps=steps, **overrides)  # type: ignore[arg-type]
+    """Build (or reuse) the demo base model: the T5 (`family` "seq2seq") or the Llama with a chat template
+    ("causal", lora_module.training.demo_causal); returns its `save_pretrained` folder. `overrides` sets
+    other fields of that family's config (DemoBaseConfig / CausalDemoConfig); `steps` None: its default."""
+    if steps is not None:
+        overrides["steps"] = steps
+    if family != "seq2seq":
+        return _build_other_family(family, out_dir, corpus_size, seed, log_every, overrides)
+    config = DemoBaseConfig(corpus_size=corpus_size, seed=seed, **overrides)  # type: ignore[arg-type]
     texts = corpus_texts(config.corpus_size, config.corpus_seed)
     tok_texts = tokenizer_texts(config.corpus_size, config.corpus_seed, texts)
     from lora_pipeline.data.demo_instructions import generate_instructions
@@ -355,7 +326,7 @@ def build_demo_base(
              if config.instruction_steps else [])
     fp = fingerprint(config, tok_texts + [text for pair in pairs for text in pair])
     final = Path(out_dir) / f"demo-t5-{fp[:12]}"
-    if _complete(final, fp):
+    if complete(final, fp):
         return final
 
     # Build beside the final folder and rename at the end: a crash leaves no half-written model
@@ -406,14 +377,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus-size", type=int, default=DemoBaseConfig.corpus_size,
                         help="demo corpus examples for the tokenizer and pretraining")
     parser.add_argument("--seed", type=int, default=0, help="seed of weight init, batch order and span masks")
-    parser.add_argument("--steps", type=int, default=DemoBaseConfig.steps,
+    parser.add_argument("--steps", type=int,
                         help="optimizer steps of stage 1, denoising pretraining, only; stage 2 runs "
-                        "--instruction-steps more")
-    parser.add_argument("--instruction-steps", type=int, default=DemoBaseConfig.instruction_steps,
-                        help="optimizer steps of stage 2, instruction tuning, after --steps (0: a "
+                        "--instruction-steps more (None: the family's default, 300 seq2seq, 250 causal)")
+    parser.add_argument("--family", choices=FAMILIES, default="seq2seq",
+                        help="seq2seq: the T5 (demo-t5-*); causal: a Llama with a chat template "
+                        "(demo-llama-*)")
+    parser.add_argument("--instruction-steps", type=int,
+                        help="optimizer steps of stage 2, instruction tuning, after --steps (None: the "
+                        "family's default, 300 seq2seq, 250 causal; 0: a "
                         "denoising-only base, which does not answer the summary prompt zero-shot)")
     args = parser.parse_args(argv)
+    check_output_dir(args.out_dir, "demo-base OUT_DIR")  # before minutes of training, not after
+    from lora_module.training.demo_causal import CausalDemoConfig
+
+    family = {"family": "causal"} if args.family == "causal" else {}
+    config = CausalDemoConfig if family else DemoBaseConfig
+    instruction_steps = config.instruction_steps if args.instruction_steps is None else args.instruction_steps
     path = build_demo_base(args.out_dir, args.corpus_size, args.seed, args.steps,
-                           instruction_steps=args.instruction_steps)
+                           instruction_steps=instruction_steps, **family)
     print(path)
     print(json.dumps(read_manifest(path), indent=2))

@@ -9,7 +9,10 @@ With early stopping the exported weights are the best checkpoint's (training.ear
 and the sidecar record where they came from under `early_stopping` (best_step, best_epoch, best_value, ...;
 null when off), `val_loss` is that checkpoint's, and the MLflow run gets `early_stopping.*` tags.
 
-Called by `FineTuneModule.on_train_end` on global rank 0 only.
+Called by `FineTuneModule.on_train_end` on global rank 0 only, inside `training.fsdp.gathered_parameters`
+(under FSDP the full adapter tensors are gathered there for the time of the export). The saved keys
+are the unwrapped ones: FSDP's wrappers put `_fsdp_wrapped_module` into module paths, which PEFT's
+keys must not contain.
 """
 
 from __future__ import annotations
@@ -19,14 +22,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info
+from safetensors.torch import load_file, save_file
 
 from lora_module import contracts as c
 from lora_module.adapter_io import write_prompt_settings
-from lora_module.files import sha256_file
+from lora_module.files import sha256_file, write_with
 from lora_module.prompt import PromptSettings
+from lora_module.redact import redact_uri
+from lora_module.training.fsdp import unwrapped_name
 from lora_module.training.outputs import publish
 from lora_module.training.run_lineage import tag_early_stopping
 
@@ -87,7 +94,7 @@ def export_outputs(
     mlflow = next((lg for lg in module.loggers if isinstance(lg, MLFlowLogger)), None)
     if mlflow is not None:
         metrics["mlflow_run_id"] = mlflow.run_id
-        metrics["mlflow_tracking_uri"] = getattr(mlflow, "_tracking_uri", None)
+        metrics["mlflow_tracking_uri"] = redact_uri(getattr(mlflow, "_tracking_uri", None))  # no credentials
     # Without a manifest (a data module of one's own) there is nothing to record: registration then
     # asks for the prepared folder.
     prompt = PromptSettings.from_manifest(manifest) if manifest else None
@@ -132,8 +139,19 @@ def _save_adapter(module: Any, metrics: dict[str, Any], path: Path, prompt: Prom
     module.model.save_pretrained(
         path, base_model_name_or_path=_local_path_or_name(module.hparams.model_name_or_path), metadata=meta,
     )
+    _unwrap_saved_keys(path / c.ADAPTER_WEIGHTS_FILE)
     if prompt is not None:
         write_prompt_settings(path, prompt)
+
+
+def _unwrap_saved_keys(weights: Path) -> None:
+    """Rewrite `weights` with unwrapped keys if a wrapper's name part got into them (FSDP auto-wrapping
+    puts `_fsdp_wrapped_module` into module paths; PEFT would silently load such keys as nothing)."""
+    tensors = load_file(str(weights))
+    if all(unwrapped_name(k) == k for k in tensors):
+        return
+    clean: dict[str, torch.Tensor] = {unwrapped_name(k): v for k, v in tensors.items()}
+    write_with(weights, lambda tmp: save_file(clean, str(tmp), metadata={"format": "pt"}))
 
 def _save_full_model(module: Any, path: Path) -> None:
     module.model.save_pretrained(path)

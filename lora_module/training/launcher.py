@@ -11,7 +11,8 @@ Why a subprocess: multi-device DDP re-launches the entry script once per rank, s
 entry point of its own (the Lightning CLI), never the Python process of a caller such as a Prefect
 task. A crash, an out-of-memory kill or a non-finite loss therefore cannot take the caller down;
 `run_fit` raises `TrainingError` with the end of the log instead. The full log of every run is
-appended to `<output_dir>/logs/fit.log`.
+appended to `<output_dir>/logs/fit.log`. Credentials in the tracking URI reach the subprocess through
+its environment only; the command line, the log and errors show them masked (lora_module.redact).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lora_module.errors import PipelineError
+from lora_module.home import TRACKING_ENV
+from lora_module.redact import redact_text, redact_uri
 from lora_module.training.outputs import current_outputs
+from lora_module.training.resume import check_ckpt_overrides
 
 TAIL_LINES = 60
 
@@ -76,14 +80,14 @@ def run_fit(
 
     Raises:
         TrainingError: the config does not parse, the process fails, or the expected outputs are missing.
+        RemoteCheckpointError: the overrides pass a `--ckpt_path` that is not a local file.
     """
     config_path = Path(config_path)
     if not config_path.is_file():
         raise TrainingError(f"training config {config_path} does not exist")
     overrides = [str(o) for o in overrides]
-    for key, value in (("tracking_uri", tracking_uri), ("experiment_name", experiment)):
-        if value is not None:
-            overrides += [f"--trainer.logger.init_args.{key}", value]
+    check_ckpt_overrides(overrides)
+    overrides += _logger_overrides(tracking_uri, experiment, env := dict(env or {}))
     if output_dir is not None:
         out = Path(output_dir).resolve()
         overrides += ["--model.output_dir", str(out)]
@@ -94,10 +98,10 @@ def run_fit(
         overrides += ["--ckpt_path", str(last)]
     cmd = [sys.executable, "-m", "lora_module.training", "fit", "--config", str(config_path), *overrides]
     log_path = out / "logs" / "fit.log"
-    rc, tail = _run_logged(cmd, {**os.environ, **(env or {})}, log_path, timeout)
+    rc, tail = _run_logged(cmd, {**os.environ, **env}, log_path, timeout)
     if rc != 0:
         raise TrainingError(
-            f"training failed with exit code {rc}: {' '.join(cmd)}\n"
+            f"training failed with exit code {rc}: {redact_text(' '.join(cmd))}\n"
             f"--- last {len(tail)} lines of {log_path} ---\n{''.join(tail)}"
         )
     done = current_outputs(out)  # one export, read as a whole (training.outputs)
@@ -109,13 +113,26 @@ def run_fit(
     return out
 
 
+def _logger_overrides(tracking_uri: str | None, experiment: str | None, env: dict[str, str]) -> list[str]:
+    """CLI arguments for the MLflow store and experiment. Credentials in the URI go into `env` (the
+    subprocess's environment) instead: the argument, and so config.yaml, fit.log and `ps`, has them
+    masked, and the CLI's logger takes them back from there (cli.with_credentials)."""
+    if tracking_uri is not None and redact_uri(tracking_uri) != tracking_uri:
+        env[TRACKING_ENV] = tracking_uri
+    args = []
+    for key, value in (("tracking_uri", redact_uri(tracking_uri)), ("experiment_name", experiment)):
+        if value is not None:
+            args += [f"--trainer.logger.init_args.{key}", value]
+    return args
+
+
 def _run_logged(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float | None
                 ) -> tuple[int, deque[str]]:
     """Run `cmd`, appending its output to `log_path`; (exit code, the output's last lines)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with open(log_path, "a") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
+        log.write(f"$ {redact_text(' '.join(cmd))}\n")
         log.flush()
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, errors="replace"
@@ -124,7 +141,8 @@ def _run_logged(cmd: list[str], env: dict[str, str], log_path: Path, timeout: fl
         def pump() -> None:
             # Read in a thread so `timeout` applies even while the child prints nothing.
             assert proc.stdout is not None
-            for line in proc.stdout:
+            for raw in proc.stdout:
+                line = redact_text(raw)  # MLflow prints run links with the tracking URI's credentials
                 log.write(line)
                 tail.append(line)
 
@@ -135,7 +153,8 @@ def _run_logged(cmd: list[str], env: dict[str, str], log_path: Path, timeout: fl
         except subprocess.TimeoutExpired as e:
             proc.kill()
             proc.wait()
-            raise TrainingError(f"training exceeded {timeout} s and was killed: {' '.join(cmd)}") from e
+            raise TrainingError(f"training exceeded {timeout} s and was killed: {redact_text(' '.join(cmd))}"
+                                ) from e
         except BaseException:
             proc.kill()
             proc.wait()

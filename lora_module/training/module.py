@@ -10,6 +10,8 @@ What a fit leaves in `output_dir` (written by global rank 0 only):
   config.yaml     the resolved configuration (from the CLI; the hyperparameters otherwise)
   checkpoints/    last.ckpt (lora/qlora: trainable tensors + optimizer state only), best.ckpt (early stopping)
 The first three are links into exports/<id>/ and appear together or not at all (training.outputs).
+Under FSDP (`--trainer.strategy fsdp`) they are the same: rank 0 gathers the sharded adapter before the
+export (training.fsdp), and checkpoints keep only its tensors (on_save_checkpoint).
 
 A run resumed from a mid-epoch checkpoint ends with the adapter of the uninterrupted run: the
 loader skips the trained batches (its position is restored) and dropout is seeded per step.
@@ -36,9 +38,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from lora_module import LoraConfig, get_lora_model, load_base_model
 from lora_module.config import torch_dtype
 from lora_module.device import enable_cuda_fast_paths
-from lora_module.errors import LoraConfigError, PipelineError, SettingsError
+from lora_module.errors import PipelineError, SettingsError
 from lora_module.evaluation.generation import DEFAULT_MAX_NEW_TOKENS
 from lora_module.prompt import PromptSettings
+from lora_module.training import fsdp
 from lora_module.training.early_stopping import (
     EarlyStoppingConfig,
     check_early_stopping,
@@ -46,6 +49,7 @@ from lora_module.training.early_stopping import (
     restore_best,
 )
 from lora_module.training.export import export_outputs
+from lora_module.training.hparams import CHECKED_HPARAMS, WarmupDecay, check_hparams
 from lora_module.training.optim import build_optimizer, param_groups
 from lora_module.training.resume import (
     CheckpointMismatchError,
@@ -61,72 +65,6 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 
 class NonFiniteLossError(PipelineError, RuntimeError):
     """The training loss became NaN or infinite; training stopped before applying that update."""
-
-
-class WarmupDecay:
-    """LR factor: linear warmup for `warmup` steps, then linear/cosine decay to 0 at `total`, or constant.
-
-    A callable object (not a lambda) so LambdaLR saves it in checkpoints.
-    """
-
-    def __init__(self, warmup: int, total: int, kind: str = "linear"):
-        self.warmup, self.total, self.kind = warmup, max(total, 1), kind
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        if self.kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        if self.kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
-
-
-# The FineTuneModule arguments `check_hparams` checks: what the CLI's types alone cannot.
-CHECKED_HPARAMS = ("finetune", "lora", "learning_rate", "warmup_steps", "warmup_ratio",
-                   "checkpoint_every_n_steps", "loraplus_lr_ratio")
-
-
-def check_hparams(*, finetune: str | None = None, lora: LoraConfig | dict | None = None,
-                  learning_rate: float | None = None, warmup_steps: int | None = None,
-                  warmup_ratio: float | None = None, checkpoint_every_n_steps: int | None = None,
-                  loraplus_lr_ratio: float | None = None) -> LoraConfig:
-    """The LoRA config (from a dict, or the default) after checking the given values; None: not given.
-
-    The one place these values are checked: FineTuneModule runs it when built, and the training CLI runs
-    it on a parsed config before it builds anything. Raises SettingsError or LoraConfigError naming the key.
-    """
-    if finetune is not None and finetune not in ("lora", "qlora", "full"):
-        raise SettingsError(f"model.finetune must be one of 'lora', 'qlora', 'full', got {finetune!r}")
-    if learning_rate is not None and not learning_rate > 0:
-        raise SettingsError(f"model.learning_rate must be > 0, got {learning_rate}")
-    if warmup_steps is not None and warmup_steps < 0:
-        raise SettingsError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
-    if warmup_ratio is not None and not 0.0 <= warmup_ratio < 1.0:
-        raise SettingsError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
-    if checkpoint_every_n_steps is not None and checkpoint_every_n_steps < 1:
-        raise SettingsError(
-            f"model.checkpoint_every_n_steps must be >= 1 or null, got {checkpoint_every_n_steps}"
-        )
-    _check_loraplus(loraplus_lr_ratio, finetune)
-    if lora is None or isinstance(lora, LoraConfig):
-        return lora if lora is not None else LoraConfig()
-    try:
-        return LoraConfig.from_dict(dict(lora))
-    except LoraConfigError as e:
-        raise LoraConfigError(f"model.lora: {e}") from e
-
-
-def _check_loraplus(ratio: float | None, finetune: str | None) -> None:
-    if ratio is None:
-        return
-    number = isinstance(ratio, int | float) and not isinstance(ratio, bool)
-    if not (number and math.isfinite(ratio) and ratio > 0):
-        raise SettingsError(f"model.loraplus_lr_ratio must be a number > 0 (or null: off), got {ratio!r}")
-    if finetune == "full":
-        raise SettingsError("model.loraplus_lr_ratio applies to LoRA's A/B matrices and finetune 'full' has"
-                            " none: remove it, or set model.finetune to 'lora' or 'qlora'")
 
 
 class FineTuneModule(L.LightningModule):
@@ -221,6 +159,7 @@ class FineTuneModule(L.LightningModule):
     def _reset_counters(self) -> None:
         """Per-run state: fingerprint cache, loss sums, throughput, predictions, resume bookkeeping."""
         self._base_fingerprint: str | None = None
+        self._param_counts: tuple[int, int] | None = None
         self._nonfinite = torch.zeros((), dtype=torch.bool)
         self._epoch_loss_sum = torch.zeros(())
         self._epoch_loss_n = 0
@@ -249,11 +188,16 @@ class FineTuneModule(L.LightningModule):
                 )
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; for QLoRA the total counts unpacked 4-bit weights."""
-        if self.finetune != "full":
-            return self.model.trainable_parameters()
-        n = sum(p.numel() for p in self.model.parameters())
-        return n, n
+        """(trainable, total) parameter counts; for QLoRA the total counts unpacked 4-bit weights.
+
+        Cached from the first call (`setup` makes it before FSDP shards the tensors)."""
+        if self._param_counts is None:
+            if self.finetune != "full":
+                self._param_counts = self.model.trainable_parameters()
+            else:
+                n = sum(p.numel() for p in self.model.parameters())
+                self._param_counts = n, n
+        return self._param_counts
 
     def base_fingerprint(self) -> str | None:
         """Fingerprint of the frozen base (lora/qlora), computed once: it cannot change while training."""
@@ -399,6 +343,14 @@ class FineTuneModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        if fsdp.is_fsdp(self) and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            fsdp.clip_grad_norm(self, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_callbacks(self) -> list:
         # Checkpoints live with the run's outputs; this replaces any ModelCheckpoint given to the Trainer.
         checkpoints = Path(self.hparams.output_dir) / "checkpoints"
@@ -416,8 +368,8 @@ class FineTuneModule(L.LightningModule):
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Full finetuning: everything. LoRA/QLoRA: only the trainable (adapter) tensors."""
         state = super().state_dict(*args, **kwargs)
-        if self.finetune == "full":
-            return state
+        if self.finetune == "full" or fsdp.is_fsdp(self):
+            return state  # FSDP's gathering hook needs every key: on_save_checkpoint drops the frozen ones
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
         keep = {prefix + n for n, p in self.named_parameters() if p.requires_grad}
         for key in [k for k in state if k not in keep]:
@@ -425,6 +377,9 @@ class FineTuneModule(L.LightningModule):
         return state
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.finetune != "full":
+            keep = {fsdp.unwrapped_name(n) for n, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["lora_pipeline"] = {
             "finetune": self.finetune,
             "loraplus_lr_ratio": self.hparams.loraplus_lr_ratio,
@@ -446,8 +401,9 @@ class FineTuneModule(L.LightningModule):
         check_saved_settings(saved, {"finetune": self.finetune, "loraplus_lr_ratio": hp.loraplus_lr_ratio,
                                      "optimizer": hp.optimizer})
         if self.finetune != "full":
-            own = {n: p.shape for n, p in self.named_parameters() if p.requires_grad}
-            check_lora_layout(own, checkpoint["state_dict"], saved.get("lora_r"), self.lora_config.r)
+            if "state_dict" in checkpoint:  # FSDP has loaded (and shape-checked) the weights itself
+                own = {n: p.shape for n, p in self.named_parameters() if p.requires_grad}
+                check_lora_layout(own, checkpoint["state_dict"], saved.get("lora_r"), self.lora_config.r)
             want = saved.get("base_fingerprint")
             if want and want != self.base_fingerprint():
                 raise CheckpointMismatchError(
@@ -464,6 +420,8 @@ class FineTuneModule(L.LightningModule):
     # ---- end of fit -----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        if fsdp.is_fsdp(self):
+            fsdp.prepare_for_sharding(self)
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
         embeddings = self.model.get_input_embeddings().num_embeddings
         if tokenizer is not None and len(tokenizer) > embeddings:
@@ -498,6 +456,8 @@ class FineTuneModule(L.LightningModule):
         seconds = strategy.reduce(torch.tensor(self._train_seconds, device=self.device), reduce_op="max")
         train_loss = float(loss_sum / n) if float(n) > 0 else None
         tokens_per_sec = float(tokens / seconds) if float(seconds) > 0 else None
-        if self.trainer.is_global_zero:
-            export_outputs(self, train_loss, tokens_per_sec, float(seconds), int(tokens), early_stopping=best)
+        with fsdp.gathered_parameters(self):  # FSDP: every rank takes part in the gathering
+            if self.trainer.is_global_zero:
+                export_outputs(self, train_loss, tokens_per_sec, float(seconds), int(tokens),
+                               early_stopping=best)
         strategy.barrier("lora_pipeline_export")

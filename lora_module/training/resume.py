@@ -10,6 +10,10 @@ Three things would otherwise differ after a resume:
   DataLoader iterators and validation, which a resume replays differently; `step_seed` derives
   each micro-batch's seed from (run seed, step, epoch, batch, rank) alone;
 - the model: `check_lora_layout` refuses a checkpoint of another LoRA r or layout in one line.
+
+`check_local_checkpoint` refuses a checkpoint that is not a local file (a URL, any remote fsspec path,
+Lightning's `registry:` model registry): Lightning unpickles those with `weights_only=False`, so a
+checkpoint URL would run whatever code its server sends.
 """
 
 from __future__ import annotations
@@ -19,12 +23,43 @@ import math
 from typing import Any
 
 import torch
+from fsspec.core import split_protocol
 
 from lora_module.errors import PipelineError
 
 
 class CheckpointMismatchError(PipelineError, ValueError):
     """The checkpoint to resume from was written for another model (finetune mode, LoRA r or layout, base)."""
+
+
+class RemoteCheckpointError(PipelineError, ValueError):
+    """A checkpoint to load that is not a local file (a URL, a remote fsspec path, a model registry)."""
+
+
+_LOCAL_PROTOCOLS = (None, "file", "local")
+
+
+def check_local_checkpoint(ckpt_path: str | None, field: str = "--ckpt_path") -> None:
+    """Refuse a checkpoint path that Lightning would fetch from elsewhere (and unpickle, running its code)."""
+    if ckpt_path is None:
+        return
+    text = str(ckpt_path)
+    remote = "::" in text or text.startswith("registry") or split_protocol(text)[0] not in _LOCAL_PROTOCOLS
+    if remote:
+        raise RemoteCheckpointError(
+            f"{field} {text.split('?')[0][:200]}: only local checkpoint files are loaded (a checkpoint is a"
+            " pickle and may run code); download it yourself and pass its path, or 'last'"
+        )
+
+
+def check_ckpt_overrides(args: list[str], field: str = "--ckpt_path") -> None:
+    """`check_local_checkpoint` on every `--ckpt_path X` / `--ckpt_path=X` in CLI arguments (e.g. a
+    deployment's train_overrides), before a training process is started with them."""
+    for i, arg in enumerate(args):
+        if arg == "--ckpt_path" and i + 1 < len(args):
+            check_local_checkpoint(args[i + 1], field)
+        elif arg.startswith("--ckpt_path="):
+            check_local_checkpoint(arg.split("=", 1)[1], field)
 
 
 def total_optimizer_steps(trainer: Any) -> float:

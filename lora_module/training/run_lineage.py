@@ -5,7 +5,8 @@ Called by `FineTuneModule.on_fit_start` for each MLflow logger (rank 0 only):
     run name  summary-lora-r8-20261130T231502Z-3fa2c1   (task, method, rank, UTC start, run id; unless
               one was given)
     tags      task, finetune, lora.r, data_fingerprint, base_fingerprint, git_commit (in a git checkout),
-              tracking_uri (the store the run lives in; the registry compares it with its own):
+              tracking_uri (the store the run lives in, credentials masked; the registry compares it
+              with its own):
               `contracts.training_run_tags`
 
 At the end of a fit with early stopping, `tag_early_stopping` adds where the exported weights came from
@@ -27,6 +28,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from lora_module import contracts
 from lora_module.home import experiment_name_for
 from lora_module.lineage import git_commit
+from lora_module.redact import redact_uri
 
 _TASK_PREFIX = experiment_name_for("")
 
@@ -47,7 +49,7 @@ def tag_training_run(logger: MLFlowLogger, finetune: str, r: int | None, manifes
     """Set the lineage tags (and our run name, when the logger was given none) on the logger's run."""
     task = task_of(logger, manifest)
     tags = contracts.training_run_tags(task, finetune, r, manifest.get("fingerprint"), base_fingerprint,
-                                       git_commit(), getattr(logger, "_tracking_uri", None))
+                                       git_commit(), redact_uri(getattr(logger, "_tracking_uri", None)))
     if getattr(logger, "_run_name", None) is None:  # MLflow generated one: seeded, so not unique
         tags[MLFLOW_RUN_NAME] = contracts.run_name(task, finetune, r, run_id=logger.run_id)
     logger.experiment.log_batch(logger.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
