@@ -25,6 +25,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from lora_module.redact import redact_text
 from lora_pipeline.flows.specs import TaskSpec, TaskSpecError
 
 RESULT_ARTIFACT = "lora-pool-task-result"
@@ -97,14 +98,20 @@ def run_on_pool(deployment: str, refs: list[str], specs: list[TaskSpec], params:
         for ref, spec in zip(refs, specs, strict=True):
             args = {"deployment": deployment, "task_ref": ref, "params": sent, "crash_reruns": crash_reruns}
             futures[spec.name] = runner.submit(run_on_pool_task, args)
-        results, failed = {}, {}
-        for name, fut in futures.items():
-            fut.wait()
-            outcome = fut.result(raise_on_failure=False)
-            if fut.state.is_completed():
-                results[name] = outcome
-            else:
-                failed[name] = f"{type(outcome).__name__}: {outcome}" if isinstance(outcome, BaseException) \
-                    else str(fut.state.message)
-                get_run_logger().error("task %s failed: %s", name, failed[name])
+        return collect(futures)
+
+
+def collect(futures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(results, failures) of each task's Prefect future, by task name; a failure is one line, logged,
+    credentials masked. Waits for every future: one task's failure never cancels another."""
+    results, failed = {}, {}
+    for name, fut in futures.items():
+        fut.wait()
+        outcome = fut.result(raise_on_failure=False)
+        if fut.state.is_completed():
+            results[name] = outcome
+        else:
+            failed[name] = redact_text(f"{type(outcome).__name__}: {outcome}" if isinstance(
+                outcome, BaseException) else str(fut.state.message))
+            get_run_logger().error("task %s failed: %s", name, failed[name])
     return results, failed

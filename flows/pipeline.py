@@ -44,7 +44,7 @@ from lora_module.registry import ensure_task_experiment
 from lora_module.run_dirs import RunClaim, claim_run_dir, training_key
 from lora_module.training.resume import RemoteCheckpointError, check_ckpt_overrides
 from lora_pipeline.flows import tasks as t
-from lora_pipeline.flows.fanout import run_on_pool
+from lora_pipeline.flows.fanout import collect, run_on_pool
 from lora_pipeline.flows.reporting import mlflow_run_link, rouge_rows, summary_markdown, task_markdown
 from lora_pipeline.flows.specs import TaskSpec, TaskSpecError, check_task_spec, load_task_spec
 
@@ -261,17 +261,7 @@ def _run_tasks(refs: list[str], specs: list[TaskSpec], params: dict[str, Any], b
             task_params = {**params, "base_model": bases[spec.base_model],
                            "tracking_uri": SecretStr(reveal(params["tracking_uri"]))}
             futures[spec.name] = runner.submit(run_task_flow, {"task_ref": ref, "params": task_params})
-        results, failed = {}, {}
-        for name, fut in futures.items():
-            fut.wait()
-            outcome = fut.result(raise_on_failure=False)
-            if fut.state.is_completed():
-                results[name] = outcome
-            else:
-                failed[name] = redact_text(f"{type(outcome).__name__}: {outcome}" if isinstance(
-                    outcome, BaseException) else str(fut.state.message))
-                get_run_logger().error("task %s failed: %s", name, failed[name])
-    return results, failed
+        return collect(futures)
 
 
 @flow(name="lora-tasks")
