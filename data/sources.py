@@ -20,8 +20,9 @@ from typing import Any
 
 import datasets
 
-from lora_module.errors import PipelineError
+from lora_module.errors import InputNotFoundError, PipelineError
 from lora_module.files import publish_dir, sha256_file, sha256_json
+from lora_module.user_files import check_input_file
 from lora_pipeline.data import demo_corpus
 from lora_pipeline.data.config import FILE_FORMATS, SPLITS, DataConfig
 
@@ -57,9 +58,13 @@ def _demo_params(cfg: DataConfig) -> dict[str, Any]:
 def _resolved_files(cfg: DataConfig) -> dict[str, Path]:
     out = {}
     for split, path in (cfg.files or {}).items():
-        p = Path(path).expanduser().resolve()
-        if not p.is_file():
-            raise DataSourceError(f"files[{split!r}]: file not found: {p}")
+        given = Path(path).expanduser()
+        if not given.exists() and not given.is_symlink():
+            raise DataSourceError(f"files[{split!r}]: file not found: {given.resolve()}")
+        try:  # a folder, FIFO, symlink loop or unreadable file: each its own line
+            p = check_input_file(given, f"files[{split!r}]: file").resolve()
+        except InputNotFoundError as e:
+            raise DataSourceError(str(e)) from None
         if FILE_FORMATS[p.suffix.lower()] == "json":
             _check_json_rows(split, p)
         out[split] = p

@@ -157,11 +157,11 @@ def _fill(path: Path) -> None:
 def _odd_files(files: Path, spec: dict[str, Any]) -> None:
     """Things given where a file is expected: a symlink loop, a folder, a FIFO; and files that are not
     UTF-8, empty, or hold a NaN or a string where a boolean belongs."""
-    for name in ("loop.yaml", "loop.ckpt", "loop_dir"):
+    for name in ("loop.yaml", "loop.ckpt", "loop_dir", "loop.jsonl"):
         (files / name).symlink_to(files / name)
-    for name in ("dir.yaml", "dir.ckpt"):
+    for name in ("dir.yaml", "dir.ckpt", "dir.jsonl"):
         (files / name).mkdir()
-    for name in ("fifo.yaml", "fifo.ckpt"):
+    for name in ("fifo.yaml", "fifo.ckpt", "fifo.jsonl"):
         os.mkfifo(files / name)
     (files / "latin1.yaml").write_bytes("name: café\n".encode("latin-1"))
     (files / "empty.yaml").write_text("")
@@ -271,6 +271,11 @@ CASES = [
     Case("prepare-jsonl-of-strings", files("{{train: {files}/strings.jsonl}}"), ("strings.jsonl", "object")),
     Case("prepare-missing-file", files("{{train: {files}/missing.jsonl}}"),
          ("file not found", "missing.jsonl")),
+    Case("prepare-data-file-is-a-folder", files("{{train: {files}/dir.jsonl}}"),
+         ("dir.jsonl", "is a folder")),
+    Case("prepare-data-file-is-a-fifo", files("{{train: {files}/fifo.jsonl}}"), ("fifo.jsonl", "FIFO")),
+    Case("prepare-data-file-symlink-loop", files("{{train: {files}/loop.jsonl}}"),
+         ("loop.jsonl", "symlink loop")),
     Case("prepare-unsupported-extension", files("{{train: {files}/notes.txt}}"), ("notes.txt", ".jsonl")),
     Case("prepare-unknown-split", files("{{train: {files}/bare.json, dev: {files}/bare.json}}"),
          ("unknown split 'dev'", "valid splits")),
