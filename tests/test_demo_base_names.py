@@ -42,3 +42,16 @@ def test_other_bases_pass_through_and_the_chat_spec_names_the_causal_base(builds
     spec = load_task_spec("chat_summary")
     assert DEMO_BASES[spec.base_model] == "causal"
     assert check_task_spec(spec) == []  # "demo-causal" is not looked up as a Hub id or folder
+
+
+@pytest.mark.parametrize(("config", "field", "value"), [
+    ("DemoBaseConfig", "lr", float("nan")), ("DemoBaseConfig", "lr", float("inf")),
+    ("DemoBaseConfig", "mean_span", float("nan")), ("CausalDemoConfig", "lr", float("inf")),
+])
+def test_demo_base_settings_refuse_nan_and_inf(config, field, value):
+    from lora_module.errors import SettingsError
+    from lora_module.training import demo_causal
+
+    cls = getattr(demo_base, config, None) or getattr(demo_causal, config)
+    with pytest.raises(SettingsError, match=f"{config}.{field} must be a finite number > 0"):
+        cls(**{field: value})

@@ -124,6 +124,10 @@ class DemoBaseConfig:
             raise SettingsError(
                 f"DemoBaseConfig.d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
             )
+        for name in ("lr", "mean_span"):  # NaN and inf fail too
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 < value < float("inf"):
+                raise SettingsError(f"DemoBaseConfig.{name} must be a finite number > 0, got {value!r}")
         if not 0.0 < self.noise_density < 0.5:
             raise SettingsError(
                 f"DemoBaseConfig.noise_density must be in (0, 0.5), got {self.noise_density!r}")

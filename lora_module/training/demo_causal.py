@@ -97,8 +97,8 @@ class CausalDemoConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "lr":
-                if not isinstance(value, int | float) or not value > 0:
-                    raise SettingsError(f"CausalDemoConfig.lr must be > 0, got {value!r}")
+                if not isinstance(value, int | float) or not 0 < value < float("inf"):
+                    raise SettingsError(f"CausalDemoConfig.lr must be a finite number > 0, got {value!r}")
                 continue
             low = 0 if f.name in ("seed", "corpus_seed", "instruction_steps") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
