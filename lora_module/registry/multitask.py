@@ -79,11 +79,8 @@ def register_multitask(tasks: Sequence[str], name: str = DEFAULT_MULTITASK_NAME,
     from mlflow import MlflowClient
     from mlflow.models import Model
 
-    from lora_module.registry.register import quiet_credentials
-
     refs = [TaskRef.parse(t) for t in tasks]
     uri = configure_tracking(tracking_uri)
-    quiet_credentials(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     with tempfile.TemporaryDirectory(prefix="lora-multitask-") as tmp_name:
         tmp = Path(tmp_name)

@@ -287,7 +287,6 @@ def register_adapter(
     with inp.files_to_log() as files:
         check_servable(*files)  # what serving will load, before anything reaches the registry
         uri = configure_tracking(tracking_uri or home.tracking_uri)
-        quiet_credentials(uri)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
         def call(fn, what: str):
@@ -317,13 +316,6 @@ def _unavailable(error: RegistryUnavailableError, inp: RegistrationInputs) -> Re
         f"{error}. Nothing on disk was changed: the adapter ({inp.adapter_dir}) and report "
         f"({inp.report_path or 'none'}) are kept; re-run the registration (register_adapter or "
         "`lora-pipeline register ...`) once the registry is reachable: it completes this attempt"))
-
-
-def quiet_credentials(uri: str) -> None:
-    """MLflow prints `View run ... at: <tracking URI>` when a run on a server ends: not with a password
-    in the URI (process-wide, like `configure_tracking`'s other MLflow settings; an explicit one wins)."""
-    if redact_uri(uri) != uri:
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def _warn_other_store(inp: RegistrationInputs, uri: str) -> None:
