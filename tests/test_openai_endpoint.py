@@ -65,7 +65,7 @@ def test_chat_params_map_openai_fields():
             "n": 1, "stream": False, "user": "u1"}
     assert chat_params(body) == {"max_new_tokens": 5, "temperature": 0.3, "stop": "\n", "seed": 1}
     for bad, message in [({"logit_bias": {}}, r"unsupported fields \['logit_bias'\]"),
-                         ({"n": 2}, "n must be 1"), ({"stream": True}, "stream must be false"),
+                         ({"n": 2}, "n must be 1"), ({"stream": 1}, "stream must be true or false"),
                          ({"max_tokens": 1, "max_completion_tokens": 1}, "not both")]:
         with pytest.raises(PredictInputError, match=message):
             chat_params({"model": "chat", "messages": [], **bad})

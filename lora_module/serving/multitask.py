@@ -31,6 +31,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -229,9 +230,10 @@ class MultiTaskPredictor:
         (`predictor.PREDICT_PARAMS`) and refresh."""
         return [o.text for o in self.generate(tasks, rows, params)]
 
-    def generate(self, tasks: list[str], rows: list[Row], params: dict[str, Any] | None = None
-                 ) -> list[Output]:
-        """`predict`, with each row's finish reason and token counts."""
+    def generate(self, tasks: list[str], rows: list[Row], params: dict[str, Any] | None = None,
+                 on_tokens: list[Callable[[list[int]], None] | None] | None = None) -> list[Output]:
+        """`predict`, with each row's finish reason and token counts; `on_tokens`: per row, what is
+        called each step with the row's generated ids (`RowJob.on_tokens`: streaming)."""
         deadline = self.limits.deadline()
         params = {k: v for k, v in (params or {}).items() if v is not None}
         refresh = bool(params.pop("refresh", False))
@@ -241,10 +243,12 @@ class MultiTaskPredictor:
         with self._lock:
             per_task = {t: gen.with_settings(self.states[t].prompt) for t in set(tasks)}
             self.limits.check_decoding([per_task[t].max_new_tokens for t in tasks], gen.num_beams)
-            jobs = [self._job(task, row, per_task[task]) for task, row in zip(tasks, rows, strict=True)]
+            calls = on_tokens or [None] * len(rows)
+            jobs = [self._job(task, row, per_task[task], call)
+                    for task, row, call in zip(tasks, rows, calls, strict=True)]
             return generate_rows(self.model, jobs, gen.batch_size, self.is_seq2seq, sampling, deadline)
 
-    def _job(self, task: str, row: Row, gen: Any) -> RowJob:
+    def _job(self, task: str, row: Row, gen: Any, on_tokens: Callable[[list[int]], None] | None) -> RowJob:
         from lora_module.evaluation.generation import encode_prompts
 
         state = self.states[task]
@@ -252,7 +256,7 @@ class MultiTaskPredictor:
                              state.tokenizer)[0]
         ids = encode_prompts(state.tokenizer, [prompt], gen.max_source_length, self.is_seq2seq,
                              add_special_tokens=gen.add_special_tokens)[0]
-        return RowJob(state.adapter, ids, gen.max_new_tokens, gen.num_beams, state.tokenizer)
+        return RowJob(state.adapter, ids, gen.max_new_tokens, gen.num_beams, state.tokenizer, on_tokens)
 
 
 def base_of(ref: TaskRef, tracking_uri: str | None) -> str:

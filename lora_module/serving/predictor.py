@@ -28,7 +28,7 @@ import numbers
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -288,18 +288,20 @@ LIMIT_ENV = {f.name: f"LORA_{f.name.upper()}" for f in fields(ServingLimits)}
 
 
 class RequestStops(StoppingCriteria):
-    """Stops a `generate` call at the request's deadline or on STOP_ALL (every row; `cut` is set),
-    and each row at its first stop string (rows' generated text from column `start` on)."""
+    """Stops a `generate` call at the request's deadline or on STOP_ALL (every row; `cut` is set), each
+    row at its first stop string (its text from column `start` on); streams rows' ids (`on_tokens`)."""
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...], deadline: float | None, start: int) -> None:
-        self.tokenizer, self.stop, self.deadline, self.start = tokenizer, stop, deadline, start
-        self.cut = False
+    def __init__(self, jobs: list[RowJob], stop: tuple[str, ...], deadline: float | None, start: int) -> None:
+        self.tokenizer, self.stop, self.deadline, self.start = jobs[0].tokenizer, stop, deadline, start
+        self.cut, self.feeds = False, [(r, j) for r, j in enumerate(jobs) if j.on_tokens and j.num_beams < 2]
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if STOP_ALL.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline):
             self.cut = True
             return ~done
+        for row, job in self.feeds:
+            job.on_tokens(input_ids[row, self.start :][: job.max_new_tokens].tolist())
         for row, ids in enumerate(input_ids[:, self.start :] if self.stop else []):
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             done[row] = any(s in text for s in self.stop)
@@ -309,13 +311,14 @@ class RequestStops(StoppingCriteria):
 @dataclass
 class RowJob:
     """One row ready to generate: adapter (None: the model as it is), prompt token ids, its own
-    decoding limits, its tokenizer."""
+    decoding limits, its tokenizer, and what is called each step with its generated ids (streaming)."""
 
     adapter: str | None
     ids: list[int]
     max_new_tokens: int
     num_beams: int
     tokenizer: Any = field(repr=False)
+    on_tokens: Callable[[list[int]], None] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -429,7 +432,7 @@ def _generate_batch(model: Any, batch: list[RowJob], is_seq2seq: bool, sampling:
         return [Output("", "length", len(job.ids), 0) for job in batch], True
     pad_id = pad_token_id(batch[0].tokenizer)
     input_ids, attention = pad_batch([job.ids for job in batch], pad_id, left=not is_seq2seq)
-    stops = RequestStops(batch[0].tokenizer, sampling.stop, deadline, 1 if is_seq2seq else input_ids.shape[1])
+    stops = RequestStops(batch, sampling.stop, deadline, 1 if is_seq2seq else input_ids.shape[1])
     device = next(model.parameters()).device
     adapters = [job.adapter for job in batch]
     out = model.generate(
@@ -473,8 +476,9 @@ class AdapterPredictor:
         return [o.text for o in self.generate(rows, params, limits)]
 
     def generate(self, rows: list[Row], params: dict[str, Any] | None = None,
-                 limits: ServingLimits | None = None) -> list[Output]:
-        """`predict`, with each row's finish reason and token counts."""
+                 limits: ServingLimits | None = None,
+                 on_tokens: list[Callable[[list[int]], None] | None] | None = None) -> list[Output]:
+        """`predict`, with each row's finish reason and token counts (`on_tokens`: each row's, streaming)."""
         from lora_module.evaluation.generation import encode_prompts
 
         deadline = limits.deadline() if limits is not None else None
@@ -490,5 +494,6 @@ class AdapterPredictor:
         is_seq2seq = bool(getattr(self.model.config, "is_encoder_decoder", False))
         ids = encode_prompts(self.tokenizer, render_rows(prompt, rows, self.tokenizer), gen.max_source_length,
                              is_seq2seq, add_special_tokens=gen.add_special_tokens)
-        jobs = [RowJob(None, row, gen.max_new_tokens, gen.num_beams, self.tokenizer) for row in ids]
+        jobs = [RowJob(None, row, gen.max_new_tokens, gen.num_beams, self.tokenizer, call)
+                for row, call in zip(ids, on_tokens or [None] * len(ids), strict=True)]
         return generate_rows(self.model, jobs, gen.batch_size, is_seq2seq, sampling, deadline)
