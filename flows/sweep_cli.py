@@ -84,7 +84,7 @@ def _run_variants(args: argparse.Namespace, ph: PipelineHome) -> str:
     base_model, demo_base = demo.demo_base_for(args.task)
     result = variant_sweep(task=args.task, variants=args.variants, lr_multipliers=args.lr_multipliers,
                            seeds=args.seeds or 3, home=str(ph.root), tracking_uri=ph.tracking_uri,
-                           data_overrides=demo.DEMO_DATA, train_overrides=demo.DEMO_TRAIN,
+                           data_overrides=demo.demo_data_for(args.task), train_overrides=demo.DEMO_TRAIN,
                            max_concurrency=args.max_concurrency, demo_base=demo_base, base_model=base_model,
                            loraplus_ratio=args.loraplus_ratio or LORAPLUS_RATIO)
     return render(result)
@@ -96,7 +96,7 @@ def _run_ranks(args: argparse.Namespace, ph: PipelineHome) -> str:
 
     base_model, demo_base = demo.demo_base_for(args.task)
     result = rank_sweep(task=args.task, ranks=args.ranks, targets=args.targets, home=str(ph.root),
-                        tracking_uri=ph.tracking_uri, data_overrides=demo.DEMO_DATA,
+                        tracking_uri=ph.tracking_uri, data_overrides=demo.demo_data_for(args.task),
                         train_overrides=[*demo.DEMO_TRAIN, *SWEEP_STEPS], base_model=base_model,
                         max_concurrency=args.max_concurrency, demo_base=demo_base,
                         register_best=not args.no_register, scaling=args.scaling or "rslora")

@@ -106,11 +106,22 @@ def test_quick_causal_demo_prints_base_full_and_lora(harness, prefect_api, tmp_p
 
 
 def test_demo_tasks_find_their_family_base():
-    from lora_pipeline.flows.demo import DEMO_BASE, DEMO_CAUSAL_BASE, demo_base_for
+    from lora_pipeline.flows.demo import (
+        DEMO_BASE,
+        DEMO_CAUSAL_BASE,
+        DEMO_DATA,
+        FAMILIES,
+        demo_base_for,
+        demo_data_for,
+    )
     from lora_pipeline.flows.specs import check_task_spec, load_task_spec
 
     assert demo_base_for("chat_summary") == ("demo", DEMO_CAUSAL_BASE)
     assert demo_base_for("summary") == (None, DEMO_BASE)
+    # The sweep trains a demo task on the rows its demo family trains on.
+    for family in FAMILIES.values():
+        assert all(demo_data_for(task) is family["data"] for task in family["tasks"])
+    assert demo_data_for("chat_summary") != DEMO_DATA
     spec = load_task_spec("chat_summary")
     assert check_task_spec(spec) == []
     assert spec.base_model == "demo-causal"

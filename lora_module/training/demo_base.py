@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
                         "(demo-llama-*)")
     parser.add_argument("--instruction-steps", type=int,
                         help="optimizer steps of stage 2, instruction tuning, after --steps (None: the "
-                        "family's default, 300 seq2seq, 250 causal; 0: a "
+                        "family's default, 300 seq2seq, 600 causal; 0: a "
                         "denoising-only base, which does not answer the summary prompt zero-shot)")
     args = parser.parse_args(argv)
     check_output_dir(args.out_dir, "demo-base OUT_DIR")  # before minutes of training, not after

@@ -86,8 +86,10 @@ class CausalDemoConfig:
     """Attention heads (as many key/value heads)."""
     intermediate_size: int = 384
     """Gated (SwiGLU) feed-forward inner size."""
-    instruction_steps: int = 250
-    """Optimizer steps on the chat-formatted instruction mixture after language modelling (0: none)."""
+    instruction_steps: int = 600
+    """Optimizer steps on the chat-formatted instruction mixture after language modelling (0: none). 600,
+    not 250: LoRA on a base tuned this long copies names and details from the prompt as full
+    fine-tuning does (benchmarks/RESULTS.md, "Causal demo: a stronger base")."""
     instruction_rows: int = 2000
     """(prompt, answer) pairs in the instruction mixture."""
     max_prompt_tokens: int = 320
