@@ -44,6 +44,21 @@ def make_adapter(base_dir: Path, out: Path, seed: int, prompt: PromptSettings, t
     return path
 
 
+def mixed_task_predictor(base_dir: Path, adapters: dict[str, Path], prompts: dict[str, PromptSettings],
+                         tokenizer: Any) -> Any:
+    """A MultiTaskPredictor serving every task of `adapters` (task -> adapter folder)
+    as version 1 on the base, each with its prompt settings."""
+    from lora_module.serving.multitask import MultiTaskPredictor, TaskRef, TaskState
+
+    model = LoraModel(load_base_model(str(base_dir)), None).eval()
+    refs = [TaskRef.parse(task) for task in adapters]
+    predictor = MultiTaskPredictor(model, tokenizer, refs, refresh_seconds=None)
+    for task, adapter in adapters.items():
+        model.load_adapter(adapter, f"{task}-v1")
+        predictor.states[task] = TaskState(f"{task}-v1", "1", prompts[task], tokenizer)
+    return predictor
+
+
 def save_served_model(out: Path, adapter_dir: Path) -> Path:
     """The single-task pyfunc model the registry logs, saved to the folder `out` (servable by path)."""
     import mlflow.pyfunc

@@ -20,11 +20,18 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from serving_helpers import LLAMA_TARGETS, ServeProcess, group_members, make_adapter, save_served_model
+from serving_helpers import (
+    LLAMA_TARGETS,
+    ServeProcess,
+    group_members,
+    make_adapter,
+    mixed_task_predictor,
+    save_served_model,
+)
 
 from lora_module.prompt import PromptSettings
 from lora_module.serving import openai_api
-from lora_module.serving.multitask import MultiTaskPredictor, TaskRef, TaskState
+from lora_module.serving.multitask import TaskRef
 from lora_module.serving.openai_api import Batcher, chat_params
 from lora_module.serving.predictor import AdapterPredictor, PredictInputError, load_adapter_with_base
 
@@ -94,15 +101,8 @@ def test_rows_take_messages_and_models_are_named_by_task():
 
 
 def test_requests_arriving_together_run_as_one_mixed_task_batch(adapters, chat_llama_dir, monkeypatch):
-    from lora_module import LoraModel, load_base_model
-
     tokenizer = load_adapter_with_base(adapters["chat"])[1]
-    model = LoraModel(load_base_model(str(chat_llama_dir)), None).eval()
-    refs = [TaskRef.parse(t) for t in adapters]
-    predictor = MultiTaskPredictor(model, tokenizer, refs, refresh_seconds=None)
-    for task, adapter in adapters.items():
-        model.load_adapter(adapter, f"{task}-v1")
-        predictor.states[task] = TaskState(f"{task}-v1", "1", CHAT if task == "chat" else TOPIC, tokenizer)
+    predictor = mixed_task_predictor(chat_llama_dir, adapters, {"chat": CHAT, "topic": TOPIC}, tokenizer)
     calls = []
 
     def run(tasks, rows, params):

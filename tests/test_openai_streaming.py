@@ -22,7 +22,7 @@ import threading
 
 import pytest
 import torch
-from serving_helpers import LLAMA_TARGETS, ServeProcess, make_adapter, save_served_model
+from serving_helpers import LLAMA_TARGETS, ServeProcess, make_adapter, mixed_task_predictor, save_served_model
 
 from lora_module.prompt import PromptSettings
 from lora_module.serving import openai_api
@@ -219,19 +219,11 @@ def test_streamed_and_whole_requests_batch_together(local, monkeypatch):
 
 
 def test_streams_of_several_tasks_batch_together(chat_adapter, chat_llama_dir, tmp_path, monkeypatch):
-    from lora_module import LoraModel, load_base_model
-    from lora_module.serving.multitask import MultiTaskPredictor, TaskRef, TaskState
-
     topic = PromptSettings("Topic of: {dialogue}\nTopic:", "dialogue", 48, 4, "causal")
     adapters = {"chat": chat_adapter, "topic": make_adapter(chat_llama_dir, tmp_path / "topic", 12, topic,
                                                             LLAMA_TARGETS)}
     tokenizer = load_adapter_with_base(chat_adapter)[1]
-    model = LoraModel(load_base_model(str(chat_llama_dir)), None).eval()
-    refs = [TaskRef.parse(task) for task in adapters]
-    predictor = MultiTaskPredictor(model, tokenizer, refs, refresh_seconds=None)
-    for task, adapter in adapters.items():
-        model.load_adapter(adapter, f"{task}-v1")
-        predictor.states[task] = TaskState(f"{task}-v1", "1", CHAT if task == "chat" else topic, tokenizer)
+    predictor = mixed_task_predictor(chat_llama_dir, adapters, {"chat": CHAT, "topic": topic}, tokenizer)
     calls = []
 
     def run(tasks, rows, params, on_tokens=None):
