@@ -215,7 +215,8 @@ def task_pipeline(
         lora_dir = runs["lora"]["path"]
         reg = stages.run("register", t.register, spec.name, str(Path(lora_dir) / c.ADAPTER_DIR), rep["path"],
                          lora_dir, spec.model_name, spec.metric,
-                         str(Path(data_dir) / c.PREPARED_TOKENIZER_DIR), ph, registry_retries)
+                         str(Path(data_dir) / c.PREPARED_TOKENIZER_DIR), ph, registry_retries,
+                         claim.adopted)  # a resumed folder's registration may have gone through
         claim.finish()
     report_json = json.loads(Path(rep["path"]).read_text())
     link = _publish(spec.name, report_json, reg, rep["path"])

@@ -126,16 +126,21 @@ def report(task_name: str, eval_paths: list[str], out_dir: str) -> dict[str, Any
 
 @task(name="register-adapter", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_registry_down)
 def register(task_name: str, adapter_dir: str, report_path: str, train_dir: str, model_name: str, metric: str,
-             tokenizer_dir: str, home: PipelineHome, retries: int = 2) -> dict[str, Any]:
-    """Register the adapter as a new version through the promotion gate; retried while MLflow is down."""
+             tokenizer_dir: str, home: PipelineHome, retries: int = 2, reuse_finished: bool = False
+             ) -> dict[str, Any]:
+    """Register the adapter as a new version through the promotion gate; retried while MLflow is down.
+    `reuse_finished` (a flow that resumed an interrupted run folder): a version this adapter's
+    registration already finished is returned as it is (`already_registered`) instead of registering
+    it again."""
     from lora_module.registry import register_adapter
 
     t0 = time.perf_counter()
     res = register_adapter(
         task_name, adapter_dir, report_path=report_path, train_dir=train_dir, model_name=model_name,
         metric=metric, retries=retries, backoff=1.0, tokenizer_dir=tokenizer_dir, candidate="lora",
-        home=home,
+        home=home, reuse_finished=reuse_finished,
     )
     return {"model_name": res.model_name, "version": res.version, "alias": res.alias,
+            "already_registered": res.reused,  # not `reused`: Stages reads that as a cache hit
             "decision": res.decision, "run_id": res.run_id, "tracking_uri": res.tracking_uri,
             "model_uri": res.model_uri, "seconds": time.perf_counter() - t0}

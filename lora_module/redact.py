@@ -13,6 +13,7 @@ are masked too. Standard library only.
 
 from __future__ import annotations
 
+import os
 import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -48,3 +49,10 @@ def redact_text(text: str) -> str:
     """Every URI's credentials inside a free-form message (an error line, a log record) masked."""
     text = _USERINFO_IN_TEXT.sub(lambda m: f"{m['scheme']}{MASK}@", text)
     return _SECRET_QUERY_IN_TEXT.sub(lambda m: f"{m['name']}{MASK}", text)
+
+
+def no_links_with_credentials(uri: str) -> None:
+    """MLflow prints `View run ... at: <tracking URI>` when a run ends: not with a password in it. Set for
+    the whole process before any run starts (an explicit user setting wins)."""
+    if redact_uri(uri) != uri:
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -63,6 +63,31 @@ def test_training_with_credentials_in_the_environment_records_none(mlflow_server
     assert _files_with_secret(mlflow_server.artifacts) == []  # the uploaded config.yaml, metrics.json
 
 
+def test_standalone_fit_prints_no_password(mlflow_server, tmp_path, tiny_t5_dir, seq2seq_tokenizer_dir):
+    """`lora-pipeline fit` run by hand: MLflow's "View run ... at: <URI>" line would carry the password."""
+    import os
+    import subprocess
+    import sys
+
+    from test_training import prepare_tiny
+
+    prepared = prepare_tiny(seq2seq_tokenizer_dir, "seq2seq", tmp_path / "prepared")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": _with_password(mlflow_server.uri), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", None)
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "lora-pipeline"), "fit", "--config",
+         str(ROOT / "deploy" / "configs" / "demo_summary_lora.yaml"),
+         "--model.model_name_or_path", str(tiny_t5_dir),
+         "--data.prepared_dir", str(prepared), "--trainer.max_steps", "1", "--trainer.accelerator", "cpu",
+         "--data.batch_size", "4", "--model.output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = json.loads((tmp_path / "out" / c.METRICS_FILE).read_text())
+    assert client_for(mlflow_server.uri).get_run(metrics["mlflow_run_id"])  # it logged to the server
+    assert SECRET not in res.stdout + res.stderr
+    assert _files_with_secret(tmp_path) == []
+
+
 @pytest.mark.slow
 def test_flow_with_tracking_uri_credentials_prints_records_and_tags_none(
         harness, prefect_api, mlflow_server, tmp_path, tiny_t5_dir, capfd):

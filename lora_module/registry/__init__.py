@@ -7,7 +7,8 @@
 
 Modules: `register` (a new version: tags, lineage, the gate, aliases), `gate` (the promotion
 decision), `aliases` (converging champion/challenger), `inputs` (checked registration inputs),
-`version_lineage` (links between runs and versions), `logged_model` (the logged pyfunc model),
+`version_lineage` (links between runs and versions), `reuse` (earlier registrations of the same
+adapter: complete or reuse), `logged_model` (the logged pyfunc model),
 `multitask` (the multi-task model's registration), `store` (resolve and download a version),
 `bases` (portable base records), `retry` (the retry policy), `tracking` (tracking URI, experiments,
 names), `cli` (the registry commands). Loading a version to generate with: `lora_module.serving`.

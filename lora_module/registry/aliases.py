@@ -107,13 +107,17 @@ def _prefect_limit(name: str, timeout: float) -> contextlib.AbstractContextManag
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     limit = f"{LIMIT_PREFIX}{name}"
     try:
         with get_client(sync_client=True) as client:
-            with contextlib.suppress(ObjectAlreadyExists):
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+            # Read first: creating one that exists is refused, but the server logs its UNIQUE error.
+            try:
+                client.read_global_concurrency_limit_by_name(limit)
+            except ObjectNotFound:
+                with contextlib.suppress(ObjectAlreadyExists):  # another machine created it meanwhile
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
     except Exception as e:  # an unreachable Prefect must not block a registration
         logger.warning("Prefect API %s not usable (%s: %s); aliases of %s are converged without its lock",
                        url, type(e).__name__, str(e)[:200], name)

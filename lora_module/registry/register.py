@@ -43,7 +43,8 @@ Faults: every MLflow call is retried with capped exponential backoff (about 75 s
 than a server restart); when the registry stays down the error names its URI and nothing on disk
 is touched. The run and the version carry the registration's identity (adapter checksum, training
 run, model name) from creation, and the run is marked FINISHED last, so re-running the same call
-completes a version whose run never finished instead of adding one; an attempt that died before
+completes a version whose run never finished instead of adding one (and, with `reuse_finished=True`,
+as a resumed flow passes, returns a version whose run finished as it is); an attempt that died before
 its version ends FAILED, and logged models whose upload broke off end FAILED, never PENDING.
 """
 
@@ -58,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus
+from mlflow.entities import LoggedModelStatus, Metric, Param
 from mlflow.exceptions import MlflowException
 
 from lora_module import contracts as c
@@ -78,6 +79,7 @@ from lora_module.registry.gate import (
 from lora_module.registry.inputs import RegistrationInputError, RegistrationInputs, read_inputs
 from lora_module.registry.logged_model import log_adapter_model
 from lora_module.registry.retry import RegistryUnavailableError, RetryPolicy
+from lora_module.registry.reuse import current_alias, finished_version, recorded_decision, unfinished_version
 from lora_module.registry.servable import check_servable, check_task
 from lora_module.registry.tracking import configure_tracking, ensure_experiment, model_name_for
 from lora_module.registry.version_lineage import (
@@ -123,6 +125,10 @@ class RegistrationResult:
     """Where it was registered."""
     resumed: bool = False
     """True when this call completed a version an earlier, interrupted call had created."""
+    reused: bool = False
+    """True when this call returned a version an earlier call had finished registering
+    (`reuse_finished`): nothing was created or changed; `alias` is the one it holds now ("none":
+    a newer version took it) and `decision` the gate's tags of it (promote, reason)."""
 
     @property
     def model_uri(self) -> str:
@@ -175,18 +181,6 @@ def _identity(inp: RegistrationInputs, name: str) -> dict[str, str]:
     training run and the registered model. Tags of the run and of the version, set at creation."""
     return c.registration_identity(inp.version_tags[c.TAG_ADAPTER_SHA256],
                                    inp.run_tags.get(c.TAG_TRAINING_RUN_ID), name)
-
-
-def _unfinished_version(client: MlflowClient, name: str, identity: dict[str, str]) -> Any | None:
-    """The oldest version of this registration whose run never finished (an interrupted attempt)."""
-    sha = identity[c.TAG_ADAPTER_SHA256]
-    found = client.search_model_versions(f"{name_filter(name)} and tags.{c.TAG_ADAPTER_SHA256} = '{sha}'")
-    for mv in sorted(found, key=lambda mv: int(mv.version)):
-        run = (mv.tags or {}).get(c.TAG_TRAINING_RUN_ID, c.NONE)
-        same_run = run == identity[c.TAG_TRAINING_RUN_ID]
-        if same_run and client.get_run(mv.run_id).info.status != RunStatus.to_string(RunStatus.FINISHED):
-            return mv
-    return None
 
 
 def _fail_pending_models(client: MlflowClient, experiment_id: str, run_id: str) -> None:
@@ -257,6 +251,7 @@ def register_adapter(
     home: PipelineHome | None = None,
     prepared_dir: str | os.PathLike | None = None,
     allow_task_mismatch: bool = False,
+    reuse_finished: bool = False,
 ) -> RegistrationResult:
     """Log, register and gate one adapter; returns its version and the gate's decision.
 
@@ -273,7 +268,10 @@ def register_adapter(
     (`servable.check_servable`: ServabilityError, nothing registered); an adapter of another task
     than `model_name`'s is refused (TaskMismatchError) unless `allow_task_mismatch`, which the
     version then records. Re-running after a failure completes the version the failed call created
-    (same adapter checksum and training run) instead of adding one. Each registry call is retried
+    (same adapter checksum and training run) instead of adding one. `reuse_finished`: when a version
+    of this registration already finished (a resumed flow whose earlier process registered, then
+    died), return it as it is (`reused`: no run, no version, no alias change); False (the default)
+    registers such an adapter again as a new version. Each registry call is retried
     (by default for about 75 s, longer than a server restart); then RegistryUnavailableError.
     """
     # The names first, before any file is read or anything created: MLflow's registry filters are
@@ -287,17 +285,27 @@ def register_adapter(
     with inp.files_to_log() as files:
         check_servable(*files)  # what serving will load, before anything reaches the registry
         uri = configure_tracking(tracking_uri or home.tracking_uri)
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        return _in_registry(uri, name, inp, metric, policy, home.locks_dir, files, allow_task_mismatch,
+                            reuse_finished)
 
-        def call(fn, what: str):
-            return policy.call(fn, what, uri)
 
-        _warn_other_store(inp, uri)
-        try:
-            _check_task(client, name, inp, call, allow_task_mismatch)
-            return _register(client, uri, name, inp, metric, call, home.locks_dir, files)
-        except RegistryUnavailableError as e:
-            raise _unavailable(e, inp) from e
+def _in_registry(uri: str, name: str, inp: RegistrationInputs, metric: str, policy: RetryPolicy,
+                 lock_dir: Path, files: tuple[Path, Path | None], allow_mismatch: bool, reuse: bool
+                 ) -> RegistrationResult:
+    """Check the task, then return the finished registration (with `reuse`) or register; a registry
+    that stays down raises RegistryUnavailableError saying what to do next."""
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def call(fn, what: str):
+        return policy.call(fn, what, uri)
+
+    _warn_other_store(inp, uri)
+    try:
+        _check_task(client, name, inp, call, allow_mismatch)
+        done = _reuse(client, uri, name, inp, call) if reuse else None
+        return done or _register(client, uri, name, inp, metric, call, lock_dir, files)
+    except RegistryUnavailableError as e:
+        raise _unavailable(e, inp) from e
 
 
 def _check_task(client: MlflowClient, name: str, inp: RegistrationInputs, call: Callable[..., Any],
@@ -329,6 +337,20 @@ def _warn_other_store(inp: RegistrationInputs, uri: str) -> None:
             redact_uri(uri), c.TAG_TRAINING_RUN_STORE, redact_uri(inp.training_run[0]))
 
 
+def _reuse(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs, call: Callable[..., Any]
+           ) -> RegistrationResult | None:
+    """The newest finished version of this registration as it stands (None: there is none)."""
+    identity = _identity(inp, name)
+    mv = call(lambda: finished_version(client, name, identity), "look for a finished registration")
+    if mv is None:
+        return None
+    version = str(mv.version)
+    alias = call(lambda: current_alias(client, name, version), f"read aliases of {name} v{version}")
+    print(f"{name} v{version}: already registered by run {mv.run_id} (reused)")
+    return RegistrationResult(name, version, alias, recorded_decision(mv.tags or {}), mv.run_id, uri,
+                              reused=True)
+
+
 def _register(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs, metric: str,
               call: Callable[..., Any], lock_dir: Path, files: tuple[Path, Path | None]
               ) -> RegistrationResult:
@@ -338,7 +360,7 @@ def _register(client: MlflowClient, uri: str, name: str, inp: RegistrationInputs
                          f"create experiment {experiment}")
     call(lambda: _ensure_registered_model(client, name, task), f"create registered model {name}")
     identity = _identity(inp, name)
-    found = call(lambda: _unfinished_version(client, name, identity), "look for an unfinished attempt")
+    found = call(lambda: unfinished_version(client, name, identity), "look for an unfinished attempt")
     if found is None:
         call(lambda: _close_abandoned_runs(client, experiment_id, identity), "close abandoned attempts")
         inp.copy_training_curves(client, uri, call)

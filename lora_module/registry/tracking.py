@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from lora_module.home import PipelineHome, artifact_location_for, ensure_store_folder, experiment_name_for
-from lora_module.redact import redact_uri
+from lora_module.redact import no_links_with_credentials
 
 __all__ = ["configure_tracking", "ensure_experiment", "ensure_task_experiment", "experiment_name_for",
            "model_name_for"]
@@ -37,8 +37,7 @@ def configure_tracking(uri: str | None = None) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if redact_uri(uri) != uri:  # MLflow prints `View run ... at: <tracking URI>`: not with a password in it
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    no_links_with_credentials(uri)
     # mlflow.set_*_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI for subprocesses; put
     # them back, or a later PipelineHome.from_env() in this process would take whichever store was
     # configured last for the user's choice (the training subprocess gets its store as an argument).

@@ -55,7 +55,7 @@ from lora_module.errors import (
 )
 from lora_module.home import PipelineHome, artifact_location_for, ensure_store_folder, experiment_name_for
 from lora_module.qlora import check_model_source
-from lora_module.redact import MASK, redact_text, redact_uri
+from lora_module.redact import MASK, no_links_with_credentials, redact_text, redact_uri
 from lora_module.training.checkpoint_io import AtomicCheckpointIO
 from lora_module.training.datamodule import (
     CHECKED_LOADER_SETTINGS,
@@ -104,6 +104,7 @@ class PipelineMLFlowLogger(MLFlowLogger):
         self.task = task
         experiment_name = experiment_name or (experiment_name_for(task) if task else DEFAULT_EXPERIMENT)
         uri = ensure_store_folder(with_credentials(tracking_uri) or PipelineHome.from_env().tracking_uri)
+        no_links_with_credentials(uri)  # a standalone `fit` prints to the user's console
         if artifact_location is None:
             artifact_location = artifact_location_for(uri, experiment_name)
         super().__init__(
