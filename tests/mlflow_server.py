@@ -16,6 +16,7 @@ that to take the registry away and bring it back on the same port.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,7 +24,23 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def embedded_store_home(root: Path) -> Iterator[Path]:
+    """Within the block, `root` is the pipeline home (MLFLOW_TRACKING_URI unset), its embedded SQLite
+    store already created: that takes seconds, better spent once than in a test's clock."""
+    import pytest
+
+    from lora_module.home import PipelineHome
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("LORA_PIPELINE_HOME", str(root))
+        client_for(PipelineHome.from_env().tracking_uri).search_experiments()
+        yield root
 
 
 def client_for(uri: str):

@@ -12,10 +12,11 @@ an interrupted registration (version created, run never finished) is still compl
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mlflow_server import client_for
+from mlflow_server import client_for, embedded_store_home
 from registry_helpers import make_candidate, weights_sha
 from test_flows import write_spec
 
@@ -28,13 +29,9 @@ from lora_module.run_dirs import DONE, RUNNING, RunClaim
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    """A pipeline home whose embedded SQLite store is the registry (created once: that takes seconds)."""
-    root = tmp_path_factory.mktemp("reuse_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.setenv("LORA_PIPELINE_HOME", str(root))
-        client_for(PipelineHome.from_env().tracking_uri).search_experiments()
+def home(tmp_path_factory) -> Iterator[Path]:
+    """A pipeline home whose embedded SQLite store is the registry."""
+    with embedded_store_home(tmp_path_factory.mktemp("reuse_home")) as root:
         yield root
 
 

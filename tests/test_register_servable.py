@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from mlflow_server import client_for
+from mlflow_server import client_for, embedded_store_home
 from registry_helpers import PROMPTS, generate_texts, make_adapter, make_candidate
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
@@ -32,13 +33,9 @@ from lora_module.serving import load_registered
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    """A pipeline home whose embedded SQLite store is the registry (created once: that takes seconds)."""
-    root = tmp_path_factory.mktemp("servable_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.setenv("LORA_PIPELINE_HOME", str(root))
-        _client(root).search_experiments()  # the store exists before the first test's clock starts
+def home(tmp_path_factory) -> Iterator[Path]:
+    """A pipeline home whose embedded SQLite store is the registry."""
+    with embedded_store_home(tmp_path_factory.mktemp("servable_home")) as root:
         yield root
 
 
