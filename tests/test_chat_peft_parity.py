@@ -13,7 +13,6 @@ serving tokenize them. The trained adapter must also move the outputs away from 
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import lightning as L
 import peft
 import pytest
 import torch
+from chat_helpers import chat_rows, prepare_chat
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_module import LoraConfig
@@ -29,7 +29,6 @@ from lora_module.contracts import ADAPTER_DIR
 from lora_module.serving.predictor import load_adapter_with_base
 from lora_module.training.datamodule import PreparedDataModule
 from lora_module.training.module import FineTuneModule
-from lora_pipeline.data import DataConfig, prepare
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 CONVERSATIONS = [
@@ -43,28 +42,12 @@ CONVERSATIONS = [
 NEW_TOKENS = 8
 
 
-def chat_rows(n: int) -> list[dict]:
-    """Two-exchange conversations whose replies depend on the number asked about."""
-    return [{"messages": [
-        {"role": "user", "content": f"book a table for {i} people"},
-        {"role": "assistant", "content": "agreed see you soon"},
-        {"role": "user", "content": f"the price is {i} dollars"},
-        {"role": "assistant", "content": f"thanks {i} dollars"},
-    ]} for i in range(n)]
-
-
 @pytest.fixture(scope="module")
 def trained_adapter(tmp_path_factory, chat_llama_dir) -> Path:
     """A LoRA adapter trained for 4 steps on chat data by the pipeline's training path (dropout 0); a
     learning rate that moves the outputs without collapsing them into one repeated token."""
     root = tmp_path_factory.mktemp("chat-parity")
-    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_rows(24)))
-    prepared = prepare(DataConfig(
-        name="chat_parity", source="files", files={"train": str(root / "chat.jsonl")}, prompt_format="chat",
-        messages_column="messages", system_prompt="be brief", tokenizer=str(chat_llama_dir),
-        output_root=str(root / "data"), max_source_length=96, max_target_length=16,
-        validation_size=2, test_size=2,
-    ))
+    prepared = prepare_chat(root, chat_rows(24), chat_llama_dir, "chat_parity", test_size=2)
     L.seed_everything(0)
     out = root / "run"
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)

@@ -14,6 +14,7 @@ import json
 
 import lightning as L
 import torch
+from chat_helpers import chat_rows, prepare_chat
 
 from lora_module import LoraConfig
 from lora_module.adapter_io import read_prompt_settings
@@ -21,27 +22,12 @@ from lora_module.evaluation.evaluate import evaluate_model
 from lora_module.evaluation.generation import GenerationConfig, ModelSpec
 from lora_module.training.datamodule import PreparedDataModule
 from lora_module.training.module import FineTuneModule
-from lora_pipeline.data import DataConfig, prepare
 
 TARGETS = ["q_proj", "v_proj", "lm_head"]
 
 
 def test_chat_prepare_fit_evaluate(tmp_path, chat_llama_dir):
-    rows = []
-    for i in range(16):
-        rows.append({"messages": [
-            {"role": "user", "content": f"book a table for {i} people"},
-            {"role": "assistant", "content": "agreed see you soon"},
-            {"role": "user", "content": f"the price is {i} dollars"},
-            {"role": "assistant", "content": f"thanks {i}"},
-        ]})
-    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prepared = prepare(DataConfig(
-        name="chat_e2e", source="files", files={"train": str(tmp_path / "chat.jsonl")}, prompt_format="chat",
-        messages_column="messages", system_prompt="be brief", tokenizer=str(chat_llama_dir),
-        output_root=str(tmp_path / "data"), max_source_length=96, max_target_length=16,
-        validation_size=2, test_size=3,
-    ))
+    prepared = prepare_chat(tmp_path, chat_rows(16, "thanks {i}"), chat_llama_dir, "chat_e2e", test_size=3)
     L.seed_everything(0)
     out = tmp_path / "run"
     module = FineTuneModule(str(chat_llama_dir), lora=LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
